@@ -1,0 +1,114 @@
+"""A store node: which store this node is, its data, its model and its privacy settings.
+
+No Flower here: :mod:`client.client_app` turns messages into calls of these functions.
+
+A node finds its store from its node config:
+
+* deployment: ``store-dir = "/srv/store/S001"`` (and optionally ``catalog``);
+* simulation: ``partition-id`` i of ``num-partitions`` → the i-th store of the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from common import privacy
+from common.config import RunConfig
+from common.dataset import ExampleConfig, ItemIndex, StoreData, build_store_data
+from common.storefiles import DataError, read_catalog, read_store_meta, read_store_tables, store_dirs
+from common.training import sample_rate_for, steps_per_epoch
+
+
+@dataclass
+class StoreNode:
+    """A store's data and settings, built once per process and reused every round."""
+
+    store_id: str
+    store_dir: Path
+    data: StoreData
+    meta: dict
+    simulated: bool
+
+    def delta(self, cfg: RunConfig) -> float:
+        """The store's δ: its own setting, else the run's default capped at 1/(10·members)."""
+        own = float(self.meta.get("delta", 0) or 0)
+        return own or privacy.store_delta(self.data.n_train_members, float(cfg["delta"]))
+
+
+_CACHE: dict[tuple, StoreNode] = {}
+
+
+def resolve_store_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[Path, Path, bool]:
+    """(store_dir, catalog_path_dir, simulated) for this node."""
+    if "store-dir" in node_config:
+        store_dir = Path(str(node_config["store-dir"])).expanduser().resolve()
+        catalog = Path(str(node_config.get("catalog", store_dir.parent.parent))).expanduser().resolve()
+        return store_dir, catalog, False
+    if "partition-id" not in node_config:
+        raise DataError("node config has neither 'store-dir' (a store's data directory) nor "
+                        "'partition-id' (simulation); start the SuperNode with "
+                        "--node-config \"store-dir='/path/to/store'\"")
+    chain = cfg.chain_dir()
+    stores = store_dirs(chain)
+    part = int(node_config["partition-id"])
+    if part >= len(stores):
+        raise DataError(f"{chain}: partition {part} but the chain has only {len(stores)} stores")
+    return stores[part], chain, True
+
+
+def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
+    """The node's store, read and prepared once per process (keyed by path and settings)."""
+    store_dir, catalog_dir, simulated = resolve_store_dir(node_config, cfg)
+    ex_cfg = example_config(cfg)
+    key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir))
+    if key not in _CACHE:
+        catalog = read_catalog(catalog_dir)
+        meta = read_store_meta(store_dir)
+        tx, members = read_store_tables(store_dir)
+        assume = bool(meta.get("assume_consent", False))
+        try:
+            data = build_store_data(str(meta["store_id"]), tx, members, ItemIndex.from_catalog(catalog), ex_cfg, assume)
+        except ValueError as exc:
+            raise DataError(f"{store_dir}: {exc}") from None
+        _CACHE[key] = StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated)
+    return _CACHE[key]
+
+
+def _mtime(store_dir: Path) -> float:
+    return max((p.stat().st_mtime for p in store_dir.iterdir() if p.is_file()), default=0.0)
+
+
+def example_config(cfg: RunConfig) -> ExampleConfig:
+    return ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
+
+
+def planned_noise(node: StoreNode, cfg: RunConfig) -> float:
+    """σ for this store: the configured one, or calibrated so that the planned rounds end
+    at the store's ε target (the smaller of the run's target and the store's own budget)."""
+    if float(cfg["noise-multiplier"]) > 0:
+        return float(cfg["noise-multiplier"])
+    n = node.data.n_train_members
+    q = sample_rate_for(n, int(cfg["batch-size"]))
+    steps = int(cfg["rounds"]) * int(cfg["local-epochs"]) * steps_per_epoch(n, int(cfg["batch-size"]))
+    target = min(float(cfg["target-epsilon"]), float(node.meta.get("epsilon_budget", np.inf)))
+    return _calibrated(target, node.delta(cfg), q, steps, str(cfg["accountant"]))
+
+
+_SIGMA_CACHE: dict[tuple, float] = {}
+
+
+def _calibrated(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    key = (target, delta, q, steps, accountant)
+    if key not in _SIGMA_CACHE:
+        _SIGMA_CACHE[key] = privacy.calibrate_noise(target, delta, q, steps, accountant)
+    return _SIGMA_CACHE[key]
+
+
+def state_dict_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's trainable state as numpy arrays (what a store sends)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -1,0 +1,56 @@
+"""Evaluation at a store (DESIGN §6): the model and the baselines on the same test split.
+
+Candidates are the store's assortment (items sold there in the training period). Each
+function returns mean metrics over the store's evaluated members; the count of members
+goes with them so that the chain-wide mean is member-weighted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.dataset import StoreData
+from common.metrics import mean_metrics, popularity_scores, top_k, topfreq_scores
+from common.model import Recommender
+from common.training import batch_tensors
+
+LIST_LENGTH = 20
+
+
+@torch.no_grad()
+def model_scores(model: Recommender, data: StoreData, batch: int = 512) -> np.ndarray:
+    """Model scores of every catalog item for each evaluated member, [E, n_items]."""
+    model.eval()
+    model.refresh_item_snapshot()
+    ex = data.eval_examples
+    out = np.empty((len(ex), model.n_items), dtype=np.float32)
+    for start in range(0, len(ex), batch):
+        idx = np.arange(start, min(start + batch, len(ex)))
+        *inputs, _, _ = batch_tensors(ex, idx)
+        out[idx] = model(*inputs).numpy()
+    return out
+
+
+def _evaluate_scores(scores: np.ndarray, data: StoreData) -> dict:
+    ranked = top_k(scores, LIST_LENGTH, allowed=data.assortment)
+    return mean_metrics(ranked, data.eval_targets)
+
+
+def evaluate_model(model: Recommender, data: StoreData) -> dict:
+    """Mean metrics of the model's top-K lists over the store's evaluated members."""
+    if len(data.eval_member_ids) == 0:
+        return mean_metrics(np.zeros((0, LIST_LENGTH), np.int64), [])
+    return _evaluate_scores(model_scores(model, data), data)
+
+
+def evaluate_baselines(data: StoreData) -> dict:
+    """``{"store_pop": metrics, "p_topfreq": metrics}`` on the store's test split."""
+    n = len(data.eval_member_ids)
+    if n == 0:
+        empty = mean_metrics(np.zeros((0, LIST_LENGTH), np.int64), [])
+        return {"store_pop": empty, "p_topfreq": dict(empty)}
+    pop = popularity_scores(data.store_counts, n)
+    freq = topfreq_scores(data.eval_history_items, data.eval_history_counts,
+                          data.eval_history_last_day, data.store_counts)
+    return {"store_pop": _evaluate_scores(pop, data), "p_topfreq": _evaluate_scores(freq, data)}

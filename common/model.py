@@ -1,0 +1,123 @@
+"""The shared recommender (DESIGN §5): member tower over history + profile, one item table.
+
+score(member, item) = u · v_item + b_item + repeat(member, item)
+
+* ``v_item = O[item] + C[category(item)] + B[brand(item)]``: item-ID, category and brand
+  vectors (``item_out``, ``cat_out``, ``brand_out``, standard ``nn.Linear`` layers).
+* ``u`` encodes the member: the weighted mean of the item vectors of their history plus
+  their profile (age band, gender, tier, tenure), through a small MLP with a residual.
+  No member-ID embedding exists anywhere.
+* ``repeat`` scores the member's own history items from their purchase features (how much,
+  how often, how recently): "buy again" as a learned term.
+
+Tied item vectors, DP-exact: the history encoder reads a *snapshot* of the item vectors
+(a buffer, refreshed by :meth:`Recommender.refresh_item_snapshot` from the global model at
+the start of each round), not the trainable table itself. Gradients reach the item table
+only through the output layer, so every trainable parameter lives in exactly one standard
+layer and Opacus' ghost clipping computes exact per-sample norms. (Opacus refuses a tied
+parameter under ghost clipping, and the per-sample-gradient path would be 34-68× slower.)
+The snapshot is a function of the global model, which is public, so reading it costs no
+privacy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.dataset import HISTORY_FEATURES, PROFILE_DIM, ItemIndex
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    hidden: int = 128
+
+
+class Recommender(nn.Module):
+    """Scores every catalog item for a batch of members; see the module docstring."""
+
+    def __init__(self, items: ItemIndex, cfg: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.n_items = items.n_items
+        self.register_buffer("item_category", torch.as_tensor(items.category, dtype=torch.long), persistent=False)
+        self.register_buffer("item_brand", torch.as_tensor(items.brand, dtype=torch.long), persistent=False)
+        # Item side: logits = u @ O^T + b, plus category and brand terms gathered per item.
+        self.item_out = nn.Linear(d, items.n_items)
+        self.cat_out = nn.Linear(d, items.n_categories, bias=False)
+        self.brand_out = nn.Linear(d, items.n_brands, bias=False)
+        # Member side.
+        self.encoder_in = nn.Linear(d + PROFILE_DIM + 1, cfg.hidden)
+        self.encoder_out = nn.Linear(cfg.hidden, d)
+        self.repeat = nn.Linear(HISTORY_FEATURES, 1)
+        self.act = nn.ReLU()
+        self.register_buffer("item_snapshot", torch.zeros(items.n_items, d), persistent=False)
+        self._init()
+        self.refresh_item_snapshot()
+
+    def _init(self) -> None:
+        for layer in (self.item_out, self.cat_out, self.brand_out):
+            nn.init.normal_(layer.weight, std=0.1)
+        nn.init.zeros_(self.item_out.bias)
+        # A "buy again" prior: start by ranking a member's own items by how often they bought
+        # them, as the P-TopFreq baseline does; training refines it. Not data-dependent.
+        with torch.no_grad():
+            self.repeat.weight.copy_(torch.tensor([[0.5, 3.0, 1.0, 1.0]]))
+            self.repeat.bias.fill_(1.0)
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """Current item vectors ``v = O + C[category] + B[brand]``, [n_items, d]."""
+        return (self.item_out.weight + self.cat_out.weight[self.item_category]
+                + self.brand_out.weight[self.item_brand])
+
+    @torch.no_grad()
+    def refresh_item_snapshot(self) -> None:
+        """Copy the current item vectors into the history encoder's read-only table."""
+        self.item_snapshot.copy_(self.item_vectors())
+
+    def member_vectors(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
+        """Member vectors ``u`` [B, d] from history (items, features, mask) and profile."""
+        weight = hist_feat[..., 0] * hist_mask
+        total = weight.sum(dim=1, keepdim=True)
+        weight = weight / total.clamp_min(1e-6)
+        hist_vec = torch.einsum("bh,bhd->bd", weight, self.item_snapshot[hist_items])
+        has_hist = (total > 0).float()
+        x = torch.cat([hist_vec, profile, has_hist], dim=1)
+        return hist_vec + self.encoder_out(self.act(self.encoder_in(x)))
+
+    def forward(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
+        """Logits over the whole catalog, [B, n_items]."""
+        u = self.member_vectors(hist_items, hist_feat, hist_mask, profile)
+        logits = (
+            self.item_out(u)
+            + self.cat_out(u)[:, self.item_category]
+            + self.brand_out(u)[:, self.item_brand]
+        )
+        repeat = self.repeat(hist_feat).squeeze(-1) * hist_mask  # [B, H]
+        return logits.scatter_add(1, hist_items, repeat)
+
+
+class BasketLoss(nn.Module):
+    """Multi-label softmax loss: mean over a basket's items of −log softmax(logits)[item].
+
+    ``reduction`` follows torch losses ("mean", "sum", "none"), as Opacus' ghost-clipping
+    wrapper requires: it switches to "none" to get one loss per member.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target_items: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=1).gather(1, target_items)
+        per_member = -(logp * target_mask).sum(dim=1) / target_mask.sum(dim=1).clamp_min(1.0)
+        if self.reduction == "none":
+            return per_member
+        if self.reduction == "sum":
+            return per_member.sum()
+        return per_member.mean()

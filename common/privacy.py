@@ -1,0 +1,114 @@
+"""Privacy accounting for one store (DESIGN §4.2). Pure: no files, no Flower.
+
+A store's history is the list of DP-SGD mechanisms it ran, one entry per training round:
+``(noise_multiplier, sample_rate, steps)`` — the format of Opacus' accountants, so anyone
+can recompute ε from it. ε always composes over the *whole* history, never one round.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Sequence
+
+ACCOUNTANTS = ("prv", "rdp")
+DEFAULT_DELTA = 1e-6
+
+Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+def store_delta(n_members: int, default: float = DEFAULT_DELTA) -> float:
+    """δ for a store: the default, or 1 / (10 × members) when that is smaller (DESIGN §4.1)."""
+    if n_members <= 0:
+        return default
+    return min(default, 1.0 / (10.0 * n_members))
+
+
+def merge_history(history: Iterable[Mechanism]) -> list[Mechanism]:
+    """Entries with the same (σ, q) summed into one, in first-seen order.
+
+    Composition is commutative, so this changes no ε; it makes PRV cost grow with the
+    number of distinct settings rather than with the number of rounds.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, t in history:
+        if int(t) > 0:
+            key = (float(s), float(q))
+            steps[key] = steps.get(key, 0) + int(t)
+    return [(s, q, t) for (s, q), t in steps.items()]
+
+
+def _accountant(kind: str, history: Sequence[Mechanism]):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if kind not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant '{kind}'; use one of {', '.join(ACCOUNTANTS)}")
+    acc = PRVAccountant() if kind == "prv" else RDPAccountant()
+    acc.history = merge_history(history)
+    return acc
+
+
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """ε at ``delta`` after every mechanism of ``history``, composed; 0.0 for no training.
+
+    A mechanism with σ = 0 (no noise) has unbounded ε: ``math.inf`` is returned.
+    """
+    history = [h for h in history if int(h[2]) > 0]
+    if not history:
+        return 0.0
+    if any(float(s) <= 0 for s, _, _ in history):
+        return math.inf
+    acc = _accountant(accountant, history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if accountant == "prv":
+            # PRV gives an estimate with a small error band; report its upper end.
+            return float(acc.get_epsilon(delta=delta, eps_error=0.01))
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "prv", prior: Sequence[Mechanism] = ()) -> float:
+    """The smallest σ (within 1 %) such that ``prior`` plus ``steps`` steps at ``sample_rate``
+    and σ stays at or below ``target_epsilon``.
+
+    Bisection on σ with :func:`epsilon` itself, so calibration and reporting can never
+    disagree. Raises ``ValueError`` when the prior history alone exceeds the target.
+    """
+    if target_epsilon <= 0:
+        raise ValueError("target epsilon must be > 0")
+    if steps <= 0:
+        return 0.0
+    if prior and epsilon(prior, delta, accountant) >= target_epsilon:
+        raise ValueError("the budget is already spent by earlier training")
+
+    def eps_at(sigma: float, kind: str = accountant) -> float:
+        return epsilon([*prior, (sigma, sample_rate, steps)], delta, kind)
+
+    # Bracket with RDP first: it is fast and never below PRV, so the RDP answer is a σ
+    # that certainly meets the target; PRV then only refines downwards from there.
+    lo, hi = 0.1, 1.0
+    while eps_at(hi, "rdp") > target_epsilon:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e4:
+            raise ValueError("no noise level reaches that epsilon")
+    hi = _bisect(lambda s: eps_at(s, "rdp"), target_epsilon, lo, hi)
+    if accountant == "rdp":
+        return hi
+    lo = 0.5 * hi
+    while eps_at(hi) > target_epsilon:  # PRV's upper estimate can sit just above RDP's
+        lo, hi = hi, hi * 1.25
+    return _bisect(eps_at, target_epsilon, lo, hi)
+
+
+def _bisect(eps_at, target: float, lo: float, hi: float) -> float:
+    """Smallest σ in [lo, hi] (to 0.5 %) with eps_at(σ) ≤ target; eps_at(hi) must meet it."""
+    if eps_at(lo) <= target:
+        return lo
+    while hi - lo > 0.005 * hi:
+        mid = 0.5 * (lo + hi)
+        if eps_at(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi

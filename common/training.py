@@ -1,0 +1,159 @@
+"""Local training of the recommender at one store: plain, or DP-SGD with Opacus.
+
+DP-SGD (``dp`` given): Opacus ``PrivacyEngine.make_private`` with Poisson sampling of
+members (sample rate q = batch_size / members), per-member clipping to ``clip_norm`` and
+Gaussian noise ``noise_multiplier × clip_norm``, using ghost clipping (per-sample norms
+without materialising per-sample gradients). One example per member per epoch, so one
+member's whole influence on a step is bounded by the clip.
+
+The privacy *accounting* is not done here: the function reports the mechanism it ran
+(σ, q, steps) and the caller records it (see :mod:`common.privacy`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.dataset import ExampleConfig, Examples, StoreData, sample_train_examples
+from common.model import BasketLoss, Recommender
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 128  # expected batch size under Poisson sampling
+    lr: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    noise_multiplier: float
+    clip_norm: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the round's steps (not DP; stays local by default)
+    steps: int
+    examples: int  # members with at least one receipt before the cut
+    sample_rate: float
+    noise_multiplier: float  # 0.0 for plain training
+    clip_norm: float
+
+
+def sample_rate_for(n_members: int, batch_size: int) -> float:
+    """Poisson sample rate for an expected batch of ``batch_size`` members."""
+    return min(1.0, batch_size / max(n_members, 1))
+
+
+def steps_per_epoch(n_members: int, batch_size: int) -> int:
+    """Steps in one epoch: 1/q rounded up, as Opacus' DPDataLoader does."""
+    return math.ceil(1.0 / sample_rate_for(n_members, batch_size))
+
+
+def batch_tensors(ex: Examples, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Model inputs and targets for the members ``idx`` of ``ex``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return (
+        torch.from_numpy(ex.hist_items[idx]),
+        torch.from_numpy(ex.hist_feat[idx]),
+        torch.from_numpy(ex.hist_mask[idx]),
+        torch.from_numpy(ex.profile[idx]),
+        torch.from_numpy(ex.target_items[idx]),
+        torch.from_numpy(ex.target_mask[idx]),
+    )
+
+
+def train_local(
+    model: Recommender,
+    data: StoreData,
+    cfg: TrainConfig,
+    dp: DPConfig | None,
+    example_cfg: ExampleConfig = ExampleConfig(),
+) -> TrainResult:
+    """Train ``model`` in place on the store's members for ``cfg.local_epochs`` epochs."""
+    n = data.n_train_members
+    q = sample_rate_for(n, cfg.batch_size)
+    if n == 0:
+        return TrainResult(0.0, 0, 0, q, dp.noise_multiplier if dp else 0.0, dp.clip_norm if dp else 0.0)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    model.refresh_item_snapshot()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    criterion = BasketLoss()
+    # The loader yields member indices; features are gathered per batch from the epoch's examples.
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=max(1, round(q * n)), shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if dp is not None:
+        from opacus import PrivacyEngine  # imported lazily: plain training does not need it
+
+        # Opacus' own accountant is not used: the store's ledger is the record (common.privacy).
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, criterion, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.clip_norm,
+                poisson_sampling=True,
+                grad_sample_mode="ghost",
+                criterion=criterion,
+                noise_generator=torch.Generator().manual_seed(cfg.seed + 1),
+            )
+    losses: list[float] = []
+    steps = 0
+    try:
+        with warnings.catch_warnings():
+            # Opacus warns on every step that its hooks see no input gradients; harmless here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _epoch in range(cfg.local_epochs):
+                examples = sample_train_examples(data, rng, example_cfg)
+                for (idx,) in loader:
+                    steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(idx) == 0:
+                        # An empty Poisson batch still takes a (noise-only) step, as DP-SGD must.
+                        _noise_only_step(model, optimizer, dp)
+                        continue
+                    *inputs, t_items, t_mask = batch_tensors(examples, idx.numpy())
+                    loss = criterion(model(*inputs), t_items, t_mask)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+    finally:
+        if dp is not None:
+            model.remove_hooks()  # removes Opacus' hooks so the next round can wrap the model again
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else 0.0,
+        steps=steps,
+        examples=n,
+        sample_rate=q,
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        clip_norm=dp.clip_norm if dp else 0.0,
+    )
+
+
+def _noise_only_step(model, optimizer, dp: DPConfig | None) -> None:
+    """With an empty batch the clipped sum is zero; DP-SGD still adds the noise."""
+    if dp is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+            p.grad_sample = None
+    optimizer.zero_grad(set_to_none=False)
+    for p in optimizer.params:
+        p.summed_grad = torch.zeros_like(p)
+    optimizer.add_noise()
+    optimizer.scale_grad()
+    optimizer.original_optimizer.step()

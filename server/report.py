@@ -1,0 +1,69 @@
+"""The run's results as the `storefed simulate --json` object, and its human summary. Pure."""
+
+from __future__ import annotations
+
+from common.metrics import CUTOFFS
+from common.wire import BASELINES
+
+SUMMARY_KEYS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20")
+
+
+def _pick(metrics: dict, prefix: str = "") -> dict:
+    return {k: float(metrics.get(prefix + k, 0.0)) for k in SUMMARY_KEYS}
+
+
+def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, final_metrics: dict,
+                  elapsed_s: float, failures: list[dict], out_dir: str, data_dir: str) -> dict:
+    """The results object; keys of the issue-3 contract first, extra keys after."""
+    return {
+        "stores": stores,
+        "rounds": int(cfg["rounds"]),
+        "seed": int(cfg["seed"]),
+        "model": _pick(final_metrics),
+        "baselines": {b: _pick(final_metrics, f"{b}.") for b in BASELINES},
+        "per_round": [
+            {"round": r["round"], "participated": r.get("participated", 0),
+             "ndcg@10": r.get("ndcg@10"), "failed": r.get("failed", 0),
+             **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
+             "seconds": r.get("seconds")}
+            for r in rounds
+        ],
+        "privacy": {
+            store: {"epsilon": p["epsilon"], "delta": p["delta"], "noise_multiplier": p["noise_multiplier"],
+                    "rounds_trained": p["rounds_trained"]}
+            for store, p in sorted(privacy.items())
+        },
+        "elapsed_s": round(elapsed_s, 2),
+        "dp": bool(cfg["dp"]),
+        "target_epsilon": float(cfg["target-epsilon"]),
+        "metrics_all": {k: float(v) for k, v in sorted(final_metrics.items())},
+        "failures": failures,
+        "data_dir": data_dir,
+        "out_dir": out_dir,
+    }
+
+
+def summary_table(results: dict) -> str:
+    """A fixed-width table: model vs baselines at @10/@20, then privacy spent."""
+    cols = SUMMARY_KEYS
+    rows = [("federated model", results["model"])] + [(b, m) for b, m in results["baselines"].items()]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = ["", f"storefed · {results['stores']} stores · {results['rounds']} rounds · seed {results['seed']}"
+             f" · {'DP-SGD' if results['dp'] else 'no DP'} · {results['elapsed_s']:.0f}s", ""]
+    lines.append("method".ljust(width) + "".join(c.rjust(11) for c in cols))
+    for name, m in rows:
+        lines.append(name.ljust(width) + "".join(f"{m[c]:11.4f}" for c in cols))
+    priv = results["privacy"]
+    if priv:
+        eps = [p["epsilon"] for p in priv.values()]
+        sig = [p["noise_multiplier"] for p in priv.values()]
+        lines += ["", f"privacy per store (member-level, δ ≤ {max(p['delta'] for p in priv.values()):.0e}): "
+                  f"ε min {min(eps):.2f} · max {max(eps):.2f} · σ {min(sig):.2f}–{max(sig):.2f} · "
+                  f"{len(priv)} stores reported"]
+    if results.get("failures"):
+        lines.append(f"failures: {len(results['failures'])} (see results.json)")
+    lines.append("")
+    return "\n".join(lines)
+
+
+assert CUTOFFS == (10, 20)  # SUMMARY_KEYS names these cutoffs

@@ -1,0 +1,130 @@
+"""The `storefed` command line: generate, simulate.
+
+Human output by default, one JSON object with --json. A user mistake (bad path, missing
+column) is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from common.config import ConfigError
+from common.storefiles import DataError
+
+EXIT_USAGE = 2
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from common.storefiles import write_chain
+    from common.synth import MEMBERS_PER_STORE, ChainSpec, generate_chain
+
+    members = args.members if args.members is not None else MEMBERS_PER_STORE * args.stores
+    spec = ChainSpec(stores=args.stores, seed=args.seed, members=members, items=args.items)
+    chain = generate_chain(spec)
+    write_chain(chain, Path(args.out))
+    summary = chain_summary(chain)
+    if args.json:
+        print(json.dumps({"out": str(Path(args.out).resolve()), **summary}))
+    else:
+        print(f"wrote {args.out}: {summary['stores']} stores, {summary['members']} member records, "
+              f"{summary['receipts']} receipts, {summary['lines']} lines, {summary['skus']} SKUs, "
+              f"{summary['first_day']} to {summary['last_day']}")
+    return 0
+
+
+def chain_summary(chain) -> dict:
+    """Counts and date range of a generated chain."""
+    tx = [s.transactions for s in chain.stores]
+    days = sorted(t["ts"].str[:10].min() for t in tx if len(t)) + sorted(t["ts"].str[:10].max() for t in tx if len(t))
+    return {
+        "stores": len(chain.stores),
+        "members": int(sum(len(s.members) for s in chain.stores)),
+        "receipts": int(sum(t["receipt_id"].nunique() for t in tx)),
+        "lines": int(sum(len(t) for t in tx)),
+        "skus": int(len(chain.catalog)),
+        "first_day": min(days) if days else None,
+        "last_day": max(days) if days else None,
+    }
+
+
+def preflight(data_dir: Path) -> int:
+    """Check that a chain directory can be read at all; returns its number of stores."""
+    from common.storefiles import read_catalog, read_store_tables, store_dirs
+
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found")
+    read_catalog(data_dir)
+    dirs = store_dirs(data_dir)
+    for store in dirs:
+        read_store_tables(store)
+    return len(dirs)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import simulate
+
+    config = {"stores": args.stores, "rounds": args.rounds, "seed": args.seed, "dp": not args.no_dp,
+              "local-epochs": args.local_epochs}
+    if args.target_epsilon is not None:
+        config["target-epsilon"] = args.target_epsilon
+    if args.data:
+        data = Path(args.data).expanduser().resolve()
+        config["stores"] = preflight(data)
+        config["data-dir"] = str(data)
+    if args.out:
+        config["out-dir"] = str(Path(args.out).expanduser().resolve())
+    # With --json, stdout carries only the JSON object; progress goes to stderr.
+    target = sys.stderr if args.json else sys.stdout
+    with contextlib.redirect_stdout(target):
+        results = simulate(config, verbose=args.verbose)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="storefed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write a synthetic chain (DESIGN §7) as §3 files")
+    gen.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    gen.add_argument("--stores", type=int, default=20)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--members", type=int, help="people in the chain (default: 500 per store)")
+    gen.add_argument("--items", type=int, default=2_000, help="SKUs in the catalog")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
+
+    sim = sub.add_parser("simulate", help="federated training over many simulated stores")
+    sim.add_argument("--stores", type=int, default=20, help="stores of the generated chain")
+    sim.add_argument("--rounds", type=int, default=10)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--data", help="a chain directory (catalog.csv, stores/*) instead of generated data")
+    sim.add_argument("--out", help="where results.json and model.pt go (default: a temp dir)")
+    sim.add_argument("--local-epochs", type=int, default=1)
+    sim.add_argument("--target-epsilon", type=float, help="ε per store over the run (sets σ)")
+    sim.add_argument("--no-dp", action="store_true", help="train without DP (a reference, not for stores)")
+    sim.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(f"storefed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"storefed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
