@@ -30,6 +30,8 @@ class TrainConfig:
     batch_size: int = 128  # expected batch size under Poisson sampling
     lr: float = 0.01
     seed: int = 0
+    optimizer: str = "adam"  # or "sgd" (plain steps; used to check DP-SGD's arithmetic)
+    noise_seed: int | None = None  # None: derived from seed
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ def train_local(
     rng = np.random.default_rng(cfg.seed)
     model.train()
     model.refresh_item_snapshot()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"unknown optimizer '{cfg.optimizer}'; use adam or sgd")
+    opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+    optimizer = opt_class(model.parameters(), lr=cfg.lr)
     criterion = BasketLoss()
     # The loader yields member indices; features are gathered per batch from the epoch's examples.
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=max(1, round(q * n)), shuffle=True,
@@ -108,7 +113,8 @@ def train_local(
                 poisson_sampling=True,
                 grad_sample_mode="ghost",
                 criterion=criterion,
-                noise_generator=torch.Generator().manual_seed(cfg.seed + 1),
+                noise_generator=torch.Generator().manual_seed(
+                    cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1),
             )
     losses: list[float] = []
     steps = 0
@@ -123,7 +129,8 @@ def train_local(
                     optimizer.zero_grad(set_to_none=True)
                     if len(idx) == 0:
                         # An empty Poisson batch still takes a (noise-only) step, as DP-SGD must.
-                        _noise_only_step(model, optimizer, dp)
+                        if dp is not None:
+                            _noise_only_step(optimizer)
                         continue
                     *inputs, t_items, t_mask = batch_tensors(examples, idx.numpy())
                     loss = criterion(model(*inputs), t_items, t_mask)
@@ -143,17 +150,11 @@ def train_local(
     )
 
 
-def _noise_only_step(model, optimizer, dp: DPConfig | None) -> None:
-    """With an empty batch the clipped sum is zero; DP-SGD still adds the noise."""
-    if dp is None:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-            p.grad_sample = None
-    optimizer.zero_grad(set_to_none=False)
+def _noise_only_step(optimizer) -> None:
+    """An empty Poisson batch: the clipped sum is zero, but DP-SGD still adds the noise.
+
+    Zero gradients go through Opacus' own step (accumulate, add noise, scale, update).
+    """
     for p in optimizer.params:
-        p.summed_grad = torch.zeros_like(p)
-    optimizer.add_noise()
-    optimizer.scale_grad()
-    optimizer.original_optimizer.step()
+        p.grad = torch.zeros_like(p)
+    optimizer.step()

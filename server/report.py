@@ -24,6 +24,7 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
         "per_round": [
             {"round": r["round"], "participated": r.get("participated", 0),
              "ndcg@10": r.get("ndcg@10"), "failed": r.get("failed", 0),
+             "max_epsilon": r.get("max_epsilon"),
              **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
              "seconds": r.get("seconds")}
             for r in rounds

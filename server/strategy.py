@@ -63,6 +63,8 @@ class ObservedFedAvg(FedAvg):
                 wire.TRAIN_ARRAYS: msg.content[wire.TRAIN_ARRAYS],
                 "metrics": MetricRecord({"num-examples": int(metrics["num-examples"])}),
             })
+        if self.privacy:
+            entry["max_epsilon"] = max(p["epsilon"] for p in self.privacy.values())
         losses = entry.pop("_losses", [])
         if losses:
             total = sum(n for _, n in losses) or 1
