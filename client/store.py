@@ -40,7 +40,7 @@ class StoreNode:
         return own or privacy.store_delta(self.data.n_train_members, float(cfg["delta"]))
 
 
-_CACHE: dict[tuple, StoreNode] = {}
+_CACHE: dict[tuple, tuple[StoreData, dict]] = {}
 
 
 def resolve_store_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[Path, Path, bool]:
@@ -62,7 +62,7 @@ def resolve_store_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[P
 
 
 def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
-    """The node's store, read and prepared once per process (keyed by path and settings)."""
+    """The node's store; its data is read and prepared once per process (by path and settings)."""
     store_dir, catalog_dir, simulated = resolve_store_dir(node_config, cfg)
     ex_cfg = example_config(cfg)
     key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir))
@@ -75,8 +75,10 @@ def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
             data = build_store_data(str(meta["store_id"]), tx, members, ItemIndex.from_catalog(catalog), ex_cfg, assume)
         except ValueError as exc:
             raise DataError(f"{store_dir}: {exc}") from None
-        _CACHE[key] = StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated)
-    return _CACHE[key]
+        _CACHE[key] = (data, meta)
+    # Only the data is cached: how this node was addressed is decided per call.
+    data, meta = _CACHE[key]
+    return StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated)
 
 
 def _mtime(store_dir: Path) -> float:
