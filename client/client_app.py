@@ -1,30 +1,32 @@
 """Flower ClientApp of a store: Flower messages in, calls of plain functions, replies out.
 
-What a reply may hold is fixed by :mod:`common.wire` (DESIGN §4.3).
+What a reply may hold is fixed by :mod:`common.wire` (DESIGN §4.3). Training follows the
+privacy order of DESIGN §4.2: read the ledger, decline if the round would exceed the
+budget, train, write the event durably, and only then let the update leave.
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.store import StoreNode, load_store, planned_noise
+from client.ledger import append_event, read_events
+from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir
 from common import privacy, wire
 from common.config import RunConfig
 from common.evaluation import evaluate_baselines, evaluate_model
+from common.ledger import PrivacyEvent
 from common.model import ModelConfig, Recommender
-from common.training import DPConfig, TrainConfig, train_local
+from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it
-
-_PRIVACY_STATE = "storefed.privacy"
 
 
 def _model(node: StoreNode, cfg: RunConfig, msg: Message) -> Recommender:
@@ -38,52 +40,88 @@ def _allow_local_metrics(context: Context, node: StoreNode) -> bool:
     return bool(context.node_config.get("allow-local-metrics", node.simulated))
 
 
-def _history(context: Context) -> list[tuple[float, float, int]]:
-    """This run's DP mechanisms at this store: (σ, q, steps) per trained round."""
-    if _PRIVACY_STATE not in context.state:
-        return []
-    rec = context.state[_PRIVACY_STATE]
-    return list(zip(rec["sigma"], rec["q"], rec["steps"]))
+def _server_round(msg: Message) -> int:
+    return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
 
 
-def _save_history(context: Context, history: list[tuple[float, float, int]]) -> None:
-    context.state[_PRIVACY_STATE] = ConfigRecord(
-        {"sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
-         "steps": [int(h[2]) for h in history]}
-    )
+def send(reply: Message) -> Message:
+    """The last step before a reply leaves the store (a seam for crash-injection tests)."""
+    return reply
 
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train the global model on this store's members with DP-SGD; reply per DESIGN §4.3."""
     node = load_store(context.node_config, cfg)
+    if not cfg["dp"]:
+        return send(_train_without_dp(msg, context, cfg, node))
+    accountant = str(cfg["accountant"])
+    delta = node.delta(cfg)
+    budget = epsilon_budget(node, context.node_config, cfg)
+    ledger_dir = state_dir(node, context.node_config, cfg)
+    events = read_events(ledger_dir, node.store_id)  # a bad ledger stops here, loudly
+    history = [e.mechanism() for e in events]
+    spent = privacy.epsilon(history, delta, accountant)
+
+    n, batch = node.data.n_train_members, int(cfg["batch-size"])
+    sigma = planned_noise(node, cfg)
+    q = sample_rate_for(n, batch)
+    steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
+    after = privacy.epsilon(history + [(sigma, q, steps)], delta, accountant)
+    if after > budget:
+        reason = (f"training this round would bring ε from {spent:.3f} to {after:.3f}, "
+                  f"over the store's budget {budget:g}")
+        info = {"store-id": node.store_id, "epsilon": spent, "epsilon-after": after,
+                "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
+        return send(Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg))
+
     model = _model(node, cfg, msg)
-    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    server_round = _server_round(msg)
     train_cfg = TrainConfig(
-        local_epochs=int(cfg["local-epochs"]),
-        batch_size=int(cfg["batch-size"]),
-        lr=float(cfg["lr"]),
-        seed=zlib.crc32(f"{cfg['seed']}|{node.store_id}|{server_round}".encode()),
+        local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
+        seed=zlib.crc32(f"{cfg['seed']}|{node.store_id}|{context.run_id}|{server_round}".encode()),
     )
-    dp = DPConfig(planned_noise(node, cfg), float(cfg["clip-norm"])) if cfg["dp"] else None
-    result = train_local(model, node.data, train_cfg, dp)
-    history = _history(context)
-    if dp is not None:
-        history.append((result.noise_multiplier, result.sample_rate, result.steps))
-        _save_history(context, history)
-    eps = privacy.epsilon(history, node.delta(cfg), str(cfg["accountant"])) if dp is not None else float("inf")
+    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
+    event = PrivacyEvent(
+        run_id=str(context.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
+        steps=result.steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    # Durable before the update leaves: a crash from here on over-counts, never under-counts.
+    events = append_event(ledger_dir, node.store_id, event)
     metrics = {
         "num-examples": result.examples,
-        "epsilon": eps,
-        "delta": node.delta(cfg),
-        "noise-multiplier": result.noise_multiplier,
-        "rounds-trained": len(history) if dp is not None else server_round,
+        "epsilon": privacy.epsilon([e.mechanism() for e in events], delta, accountant),
+        "delta": delta,
+        "noise-multiplier": sigma,
+        "rounds-trained": sum(1 for e in events if e.run_id == str(context.run_id)),
+        "epsilon-budget": budget,
     }
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
+    return send(_train_reply(msg, model, metrics, node, accountant))
+
+
+def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
+    """Non-private training, for reference runs only: ε is reported as infinite."""
+    model = _model(node, cfg, msg)
+    server_round = _server_round(msg)
+    train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+                            lr=float(cfg["lr"]),
+                            seed=zlib.crc32(f"{cfg['seed']}|{node.store_id}|{server_round}".encode()))
+    result = train_local(model, node.data, train_cfg, None)
+    metrics = {"num-examples": result.examples, "epsilon": float("inf"), "delta": 0.0,
+               "noise-multiplier": 0.0, "rounds-trained": server_round,
+               "epsilon-budget": float("inf")}
+    if _allow_local_metrics(context, node):
+        metrics["train-loss"] = result.loss
+    return _train_reply(msg, model, metrics, node, "none")
+
+
+def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNode, accountant: str) -> Message:
     content = RecordDict({
         wire.TRAIN_ARRAYS: ArrayRecord(model.state_dict()),
         "metrics": MetricRecord(metrics),
-        "store": ConfigRecord({"store-id": node.store_id}),
+        "store": ConfigRecord({"store-id": node.store_id, "accountant": accountant}),
     })
     return Message(content=content, reply_to=msg)
 
@@ -102,7 +140,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "metrics": MetricRecord(metrics),
         "store": ConfigRecord({"store-id": node.store_id}),
     })
-    return Message(content=content, reply_to=msg)
+    return send(Message(content=content, reply_to=msg))
 
 
 _BASELINE_CACHE: dict[str, dict] = {}

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import torch
-
 from common import privacy
 from common.config import RunConfig
 from common.dataset import ExampleConfig, ItemIndex, StoreData, build_store_data
@@ -85,20 +82,39 @@ def _mtime(store_dir: Path) -> float:
     return max((p.stat().st_mtime for p in store_dir.iterdir() if p.is_file()), default=0.0)
 
 
+def state_dir(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
+    """Where the store keeps what outlives a run (the privacy ledger): node config
+    ``state-dir``, else the run's ``state-dir``/<store-id>, else <store-dir>/state."""
+    if node_config.get("state-dir"):
+        return Path(str(node_config["state-dir"])).expanduser().resolve()
+    if str(cfg["state-dir"]):
+        return Path(str(cfg["state-dir"])).expanduser().resolve() / node.store_id
+    return node.store_dir / "state"
+
+
+def epsilon_budget(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> float:
+    """The store's ε_max over all runs: the smallest of node config, store.json and run config."""
+    candidates = [float(cfg["epsilon-budget"])]
+    for source in (node_config, node.meta):
+        for key in ("epsilon-budget", "epsilon_budget"):
+            if source.get(key) not in (None, ""):
+                candidates.append(float(source[key]))
+    return min(candidates)
+
+
 def example_config(cfg: RunConfig) -> ExampleConfig:
     return ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
 
 
 def planned_noise(node: StoreNode, cfg: RunConfig) -> float:
-    """σ for this store: the configured one, or calibrated so that the planned rounds end
-    at the store's ε target (the smaller of the run's target and the store's own budget)."""
+    """σ for this store: the configured one, or calibrated so that this run's planned rounds
+    alone end at the run's ε target (the budget then caps the total over all runs)."""
     if float(cfg["noise-multiplier"]) > 0:
         return float(cfg["noise-multiplier"])
     n = node.data.n_train_members
     q = sample_rate_for(n, int(cfg["batch-size"]))
     steps = int(cfg["rounds"]) * int(cfg["local-epochs"]) * steps_per_epoch(n, int(cfg["batch-size"]))
-    target = min(float(cfg["target-epsilon"]), float(node.meta.get("epsilon_budget", np.inf)))
-    return _calibrated(target, node.delta(cfg), q, steps, str(cfg["accountant"]))
+    return _calibrated(float(cfg["target-epsilon"]), node.delta(cfg), q, steps, str(cfg["accountant"]))
 
 
 _SIGMA_CACHE: dict[tuple, float] = {}
@@ -109,8 +125,3 @@ def _calibrated(target: float, delta: float, q: float, steps: int, accountant: s
     if key not in _SIGMA_CACHE:
         _SIGMA_CACHE[key] = privacy.calibrate_noise(target, delta, q, steps, accountant)
     return _SIGMA_CACHE[key]
-
-
-def state_dict_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The model's trainable state as numpy arrays (what a store sends)."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -25,7 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "history-len": 50,
     "test-days": 28,
     "dp": True,
-    "target-epsilon": 8.0,  # per store over the planned rounds; sets σ when noise-multiplier is 0
+    "target-epsilon": 8.0,  # per store over this run's planned rounds; sets σ when noise-multiplier is 0
+    "epsilon-budget": 8.0,  # per store over all runs (the ledger); a store.json or node config may lower it
+    "state-dir": "",  # empty: each store's <store-dir>/state; else <state-dir>/<store-id>
     "noise-multiplier": 0.0,
     "clip-norm": 1.0,
     "delta": 1e-6,

@@ -62,8 +62,15 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if accountant == "prv":
-            # PRV gives an estimate with a small error band; report its upper end.
-            return float(acc.get_epsilon(delta=delta, eps_error=0.01))
+            try:
+                # Opacus' PRV returns the upper end of its estimate (estimate + eps_error).
+                eps = float(acc.get_epsilon(delta=delta, eps_error=0.01))
+                if math.isfinite(eps):
+                    return eps
+            except (RuntimeError, ValueError):
+                pass
+            # PRV's numerics fail in some extreme regimes; RDP is a valid, looser bound.
+            return epsilon(history, delta, "rdp")
         return float(acc.get_epsilon(delta=delta))
 
 

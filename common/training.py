@@ -50,14 +50,14 @@ class TrainResult:
     clip_norm: float
 
 
-def sample_rate_for(n_members: int, batch_size: int) -> float:
-    """Poisson sample rate for an expected batch of ``batch_size`` members."""
-    return min(1.0, batch_size / max(n_members, 1))
-
-
 def steps_per_epoch(n_members: int, batch_size: int) -> int:
-    """Steps in one epoch: 1/q rounded up, as Opacus' DPDataLoader does."""
-    return math.ceil(1.0 / sample_rate_for(n_members, batch_size))
+    """Steps in one epoch: ⌈members / batch_size⌉, the length of the plain loader."""
+    return max(1, math.ceil(max(n_members, 1) / batch_size))
+
+
+def sample_rate_for(n_members: int, batch_size: int) -> float:
+    """The Poisson sample rate Opacus uses: 1 / steps per epoch (≤ batch_size / members)."""
+    return 1.0 / steps_per_epoch(n_members, batch_size)
 
 
 def batch_tensors(ex: Examples, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -95,7 +95,7 @@ def train_local(
     optimizer = opt_class(model.parameters(), lr=cfg.lr)
     criterion = BasketLoss()
     # The loader yields member indices; features are gathered per batch from the epoch's examples.
-    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=max(1, round(q * n)), shuffle=True,
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     if dp is not None:
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
@@ -116,6 +116,9 @@ def train_local(
                 noise_generator=torch.Generator().manual_seed(
                     cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1),
             )
+        # The ledger records the mechanism that ran: it must be Opacus' own sample rate.
+        if not math.isclose(loader.sample_rate, q, rel_tol=1e-12):
+            raise AssertionError(f"Opacus samples at {loader.sample_rate}, planned {q}")
     losses: list[float] = []
     steps = 0
     try:

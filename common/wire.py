@@ -16,9 +16,10 @@ TRAIN_METRICS = (
     "delta",
     "noise-multiplier",
     "rounds-trained",
+    "epsilon-budget",  # the store's ε_max: a setting
     "train-loss",  # NOT DP: sent only when the node allows local metrics
 )
-TRAIN_CONFIG = ("store-id",)
+TRAIN_CONFIG = ("store-id", "accountant")
 
 BASELINES = ("store_pop", "p_topfreq")
 # Evaluate reply: NOT DP, sent only when the node allows local metrics (on in simulation).
@@ -28,3 +29,32 @@ EVAL_METRICS = (
     *(f"{b}.{k}" for b in BASELINES for k in METRIC_KEYS),
 )
 EVAL_CONFIG = ("store-id",)
+
+# A store that declines a round replies with a Flower error carrying this code and a reason
+# "storefed-decline {json}" whose keys are DECLINE_KEYS: no weights, nothing about members.
+DECLINE_CODE = 1001
+DECLINE_PREFIX = "storefed-decline "
+DECLINE_KEYS = ("store-id", "epsilon", "epsilon-after", "epsilon-budget", "delta", "accountant", "reason")
+
+
+def decline_reason(info: dict) -> str:
+    """The error reason of a decline reply (keys: DECLINE_KEYS)."""
+    import json
+
+    unknown = set(info) - set(DECLINE_KEYS)
+    if unknown:
+        raise ValueError(f"not allowed in a decline: {sorted(unknown)}")
+    return DECLINE_PREFIX + json.dumps(info, sort_keys=True)
+
+
+def parse_decline(reason: str | None) -> dict | None:
+    """The decline's content, or None when ``reason`` is not a storefed decline."""
+    import json
+
+    if not reason or not reason.startswith(DECLINE_PREFIX):
+        return None
+    try:
+        info = json.loads(reason[len(DECLINE_PREFIX):])
+    except json.JSONDecodeError:
+        return None
+    return info if isinstance(info, dict) else None

@@ -8,12 +8,18 @@ from common.wire import BASELINES
 SUMMARY_KEYS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20")
 
 
+def _finite(value):
+    """JSON has no infinity: an unbounded ε (training without DP) is written as null."""
+    return None if value is None or value == float("inf") else float(value)
+
+
 def _pick(metrics: dict, prefix: str = "") -> dict:
     return {k: float(metrics.get(prefix + k, 0.0)) for k in SUMMARY_KEYS}
 
 
 def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, final_metrics: dict,
-                  elapsed_s: float, failures: list[dict], out_dir: str, data_dir: str) -> dict:
+                  elapsed_s: float, failures: list[dict], out_dir: str, data_dir: str,
+                  stopped: str | None = None) -> dict:
     """The results object; keys of the issue-3 contract first, extra keys after."""
     return {
         "stores": stores,
@@ -24,14 +30,17 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
         "per_round": [
             {"round": r["round"], "participated": r.get("participated", 0),
              "ndcg@10": r.get("ndcg@10"), "failed": r.get("failed", 0),
+             "declined": r.get("declined", 0),
              "max_epsilon": r.get("max_epsilon"),
              **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
              "seconds": r.get("seconds")}
             for r in rounds
         ],
         "privacy": {
-            store: {"epsilon": p["epsilon"], "delta": p["delta"], "noise_multiplier": p["noise_multiplier"],
-                    "rounds_trained": p["rounds_trained"]}
+            store: {"epsilon": _finite(p["epsilon"]), "delta": p["delta"],
+                    "noise_multiplier": p.get("noise_multiplier", 0.0),
+                    "rounds_trained": p.get("rounds_trained", 0), "budget": _finite(p.get("budget")),
+                    "declined_rounds": p.get("declined_rounds", 0), "accountant": p.get("accountant", "")}
             for store, p in sorted(privacy.items())
         },
         "elapsed_s": round(elapsed_s, 2),
@@ -39,6 +48,7 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
         "target_epsilon": float(cfg["target-epsilon"]),
         "metrics_all": {k: float(v) for k, v in sorted(final_metrics.items())},
         "failures": failures,
+        "stopped": stopped,
         "data_dir": data_dir,
         "out_dir": out_dir,
     }
@@ -54,13 +64,18 @@ def summary_table(results: dict) -> str:
     lines.append("method".ljust(width) + "".join(c.rjust(11) for c in cols))
     for name, m in rows:
         lines.append(name.ljust(width) + "".join(f"{m[c]:11.4f}" for c in cols))
-    priv = results["privacy"]
+    priv = {s: p for s, p in results["privacy"].items() if p["epsilon"] is not None}
     if priv:
         eps = [p["epsilon"] for p in priv.values()]
         sig = [p["noise_multiplier"] for p in priv.values()]
         lines += ["", f"privacy per store (member-level, δ ≤ {max(p['delta'] for p in priv.values()):.0e}): "
                   f"ε min {min(eps):.2f} · max {max(eps):.2f} · σ {min(sig):.2f}–{max(sig):.2f} · "
                   f"{len(priv)} stores reported"]
+    declined = sum(p["declined_rounds"] for p in results["privacy"].values())
+    if declined:
+        lines.append(f"declined store-rounds (budget): {declined}")
+    if results.get("stopped"):
+        lines.append(f"stopped early: {results['stopped']}")
     if results.get("failures"):
         lines.append(f"failures: {len(results['failures'])} (see results.json)")
     lines.append("")

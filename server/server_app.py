@@ -20,7 +20,7 @@ from common.model import ModelConfig, Recommender
 from common.storefiles import atomic_write_text, ensure_generated_chain, read_catalog
 from common.synth import default_spec
 from server.report import build_results, summary_table
-from server.strategy import ObservedFedAvg
+from server.strategy import BudgetExhausted, ObservedFedAvg
 
 
 def _say(text: str) -> None:
@@ -72,22 +72,28 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         min_evaluate_nodes=nodes,
         min_available_nodes=nodes,
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=num_rounds,
-        timeout=float(cfg["round-timeout-s"]),
-        train_config=ConfigRecord({"run-name": run_name}),
-    )
-    final = result.evaluate_metrics_clientapp.get(num_rounds) or {}
+    stopped = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=num_rounds,
+            timeout=float(cfg["round-timeout-s"]),
+            train_config=ConfigRecord({"run-name": run_name}),
+        )
+    except BudgetExhausted as exc:
+        stopped = str(exc)
+        _say(f"stopped: {stopped}")
+    evaluated = [r for r in strategy.rounds if "metrics" in r]
+    final = evaluated[-1]["metrics"] if evaluated else {}
     out_dir = Path(str(cfg["out-dir"])).expanduser() if str(cfg["out-dir"]) else cache_root() / "runs" / run_name
     results = build_results(
         cfg=dict(cfg.values), stores=nodes, rounds=strategy.rounds, privacy=strategy.privacy,
-        final_metrics={k: float(v) for k, v in dict(final).items()}, elapsed_s=time.time() - started,
-        failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir),
+        final_metrics=final, elapsed_s=time.time() - started,
+        failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir), stopped=stopped,
     )
-    if len(result.arrays):
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+    if strategy.latest_arrays is not None:
+        model.load_state_dict(strategy.latest_arrays.to_torch_state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".model.pt.tmp"
     torch.save(model.state_dict(), tmp)

@@ -63,6 +63,8 @@ def test_cli_runs_as_a_console_script_without_traceback(tmp_path):
 def test_designed_reply_values_are_the_ones_design_lists():
     # DESIGN §4.3 lists these; a new key in common/wire.py must be added there first.
     assert set(wire.TRAIN_METRICS) == {"num-examples", "epsilon", "delta", "noise-multiplier",
-                                       "rounds-trained", "train-loss"}
-    assert set(wire.TRAIN_CONFIG) == {"store-id"}
+                                       "rounds-trained", "epsilon-budget", "train-loss"}
+    assert set(wire.TRAIN_CONFIG) == {"store-id", "accountant"}
+    assert set(wire.DECLINE_KEYS) == {"store-id", "epsilon", "epsilon-after", "epsilon-budget", "delta",
+                                      "accountant", "reason"}
     assert set(wire.EVAL_CONFIG) == {"store-id"}
