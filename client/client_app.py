@@ -84,7 +84,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     event = PrivacyEvent(
         run_id=str(context.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
         steps=result.steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
-        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=delta,
     )
     # Durable before the update leaves: a crash from here on over-counts, never under-counts.
     events = append_event(ledger_dir, node.store_id, event)

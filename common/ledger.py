@@ -32,6 +32,7 @@ class PrivacyEvent:
     clip_norm: float
     accountant: str
     at: str  # ISO-8601 UTC time the event was recorded
+    delta: float  # the δ the store accounts at (set by its size); ε is reported at the latest
 
     def mechanism(self) -> tuple[float, float, int]:
         """The Opacus-accountant history entry ``(noise_multiplier, sample_rate, steps)``."""
@@ -54,7 +55,7 @@ def event_line(event: PrivacyEvent, seq: int, previous_line: str) -> str:
 
 _FIELDS = {
     "run_id": str, "round": int, "noise_multiplier": float, "sample_rate": float, "steps": int,
-    "clip_norm": float, "accountant": str, "at": str,
+    "clip_norm": float, "accountant": str, "at": str, "delta": float,
 }
 
 

@@ -1,4 +1,4 @@
-"""The `storefed` command line: generate, simulate.
+"""The `storefed` command line: generate, simulate, privacy.
 
 Human output by default, one JSON object with --json. A user mistake (bad path, missing
 column) is one line on stderr and exit code 2, never a traceback.
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError
+from common.ledger import LedgerError
 from common.storefiles import DataError
 
 EXIT_USAGE = 2
@@ -71,6 +72,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               "local-epochs": args.local_epochs}
     if args.target_epsilon is not None:
         config["target-epsilon"] = args.target_epsilon
+    if args.epsilon_budget is not None:
+        config["epsilon-budget"] = args.epsilon_budget
+    if args.state_dir:
+        config["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
     if args.data:
         data = Path(args.data).expanduser().resolve()
         config["stores"] = preflight(data)
@@ -83,6 +88,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         results = simulate(config, verbose=args.verbose)
     if args.json:
         print(json.dumps(results))
+    return 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from simulations.privacy_report import privacy_report, render_privacy
+
+    report = privacy_report(Path(args.store_dir), Path(args.state_dir) if args.state_dir else None,
+                            accountant=args.accountant, budget=args.budget)
+    print(json.dumps(report) if args.json else render_privacy(report))
     return 0
 
 
@@ -106,11 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data", help="a chain directory (catalog.csv, stores/*) instead of generated data")
     sim.add_argument("--out", help="where results.json and model.pt go (default: a temp dir)")
     sim.add_argument("--local-epochs", type=int, default=1)
-    sim.add_argument("--target-epsilon", type=float, help="ε per store over the run (sets σ)")
+    sim.add_argument("--target-epsilon", type=float, help="ε per store over this run's rounds (sets σ; default 8)")
+    sim.add_argument("--epsilon-budget", type=float, help="ε_max per store over all runs (default 8)")
+    sim.add_argument("--state-dir", help="where stores keep ledgers across runs "
+                     "(default: each store's <data>/stores/<id>/state)")
     sim.add_argument("--no-dp", action="store_true", help="train without DP (a reference, not for stores)")
     sim.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
+
+    priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
+                          description="Reads the store's privacy ledger (every training round of every "
+                          "run) and prints ε spent, δ, the budget, rounds left at the current settings "
+                          "and the events. Exit 2 when the ledger is unreadable.")
+    priv.add_argument("--store-dir", required=True, help="the store's data directory")
+    priv.add_argument("--state-dir", help="the store's state directory (default: <store-dir>/state)")
+    priv.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
+    priv.add_argument("--budget", type=float, help="ε_max (default: store.json epsilon_budget, else 8)")
+    priv.add_argument("--json", action="store_true", help="print one JSON object")
+    priv.set_defaults(func=_cmd_privacy)
     return parser
 
 
@@ -118,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as exc:
+    except (DataError, LedgerError) as exc:
         print(f"storefed: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
         print(f"storefed: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":

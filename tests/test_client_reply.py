@@ -77,3 +77,45 @@ def test_a_deployed_store_sends_no_metrics_unless_it_allows_them(small_chain_dir
     with pytest.raises(PermissionError, match="allow-local-metrics"):
         handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE), context,
                         RunConfig.from_mapping(context.run_config))
+
+
+def _deployed(chain_dir, state_dir, **extra):
+    return _context(chain_dir, {"store-dir": str(chain_dir / "stores" / "S003"), "catalog": str(chain_dir),
+                                "state-dir": str(state_dir), **extra})
+
+
+def test_the_event_is_in_the_ledger_before_the_update_leaves(small_chain_dir, tmp_path, monkeypatch):
+    import client.client_app as client_app
+    from client.ledger import read_events
+
+    def crash(reply):
+        raise SystemExit("power cut between the ledger write and the send")
+
+    monkeypatch.setattr(client_app, "send", crash)
+    context = _deployed(small_chain_dir, tmp_path)
+    with pytest.raises(SystemExit):
+        handle_train(_message(small_chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
+    events = read_events(tmp_path, "S003")
+    assert len(events) == 1 and events[0].round == 1 and events[0].steps > 0
+
+
+def test_a_corrupted_ledger_stops_training(small_chain_dir, tmp_path):
+    from client.ledger import ledger_path
+    from common.ledger import LedgerError
+
+    ledger_path(tmp_path).write_text('{"format": "storefed-privacy-ledger", "version": 1, "store_id": "S003"}\n{"seq"')
+    context = _deployed(small_chain_dir, tmp_path)
+    with pytest.raises(LedgerError, match="privacy-ledger.jsonl"):
+        handle_train(_message(small_chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
+
+
+def test_over_budget_the_store_declines_and_sends_no_weights(small_chain_dir, tmp_path):
+    from client.ledger import read_events
+
+    context = _deployed(small_chain_dir, tmp_path, **{"epsilon-budget": 0.05})
+    reply = handle_train(_message(small_chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
+    assert reply.has_error() and reply.error.code == wire.DECLINE_CODE
+    info = wire.parse_decline(reply.error.reason)
+    assert set(info) == set(wire.DECLINE_KEYS)
+    assert info["store-id"] == "S003" and info["epsilon"] == 0.0 and info["epsilon-after"] > 0.05
+    assert read_events(tmp_path, "S003") == []  # nothing trained, nothing spent

@@ -51,3 +51,51 @@ def test_the_model_beats_random_ranking(run):
     assert set(results["baselines"]) == {"store_pop", "p_topfreq"}
     for metrics in [results["model"], *results["baselines"].values()]:
         assert set(metrics) == {"ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20"}
+
+
+def test_a_store_over_its_budget_declines_and_the_others_train(tmp_path):
+    chain = tmp_path / "chain"
+    write_chain(generate_chain(ChainSpec(stores=3, members=900, items=400, categories=12, brands=40, seed=2)), chain)
+    meta_path = chain / "stores" / "S002" / "store.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "epsilon_budget": 0.05}))
+    results = simulate({"stores": 3, "rounds": 2, "seed": 2, "data-dir": str(chain), "out-dir": str(tmp_path / "out")})
+    assert [(r["participated"], r["declined"]) for r in results["per_round"]] == [(2, 1), (2, 1)]
+    assert results["privacy"]["S002"]["declined_rounds"] == 2
+    assert results["privacy"]["S002"]["rounds_trained"] == 0
+    assert results["privacy"]["S001"]["rounds_trained"] == 2
+    assert results["stopped"] is None
+    assert not (chain / "stores" / "S002" / "state" / "privacy-ledger.jsonl").exists()
+
+
+def test_a_budget_below_one_round_makes_every_store_decline_and_the_run_says_so(tmp_path):
+    chain = tmp_path / "chain"
+    write_chain(generate_chain(ChainSpec(stores=2, members=600, items=300, categories=10, brands=30, seed=4)), chain)
+    results = simulate({"stores": 2, "rounds": 3, "seed": 4, "data-dir": str(chain), "epsilon-budget": 0.05,
+                        "out-dir": str(tmp_path / "out")})
+    assert "every store declined round 1" in results["stopped"]
+    assert len(results["per_round"]) == 1 and results["per_round"][0]["declined"] == 2
+    assert all(p["declined_rounds"] == 1 and p["rounds_trained"] == 0 for p in results["privacy"].values())
+
+
+def test_two_runs_on_one_state_dir_compose_and_an_outsider_can_recompute(tmp_path):
+    """`storefed simulate` twice, then `storefed privacy --json`, checked with dp-accounting."""
+    import dp_accounting as dpa
+
+    from simulations.privacy_report import privacy_report
+
+    chain = tmp_path / "chain"
+    write_chain(generate_chain(ChainSpec(stores=2, members=600, items=300, categories=10, brands=30, seed=6)), chain)
+    config = {"stores": 2, "rounds": 2, "seed": 6, "data-dir": str(chain), "target-epsilon": 2.0,
+              "state-dir": str(tmp_path / "state")}
+    first = simulate({**config, "out-dir": str(tmp_path / "a")})
+    second = simulate({**config, "out-dir": str(tmp_path / "b")})
+    report = privacy_report(chain / "stores" / "S001", tmp_path / "state" / "S001")
+    assert len(report["events"]) == 4 and len(report["runs"]) == 2
+    assert report["epsilon"] == pytest.approx(second["privacy"]["S001"]["epsilon"])
+    assert second["privacy"]["S001"]["epsilon"] > first["privacy"]["S001"]["epsilon"]
+    # An outsider recomputes ε from the JSON events alone.
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(e["sample_rate"], dpa.GaussianDpEvent(e["noise_multiplier"])),
+                                      e["steps"]) for e in report["events"]]
+    reference = dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(report["delta"])
+    assert 0.99 * reference <= report["epsilon"] <= 1.10 * reference

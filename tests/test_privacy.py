@@ -1,0 +1,124 @@
+"""Privacy accounting, checked against Google's dp-accounting (an independent PLD accountant)."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import dp_accounting as dpa
+import pytest
+
+from client.ledger import append_event, ledger_path, read_events
+from common import privacy
+from common.ledger import LedgerError, PrivacyEvent
+
+DELTA = 1e-6
+
+
+def pld_epsilon(history, delta=DELTA) -> float:
+    """ε of the composed history by dp-accounting's PLD accountant."""
+    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t)
+              for s, q, t in history]
+    return dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(delta)
+
+
+SETTINGS = [  # (σ, q, steps per round, rounds)
+    (1.0, 0.01, 100, 10),
+    (0.8, 0.05, 20, 10),
+    (2.0, 0.1, 10, 10),
+    (1.2, 0.02, 50, 10),
+    (0.7, 0.25, 4, 10),
+]
+
+
+@pytest.mark.parametrize("sigma,q,steps,rounds", SETTINGS)
+def test_ledger_epsilon_is_a_tight_upper_bound_of_the_pld_reference(sigma, q, steps, rounds):
+    history = [(sigma, q, steps)] * rounds
+    ours = privacy.epsilon(history, DELTA, "prv")
+    reference = pld_epsilon(history)
+    assert 0.99 * reference <= ours <= 1.10 * reference
+
+
+def test_rdp_is_selectable_and_not_tighter_than_prv():
+    history = [(1.0, 0.05, 20)] * 5
+    assert privacy.epsilon(history, DELTA, "rdp") >= privacy.epsilon(history, DELTA, "prv")
+    with pytest.raises(ValueError, match="unknown accountant"):
+        privacy.epsilon(history, DELTA, "gdp")
+
+
+def _event(run_id, rnd, sigma=1.1, q=0.08, steps=13):
+    return PrivacyEvent(run_id=run_id, round=rnd, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                        clip_norm=1.0, accountant="prv", at="2026-01-01T00:00:00+00:00", delta=DELTA)
+
+
+def test_two_runs_of_three_rounds_equal_one_run_of_six(tmp_path):
+    for rnd in (1, 2, 3):
+        append_event(tmp_path / "two", "S1", _event("run-a", rnd))
+    for rnd in (1, 2, 3):
+        append_event(tmp_path / "two", "S1", _event("run-b", rnd))
+    for rnd in range(1, 7):
+        append_event(tmp_path / "one", "S1", _event("run-c", rnd))
+    two = [e.mechanism() for e in read_events(tmp_path / "two", "S1")]
+    one = [e.mechanism() for e in read_events(tmp_path / "one", "S1")]
+    assert len(two) == 6 and two == one
+    assert privacy.epsilon(two, DELTA) == privacy.epsilon(one, DELTA)
+    assert privacy.epsilon(two, DELTA) == pytest.approx(pld_epsilon(one), rel=0.1)
+
+
+def test_merging_equal_settings_changes_no_epsilon():
+    history = [(1.1, 0.08, 13), (0.9, 0.08, 13), (1.1, 0.08, 13)]
+    assert privacy.merge_history(history) == [(1.1, 0.08, 26), (0.9, 0.08, 13)]
+    # RDP composes by adding RDP curves, so the merged and unmerged histories agree exactly.
+    from opacus.accountants import RDPAccountant
+    acc = RDPAccountant()
+    acc.history = history
+    assert privacy.epsilon(history, DELTA, "rdp") == pytest.approx(acc.get_epsilon(DELTA), rel=1e-12)
+
+
+@pytest.mark.parametrize("target,q,steps", [(8.0, 0.125, 80), (4.0, 0.05, 200), (1.0, 0.25, 40)])
+def test_calibrated_noise_lands_between_90_and_100_percent_of_the_target(target, q, steps):
+    sigma = privacy.calibrate_noise(target, DELTA, q, steps)
+    reached = privacy.epsilon([(sigma, q, steps // 10)] * 10, DELTA)
+    assert 0.9 * target <= reached <= target
+    assert 0.9 * target <= pld_epsilon([(sigma, q, steps)]) <= target * 1.001
+
+
+def test_delta_follows_the_store_size():
+    assert privacy.store_delta(100) == 1e-6
+    assert privacy.store_delta(500_000) == pytest.approx(1 / 5_000_000)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit", "drop_middle", "wrong_store"])
+def test_a_damaged_ledger_is_an_error_naming_the_file(tmp_path, damage):
+    for rnd in (1, 2, 3):
+        append_event(tmp_path, "S1", _event("r", rnd))
+    path = ledger_path(tmp_path)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    store = "S1"
+    if damage == "truncate":
+        path.write_text(text[: len(text) - 17])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff not a ledger")
+    elif damage == "edit":  # someone lowers σ's record of spending
+        path.write_text(text.replace('"steps": 13', '"steps": 1', 1))
+    elif damage == "drop_middle":
+        path.write_text("".join(lines[:2] + lines[3:]))
+    else:
+        store = "S2"
+    with pytest.raises(LedgerError, match=str(path)):
+        read_events(tmp_path, store)
+
+
+def _append_many(args):
+    state_dir, worker = args
+    for rnd in range(15):
+        append_event(state_dir, "S1", _event(f"w{worker}", rnd))
+
+
+def test_two_processes_appending_at_once_lose_nothing(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        pool.map(_append_many, [(tmp_path, 0), (tmp_path, 1)])
+    events = read_events(tmp_path, "S1")
+    assert len(events) == 30
+    assert sorted((e.run_id, e.round) for e in events) == sorted((f"w{w}", r) for w in (0, 1) for r in range(15))
