@@ -84,6 +84,9 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     except BudgetExhausted as exc:
         stopped = str(exc)
         _say(f"stopped: {stopped}")
+        if cfg.generated():
+            _say("to simulate again from a fresh privacy account, pass a new --state-dir "
+                 "(storefed simulate) or run-config state-dir")
     evaluated = [r for r in strategy.rounds if "metrics" in r]
     final = evaluated[-1]["metrics"] if evaluated else {}
     out_dir = Path(str(cfg["out-dir"])).expanduser() if str(cfg["out-dir"]) else cache_root() / "runs" / run_name
