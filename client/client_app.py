@@ -7,6 +7,7 @@ budget, train, write the event durably, and only then let the update leave.
 
 from __future__ import annotations
 
+import secrets
 import warnings
 import zlib
 from datetime import datetime, timezone
@@ -44,6 +45,19 @@ def _server_round(msg: Message) -> int:
     return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
 
 
+def training_seed(node: StoreNode, cfg: RunConfig, run_id: int, server_round: int) -> int:
+    """The seed of a round's sampling and noise.
+
+    A deployed store draws it from the operating system: the noise and the Poisson batches
+    must be unpredictable to the server, which knows the run config, or it could recreate
+    the noise and subtract it. Only a simulation (one process, no adversary) derives it from
+    the run seed, so that its results reproduce.
+    """
+    if not node.simulated:
+        return secrets.randbits(62)
+    return zlib.crc32(f"{cfg['seed']}|{node.store_id}|{run_id}|{server_round}".encode())
+
+
 def send(reply: Message) -> Message:
     """The last step before a reply leaves the store (a seam for crash-injection tests)."""
     return reply
@@ -78,7 +92,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     server_round = _server_round(msg)
     train_cfg = TrainConfig(
         local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
-        seed=zlib.crc32(f"{cfg['seed']}|{node.store_id}|{context.run_id}|{server_round}".encode()),
+        seed=training_seed(node, cfg, context.run_id, server_round),
     )
     result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
     event = PrivacyEvent(
@@ -106,8 +120,7 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
     model = _model(node, cfg, msg)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                            lr=float(cfg["lr"]),
-                            seed=zlib.crc32(f"{cfg['seed']}|{node.store_id}|{server_round}".encode()))
+                            lr=float(cfg["lr"]), seed=training_seed(node, cfg, context.run_id, server_round))
     result = train_local(model, node.data, train_cfg, None)
     metrics = {"num-examples": result.examples, "epsilon": float("inf"), "delta": 0.0,
                "noise-multiplier": 0.0, "rounds-trained": server_round,

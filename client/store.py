@@ -16,8 +16,9 @@ from typing import Any, Mapping
 
 from common import privacy
 from common.config import RunConfig
-from common.dataset import ExampleConfig, ItemIndex, StoreData, build_store_data
-from common.storefiles import DataError, read_catalog, read_store_meta, read_store_tables, store_dirs
+from common.dataset import ExampleConfig, StoreData
+from common.ingest import prepare_store
+from common.storefiles import DataError, read_catalog, read_store_meta, store_dirs
 from common.training import sample_rate_for, steps_per_epoch
 
 
@@ -64,18 +65,19 @@ def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
     ex_cfg = example_config(cfg)
     key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir))
     if key not in _CACHE:
-        catalog = read_catalog(catalog_dir)
         meta = read_store_meta(store_dir)
-        tx, members = read_store_tables(store_dir)
-        assume = bool(meta.get("assume_consent", False))
-        try:
-            data = build_store_data(str(meta["store_id"]), tx, members, ItemIndex.from_catalog(catalog), ex_cfg, assume)
-        except ValueError as exc:
-            raise DataError(f"{store_dir}: {exc}") from None
+        quarantine = state_dir_for(store_dir, node_config, cfg, str(meta["store_id"])) / "quarantine"
+        # The same validation as `storefed validate`: training uses exactly the accepted rows.
+        data, _ = prepare_store(store_dir, catalog_dir, ex_cfg, quarantine_dir=quarantine,
+                                assume_consent=_assume_consent(node_config, meta))
         _CACHE[key] = (data, meta)
     # Only the data is cached: how this node was addressed is decided per call.
     data, meta = _CACHE[key]
     return StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated)
+
+
+def _assume_consent(node_config: Mapping[str, Any], meta: dict) -> bool:
+    return bool(node_config.get("assume-consent", meta.get("assume_consent", False)))
 
 
 def _mtime(store_dir: Path) -> float:
@@ -83,13 +85,17 @@ def _mtime(store_dir: Path) -> float:
 
 
 def state_dir(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> Path:
-    """Where the store keeps what outlives a run (the privacy ledger): node config
-    ``state-dir``, else the run's ``state-dir``/<store-id>, else <store-dir>/state."""
+    """Where the store keeps what outlives a run (ledger, quarantine)."""
+    return state_dir_for(node.store_dir, node_config, cfg, node.store_id)
+
+
+def state_dir_for(store_dir: Path, node_config: Mapping[str, Any], cfg: RunConfig, store_id: str) -> Path:
+    """Node config ``state-dir``, else the run's ``state-dir``/<store-id>, else <store-dir>/state."""
     if node_config.get("state-dir"):
         return Path(str(node_config["state-dir"])).expanduser().resolve()
     if str(cfg["state-dir"]):
-        return Path(str(cfg["state-dir"])).expanduser().resolve() / node.store_id
-    return node.store_dir / "state"
+        return Path(str(cfg["state-dir"])).expanduser().resolve() / store_id
+    return Path(store_dir) / "state"
 
 
 def epsilon_budget(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> float:

@@ -127,10 +127,6 @@ class StoreData:
         return len(self.member_ids)
 
 
-class ConsentError(ValueError):
-    """members.csv has no consent column and the node does not assume consent."""
-
-
 def _profile_matrix(members: pd.DataFrame, ref_day: float) -> np.ndarray:
     """One-hot age band, gender, tier and tenure band (each with an 'unknown' slot)."""
     n = len(members)
@@ -143,10 +139,12 @@ def _profile_matrix(members: pd.DataFrame, ref_day: float) -> np.ndarray:
     gender = np.array([contract.GENDERS.index(g) if g in contract.GENDERS else len(contract.GENDERS) for g in gender_col])
     tier_col = members.get("tier", pd.Series([""] * n)).astype(str).str.strip().str.lower()
     tier = np.array([contract.TIERS.index(t) if t in contract.TIERS else len(contract.TIERS) for t in tier_col])
-    join = pd.to_datetime(members["join_date"].astype(str), errors="coerce", format="mixed", utc=True)
-    join_day = days_since_epoch(join)
+    from common.validation import parse_timestamps
+
+    join_day = days_since_epoch(parse_timestamps(members["join_date"].astype(str)))
+    join = pd.Series(np.isnan(join_day), index=members.index)
     tenure = ref_day - join_day
-    tenure_band = np.where(join.isna().to_numpy(), len(contract.TENURE_BAND_EDGES) + 1, np.digitize(tenure, contract.TENURE_BAND_EDGES))
+    tenure_band = np.where(join.to_numpy(), len(contract.TENURE_BAND_EDGES) + 1, np.digitize(tenure, contract.TENURE_BAND_EDGES))
     sizes = (len(contract.AGE_BAND_EDGES) + 2, len(contract.GENDERS) + 1, len(contract.TIERS) + 1, len(contract.TENURE_BAND_EDGES) + 2)
     out = np.zeros((n, sum(sizes)), dtype=np.float32)
     offset = 0
@@ -156,121 +154,15 @@ def _profile_matrix(members: pd.DataFrame, ref_day: float) -> np.ndarray:
     return out
 
 
-def clean_transactions(tx: pd.DataFrame, members: pd.DataFrame, items: ItemIndex,
-                       assume_consent: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Parse and account for every transaction row.
-
-    Returns ``(lines, anonymous, accounting)``: ``lines`` are the accepted member lines
-    (returns already netted) with columns member, item, day, qty, receipt; ``anonymous``
-    holds the anonymous purchase lines (item, day, qty) kept for store popularity only.
-    Raises :class:`ConsentError` when consent cannot be established.
-    """
-    rows_in = len(tx)
-    quarantined: dict[str, int] = {}
-    excluded: dict[str, int] = {}
-
-    def drop(mask: np.ndarray, reason: str, into: dict) -> None:
-        n = int(mask.sum())
-        if n:
-            into[reason] = into.get(reason, 0) + n
-
-    ts = pd.to_datetime(tx["ts"].astype(str), errors="coerce", format="ISO8601", utc=True)
-    day = days_since_epoch(ts)
-    qty = pd.to_numeric(tx["quantity"], errors="coerce").to_numpy(dtype=float)
-    item_pos = pd.Index(items.item_ids).get_indexer(tx["item_id"].astype(str).str.strip())
-    member = tx["member_id"].astype(str).str.strip().to_numpy()
-
-    bad_ts = ts.isna().to_numpy()
-    bad_item = ~bad_ts & (item_pos < 0)
-    bad_qty = ~bad_ts & ~bad_item & (~np.isfinite(qty) | (qty == 0))
-    drop(bad_ts, "bad_timestamp", quarantined)
-    drop(bad_item, "unknown_item", quarantined)
-    drop(bad_qty, "bad_quantity", quarantined)
-    ok = ~(bad_ts | bad_item | bad_qty)
-
-    anon = ok & (member == "")
-    anon_buy = anon & (qty > 0)
-    drop(anon, "anonymous", excluded)
-
-    consent = _consent_by_member(members, assume_consent)
-    known = np.isin(member, consent.index.to_numpy())
-    unknown = ok & ~anon & ~known
-    drop(unknown, "unknown_member", excluded)
-    consented = np.isin(member, consent.index[consent.to_numpy()].to_numpy())
-    no_consent = ok & ~anon & known & ~consented
-    drop(no_consent, "no_consent", excluded)
-
-    keep = ok & ~anon & consented
-    lines = pd.DataFrame({
-        "member": member[keep],
-        "item": item_pos[keep],
-        "day": day[keep],
-        "qty": qty[keep],
-        "receipt": tx["receipt_id"].astype(str).to_numpy()[keep],
-    })
-    lines, n_netted = _net_returns(lines)
-    drop(np.ones(n_netted, dtype=bool), "return_netted", excluded)
-    anonymous = pd.DataFrame({"item": item_pos[anon_buy], "day": day[anon_buy], "qty": qty[anon_buy]})
-    accounting = {
-        "rows_in": rows_in,
-        "accepted": int(len(lines)),
-        "excluded": excluded,
-        "quarantined": quarantined,
-    }
-    # Every row is accounted for: this is a bug if it ever fails, not a user error.
-    assert rows_in == accounting["accepted"] + sum(excluded.values()) + sum(quarantined.values())
-    return lines, anonymous, accounting
-
-
-def _consent_by_member(members: pd.DataFrame, assume_consent: bool) -> pd.Series:
-    ids = members["member_id"].astype(str).str.strip()
-    if "consent_training" not in members.columns:
-        if not assume_consent:
-            raise ConsentError(
-                "members file has no 'consent_training' column; add it, or set "
-                "assume_consent = true in the store's node config if consent is given otherwise"
-            )
-        values = pd.Series(True, index=ids)
-    else:
-        parsed = members["consent_training"].map(contract.parse_consent)
-        values = pd.Series(parsed.fillna(False).astype(bool).to_numpy(), index=ids)
-    return values[~values.index.duplicated(keep=False) & (values.index != "")]
-
-
-def _net_returns(lines: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Subtract each return from the member's latest earlier purchase of the same item.
-
-    Return lines are removed (and counted); purchase lines netted to ≤ 0 are removed too
-    (and counted): they are no longer evidence of a purchase.
-    """
-    returns = lines.index[lines["qty"] < 0]
-    if len(returns) == 0:
-        return lines.reset_index(drop=True), 0
-    lines = lines.copy()
-    buys = lines[lines["qty"] > 0].sort_values("day", kind="stable")
-    by_key = {k: list(g.index) for k, g in buys.groupby(["member", "item"], sort=False)}
-    for r in returns:
-        left = -lines.at[r, "qty"]
-        candidates = by_key.get((lines.at[r, "member"], lines.at[r, "item"]), [])
-        for b in reversed(candidates):
-            if left <= 0:
-                break
-            if lines.at[b, "day"] > lines.at[r, "day"] or lines.at[b, "qty"] <= 0:
-                continue
-            take = min(left, lines.at[b, "qty"])
-            lines.at[b, "qty"] -= take
-            left -= take
-    removed = (lines["qty"] <= 0)
-    return lines[~removed].reset_index(drop=True), int(removed.sum())
-
 
 def _member_log(lines: pd.DataFrame, member_order: np.ndarray) -> MemberLog:
     """CSR receipts of ``member_order`` members from accepted lines (any order)."""
     pos = pd.Index(member_order).get_indexer(lines["member"])
     lines = lines.assign(pos=pos)[pos >= 0]
     lines = lines.sort_values(["pos", "day", "receipt", "item"], kind="stable")
-    receipt_key = lines["pos"].astype(str) + "|" + lines["receipt"]
-    new_receipt = (receipt_key != receipt_key.shift()).to_numpy()
+    pos_arr, receipt_arr = lines["pos"].to_numpy(), lines["receipt"].to_numpy()
+    new_receipt = np.ones(len(lines), dtype=bool)
+    new_receipt[1:] = (pos_arr[1:] != pos_arr[:-1]) | (receipt_arr[1:] != receipt_arr[:-1])
     receipt_starts = np.flatnonzero(new_receipt)
     receipt_member = lines["pos"].to_numpy()[receipt_starts]
     receipt_ptr = np.searchsorted(receipt_member, np.arange(len(member_order) + 1))
@@ -369,10 +261,15 @@ def sample_train_examples(data: StoreData, rng: np.random.Generator, cfg: Exampl
     return Examples(items, feat, mask, data.profile, t_items, t_mask)
 
 
-def build_store_data(store_id: str, tx: pd.DataFrame, members: pd.DataFrame, items: ItemIndex,
-                     cfg: ExampleConfig = ExampleConfig(), assume_consent: bool = False) -> StoreData:
-    """Clean a store's tables, split by time and build its member logs and test examples."""
-    lines, anonymous, accounting = clean_transactions(tx, members, items, assume_consent)
+def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame, members: pd.DataFrame,
+                     items: ItemIndex, cfg: ExampleConfig = ExampleConfig(), accounting: dict | None = None) -> StoreData:
+    """Split a store's accepted rows by time and build its member logs and test examples.
+
+    ``lines``: accepted, consenting member purchase lines (member, item, day, qty, receipt)
+    with returns already netted; ``anonymous``: anonymous purchases (item, day, qty), used
+    for the assortment and popularity only; ``members``: accepted member rows (profiles).
+    See :func:`common.ingest.validate_store`, which produces all three.
+    """
     all_days = np.concatenate([lines["day"].to_numpy(), anonymous["day"].to_numpy()])
     if len(all_days) == 0:
         raise ValueError(f"store {store_id}: no usable transactions")
@@ -406,7 +303,7 @@ def build_store_data(store_id: str, tx: pd.DataFrame, members: pd.DataFrame, ite
     t_items, t_mask, t_full = _targets(test_log, first_test_receipt, cfg.target_len)
     eval_profile = _profile_matrix(member_frame.loc[eval_ids], cut_day) if len(eval_ids) else np.zeros((0, PROFILE_DIM), np.float32)
     eval_hist = [_item_counts(hist_log, m) for m in range(len(eval_ids))]
-    accounting = dict(accounting, train_members=int(len(train_ids)), eval_members=int(len(eval_ids)))
+    accounting = dict(accounting or {}, train_members=int(len(train_ids)), eval_members=int(len(eval_ids)))
     return StoreData(
         store_id=store_id,
         items=items,

@@ -122,9 +122,10 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame.fillna("")
 
 
-def read_catalog(chain_dir: Path) -> pd.DataFrame:
-    """The chain catalog with one row per unique item_id."""
-    path = _find(Path(chain_dir), contract.CATALOG_FILE)
+def read_catalog(source: Path) -> pd.DataFrame:
+    """The chain catalog with one row per unique item_id; ``source`` is the file or the chain dir."""
+    source = Path(source)
+    path = source if source.is_file() else _find(source, contract.CATALOG_FILE)
     frame = read_table(path, contract.CATALOG_REQUIRED)
     dup = frame["item_id"].duplicated()
     if dup.any():

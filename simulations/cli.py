@@ -1,4 +1,4 @@
-"""The `storefed` command line: generate, simulate, privacy.
+"""The `storefed` command line: generate, validate, simulate, privacy.
 
 Human output by default, one JSON object with --json. A user mistake (bad path, missing
 column) is one line on stderr and exit code 2, never a traceback.
@@ -53,16 +53,57 @@ def chain_summary(chain) -> dict:
 
 
 def preflight(data_dir: Path) -> int:
-    """Check that a chain directory can be read at all; returns its number of stores."""
-    from common.storefiles import read_catalog, read_store_tables, store_dirs
+    """Check that every store of a chain directory can train; returns its number of stores."""
+    from common.ingest import validate_store
+    from common.storefiles import store_dirs
 
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found")
-    read_catalog(data_dir)
     dirs = store_dirs(data_dir)
     for store in dirs:
-        read_store_tables(store)
+        checked = validate_store(store, data_dir, keep_data=False)
+        if not checked.usable:
+            raise DataError(checked.fatal[0] + f" (run 'storefed validate --store-dir {store}' for the full report)")
     return len(dirs)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from common.ingest import validate_store
+
+    store_dir = Path(args.store_dir).expanduser().resolve()
+    catalog = Path(args.catalog).expanduser().resolve() if args.catalog else store_dir.parent.parent
+    if not catalog.exists():
+        raise DataError(f"{catalog}: catalog not found; pass --catalog FILE")
+    quarantine = Path(args.state_dir).expanduser().resolve() / "quarantine" if args.state_dir else store_dir / "state" / "quarantine"
+    checked = validate_store(store_dir, catalog, quarantine_dir=quarantine, keep_data=False,
+                             assume_consent=True if args.assume_consent else None)
+    report = checked.as_dict()
+    report["quarantine_dir"] = str(quarantine)
+    print(json.dumps(report) if args.json else render_validation(report))
+    if not checked.usable:
+        return EXIT_USAGE
+    return 1 if any(sum(f.quarantined.values()) for f in checked.files.values()) else 0
+
+
+def render_validation(report: dict) -> str:
+    """Human text of a validation report."""
+    lines = [f"store {report['store_id']}: {'usable' if report['usable'] else 'NOT USABLE'}"]
+    for reason in report["fatal"]:
+        lines.append(f"  error: {reason}")
+    for name, f in report["files"].items():
+        excluded = ", ".join(f"{k} {v}" for k, v in f["excluded"].items()) or "none"
+        quarantined = ", ".join(f"{k} {v}" for k, v in f["quarantined"].items()) or "none"
+        lines.append(f"  {name}: {f['rows_in']} rows in = {f['accepted']} accepted + "
+                     f"{sum(f['excluded'].values())} excluded ({excluded}) + "
+                     f"{sum(f['quarantined'].values())} quarantined ({quarantined})")
+    for warning in report["warnings"]:
+        lines.append(f"  warning: {warning}")
+    if report["problems"]:
+        lines.append("  first problems:")
+        for p in report["problems"][:10]:
+            lines.append(f"    {p['file']}: row {p['row']}, column '{p['column']}', value {p['value']!r}: {p['reason']}")
+        lines.append(f"  quarantined rows, with their reason: {report['quarantine_dir']}")
+    return "\n".join(lines)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -128,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
+
+    val = sub.add_parser(
+        "validate", help="check a store's files against the data contract",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Checks a store directory (transactions and members, CSV or Parquet) against DESIGN §3. "
+        "Every row ends accepted, excluded (with a reason) or quarantined (written with its reason "
+        "to <state>/quarantine/<file>).",
+        epilog="exit codes:\n  0  usable, nothing quarantined\n  1  usable, some rows quarantined\n"
+        "  2  unusable: the store cannot train (the report says why)")
+    val.add_argument("--store-dir", required=True, help="the store's data directory")
+    val.add_argument("--catalog", help="the chain's catalog file (default: <store-dir>/../../catalog.csv)")
+    val.add_argument("--state-dir", help="the store's state directory (default: <store-dir>/state)")
+    val.add_argument("--assume-consent", action="store_true",
+                     help="members.csv has no consent column and consent is given otherwise")
+    val.add_argument("--json", action="store_true", help="print one JSON object")
+    val.set_defaults(func=_cmd_validate)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.dataset import ItemIndex, build_store_data
-from common.storefiles import read_catalog, read_store_tables, write_chain
+from common.ingest import prepare_store
+from common.storefiles import write_chain
 from common.synth import ChainSpec, generate_chain
 
 torch.set_num_threads(2)
@@ -28,9 +28,8 @@ def small_chain_dir(tmp_path_factory, small_spec):
 @pytest.fixture(scope="session")
 def small_store(small_chain_dir):
     """The first store of the small chain, prepared for training."""
-    items = ItemIndex.from_catalog(read_catalog(small_chain_dir))
-    tx, members = read_store_tables(small_chain_dir / "stores" / "S001")
-    return build_store_data("S001", tx, members, items)
+    data, _ = prepare_store(small_chain_dir / "stores" / "S001", small_chain_dir)
+    return data
 
 
 @pytest.fixture

@@ -44,9 +44,10 @@ def _keys(reply):
 
 
 @pytest.mark.parametrize("simulated", [True, False])
-def test_train_reply_holds_only_designed_values(small_chain_dir, simulated):
+def test_train_reply_holds_only_designed_values(small_chain_dir, simulated, tmp_path):
     node_config = {"partition-id": 0, "num-partitions": 3} if simulated else {
         "store-dir": str(small_chain_dir / "stores" / "S001"), "catalog": str(small_chain_dir)}
+    node_config["state-dir"] = str(tmp_path)
     context = _context(small_chain_dir, node_config)
     cfg = RunConfig.from_mapping(context.run_config)
     reply = handle_train(_message(small_chain_dir, MessageType.TRAIN), context, cfg)
@@ -119,3 +120,22 @@ def test_over_budget_the_store_declines_and_sends_no_weights(small_chain_dir, tm
     assert set(info) == set(wire.DECLINE_KEYS)
     assert info["store-id"] == "S003" and info["epsilon"] == 0.0 and info["epsilon-after"] > 0.05
     assert read_events(tmp_path, "S003") == []  # nothing trained, nothing spent
+
+
+def _trained_weights(chain_dir, node_config):
+    context = _context(chain_dir, node_config)
+    reply = handle_train(_message(chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
+    return torch.cat([v.reshape(-1) for v in reply.content[wire.TRAIN_ARRAYS].to_torch_state_dict().values()])
+
+
+def test_a_deployed_store_never_repeats_its_noise_but_a_simulation_reproduces(small_chain_dir, tmp_path):
+    store = {"store-dir": str(small_chain_dir / "stores" / "S002"), "catalog": str(small_chain_dir)}
+    # Deployed: same message, same settings, the noise and batches must still differ.
+    a = _trained_weights(small_chain_dir, {**store, "state-dir": str(tmp_path / "a")})
+    b = _trained_weights(small_chain_dir, {**store, "state-dir": str(tmp_path / "b")})
+    assert (a - b).abs().max() > 1e-4
+    # Simulated: derived from the run seed, so a rerun reproduces.
+    sim = {"partition-id": 1, "num-partitions": 3}
+    c = _trained_weights(small_chain_dir, {**sim, "state-dir": str(tmp_path / "c")})
+    d = _trained_weights(small_chain_dir, {**sim, "state-dir": str(tmp_path / "d")})
+    assert torch.allclose(c, d, rtol=0, atol=1e-6)

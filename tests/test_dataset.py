@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.dataset import ExampleConfig, ItemIndex, build_store_data, sample_train_examples
+from common.dataset import ExampleConfig, sample_train_examples
+from common.ingest import prepare_store
 
 CATALOG = pd.DataFrame({
     "item_id": ["A", "B", "C", "D", "E", "F"],
@@ -29,7 +30,7 @@ MEMBERS = pd.DataFrame({
 
 
 @pytest.fixture
-def store():
+def store(tmp_path):
     # Test period = last 28 days of the data: the last day is 2025-03-31, cut 2025-03-04.
     rows = [
         ("r1", "2025-01-05T10:00:00", "m1", "A", "1", "1"),
@@ -44,11 +45,17 @@ def store():
         ("r9", "2025-02-04T09:00:00", "m2", "Z", "1", "1"),  # unknown item
         ("r10", "2025-02-11T10:00:00", "m1", "C", "-1", "1"),  # returns r3's C
     ]
-    return build_store_data("T1", _tx(rows), MEMBERS, ItemIndex.from_catalog(CATALOG), ExampleConfig(history_len=4, target_len=3))
+    store_dir = tmp_path / "stores" / "T1"
+    store_dir.mkdir(parents=True)
+    CATALOG.to_csv(tmp_path / "catalog.csv", index=False)
+    _tx(rows).to_csv(store_dir / "transactions.csv", index=False)
+    MEMBERS.to_csv(store_dir / "members.csv", index=False)
+    data, _ = prepare_store(store_dir, tmp_path, ExampleConfig(history_len=4, target_len=3))
+    return data
 
 
 def test_every_row_is_accounted_for(store):
-    acc = store.accounting
+    acc = store.accounting["transactions"]
     assert acc["rows_in"] == 11
     assert acc["quarantined"] == {"unknown_item": 1}
     assert acc["excluded"] == {"anonymous": 1, "no_consent": 1, "return_netted": 2}

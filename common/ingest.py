@@ -1,0 +1,394 @@
+"""Reading a store's real files, validating them, and setting bad rows aside (DESIGN §3).
+
+The I/O edge around :mod:`common.validation`: sniffs encodings and delimiters, reads in
+chunks (bounded memory on stores of millions of lines), keeps accepted lines in a compact
+integer form, and writes quarantined rows to ``<state>/quarantine/<file>`` with a reason so
+an operator can fix and re-feed them. ``storefed validate`` and the ClientApp both call
+:func:`validate_store`, so training uses exactly the rows the report calls accepted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from common import contract
+from common.storefiles import DataError, atomic_write_bytes, read_catalog, read_store_meta
+from common.validation import (
+    FileReport,
+    check_members,
+    check_transaction_chunk,
+    net_returns,
+    receipt_conflicts,
+)
+
+CHUNK_ROWS = 250_000
+_SNIFF_BYTES = 64 * 1024
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+@dataclass
+class TableSource:
+    """How to read one table file."""
+
+    path: Path
+    kind: str  # "csv" or "parquet"
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    warnings: list[str] = field(default_factory=list)
+
+
+def locate(directory: Path, csv_name: str) -> Path | None:
+    """The CSV file, or a Parquet file of the same stem, or None."""
+    path = Path(directory) / csv_name
+    if path.exists():
+        return path
+    parquet = path.with_suffix(".parquet")
+    return parquet if parquet.exists() else None
+
+
+def sniff(path: Path) -> TableSource:
+    """Encoding and delimiter of a CSV (or a Parquet source); DataError when unreadable."""
+    if path.suffix == ".parquet":
+        return TableSource(path, "parquet")
+    head = path.read_bytes()[:_SNIFF_BYTES] if path.stat().st_size else b""
+    if not head:
+        raise DataError(f"{path}: the file is empty (not even a header line); export it again")
+    if b"\x00" in head:
+        raise DataError(f"{path}: this is a binary file, not a CSV text file; export the table as CSV "
+                        "(or Parquet with a .parquet name)")
+    warnings = []
+    try:
+        text = head.decode("utf-8-sig")
+        encoding = "utf-8-sig"
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(head) - 4:  # a character cut by the sniffing window
+            text, encoding = head[: exc.start].decode("utf-8-sig"), "utf-8-sig"
+        else:
+            text, encoding = head.decode("latin-1"), "latin-1"
+            warnings.append(f"{path}: not UTF-8; read as Latin-1 — check accented names")
+    header = text.splitlines()[0] if text.splitlines() else ""
+    delimiter = max(_DELIMITERS, key=header.count)
+    if header.count(delimiter) == 0:
+        delimiter = ","
+    if delimiter != ",":
+        warnings.append(f"{path}: columns separated by {delimiter!r} rather than ','")
+    return TableSource(path, "csv", encoding, delimiter, warnings)
+
+
+_ARROW_KINDS = {
+    "receipt_id": ("string", "integer"), "member_id": ("string", "integer"), "item_id": ("string", "integer"),
+    "ts": ("string", "timestamp", "date"), "quantity": ("string", "integer", "floating", "decimal"),
+    "unit_price": ("string", "integer", "floating", "decimal"), "join_date": ("string", "timestamp", "date"),
+    "birth_year": ("string", "integer", "floating", "null"), "consent_training": ("string", "boolean", "integer"),
+}
+
+
+def _arrow_kind(arrow_type) -> str:
+    import pyarrow.types as t
+
+    for kind, test in (("string", lambda x: t.is_string(x) or t.is_large_string(x)), ("integer", t.is_integer),
+                       ("floating", t.is_floating), ("decimal", t.is_decimal), ("timestamp", t.is_timestamp),
+                       ("date", t.is_date), ("boolean", t.is_boolean), ("null", t.is_null)):
+        if test(arrow_type):
+            return kind
+    return str(arrow_type)
+
+
+def read_header(source: TableSource) -> list[str]:
+    """Column names, lower-cased and stripped."""
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(source.path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{source.path}: not a readable Parquet file ({exc.__class__.__name__}); "
+                            "export it again") from None
+        for name in schema.names:
+            want = _ARROW_KINDS.get(name.strip().lower())
+            kind = _arrow_kind(schema.field(name).type)
+            if want and kind not in want:
+                raise DataError(f"{source.path}: column '{name}' has type {schema.field(name).type}, expected "
+                                f"{' or '.join(want)}; fix the export's column types")
+        return [n.strip().lower() for n in schema.names]
+    with open(source.path, encoding=source.encoding, newline="") as fh:
+        first = fh.readline()
+    return [c.strip().lower() for c in next(csv.reader([first], delimiter=source.delimiter), [])]
+
+
+def read_chunks(source: TableSource, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The table as string frames of at most ``chunk_rows`` rows, column names normalised."""
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=chunk_rows):
+            frame = batch.to_pandas().astype("string").fillna("")
+            frame.columns = [str(c).strip().lower() for c in frame.columns]
+            yield frame
+        return
+    try:
+        reader = pd.read_csv(source.path, dtype=str, keep_default_na=False, encoding=source.encoding,
+                             sep=source.delimiter, chunksize=chunk_rows, skipinitialspace=False)
+        for frame in reader:
+            frame.columns = [str(c).strip().lower() for c in frame.columns]
+            yield frame
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{source.path}: cannot be parsed as CSV ({str(exc).splitlines()[0]}); check quoting and "
+                        "the delimiter") from None
+
+
+class Codes:
+    """A growing string → int code table (member ids, receipt ids)."""
+
+    def __init__(self) -> None:
+        self.index = pd.Index([], dtype=object)
+
+    def encode(self, values: pd.Series) -> np.ndarray:
+        values = values.astype(object)
+        codes = self.index.get_indexer(values)
+        if (codes < 0).any():
+            new = pd.Index(pd.unique(values[codes < 0]))
+            self.index = self.index.append(new)
+            codes = self.index.get_indexer(values)
+        return codes.astype(np.int64)
+
+
+@dataclass
+class StoreValidation:
+    """The outcome of validating one store directory."""
+
+    store_id: str
+    usable: bool
+    files: dict[str, FileReport]
+    problems: list[dict]
+    warnings: list[str]
+    fatal: list[str]
+    lines: pd.DataFrame | None = None  # accepted member lines: member, item, day, qty, receipt
+    anonymous: pd.DataFrame | None = None  # anonymous purchases: item, day, qty
+    members: pd.DataFrame | None = None  # accepted member rows (original columns)
+    consent: pd.Series | None = None  # member_id → consent, accepted members
+
+    def as_dict(self) -> dict:
+        return {"store_id": self.store_id, "usable": self.usable,
+                "files": {k: v.as_dict() for k, v in self.files.items()},
+                "problems": self.problems, "warnings": self.warnings, "fatal": self.fatal}
+
+
+def _write_quarantine(directory: Path | None, name: str, frames: list[pd.DataFrame]) -> None:
+    if directory is None:
+        return
+    target = directory / name
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        target.unlink(missing_ok=True)
+        return
+    quarantine = pd.concat(frames, ignore_index=True)
+    ordered = ["row", "reason", "column"] + [c for c in quarantine.columns if c not in ("row", "reason", "column")]
+    buf = io.StringIO()
+    quarantine[ordered].sort_values("row", kind="stable").to_csv(buf, index=False, lineterminator="\n")
+    atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
+
+
+def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | None = None,
+                   assume_consent: bool | None = None, quarantine_dir: Path | None = None,
+                   keep_data: bool = True, chunk_rows: int = CHUNK_ROWS) -> StoreValidation:
+    """Validate a store directory against the contract; see the module docstring.
+
+    A file that cannot be used at all makes the store unusable (``fatal`` says why); row
+    problems only set rows aside. ``keep_data`` keeps the accepted lines for training.
+    """
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        raise DataError(f"{store_dir}: store directory not found")
+    meta = read_store_meta(store_dir)
+    store_id = str(meta["store_id"])
+    if assume_consent is None:
+        assume_consent = bool(meta.get("assume_consent", False))
+    now = now if now is not None else pd.Timestamp.now(tz="UTC")
+    tz = str(meta.get("timezone", "UTC"))
+    catalog = read_catalog(catalog_dir)
+    catalog_ids = pd.Index(catalog["item_id"].astype(str).str.strip())
+    files: dict[str, FileReport] = {}
+    problems: list[dict] = []
+    warnings: list[str] = []
+    fatal: list[str] = []
+
+    def source_for(csv_name: str, required: tuple[str, ...], known: tuple[str, ...]) -> TableSource | None:
+        path = locate(store_dir, csv_name)
+        if path is None:
+            fatal.append(f"{store_dir / csv_name}: file not found")
+            return None
+        try:
+            source = sniff(path)
+            header = read_header(source)
+        except DataError as exc:
+            fatal.append(str(exc))
+            return None
+        warnings.extend(source.warnings)
+        missing = [c for c in required if c not in header]
+        if missing:
+            fatal.append(f"{path}: required column '{missing[0]}' is missing (columns found: "
+                         f"{', '.join(header) or 'none'}); add it as DESIGN §3 describes")
+            return None
+        for extra in (c for c in header if c not in known):
+            warnings.append(f"{path}: unknown column '{extra}' kept but not used")
+        return source
+
+    # Members first: transactions need their consent.
+    members_result = None
+    msource = source_for(contract.MEMBERS_FILE, contract.MEMBER_REQUIRED, contract.MEMBER_COLUMNS)
+    if msource is not None:
+        try:
+            members_frame = pd.concat(list(read_chunks(msource, chunk_rows)), ignore_index=True)
+        except DataError as exc:
+            fatal.append(str(exc))
+            members_frame = None
+        if members_frame is not None:
+            members_result = check_members(members_frame, str(msource.path), assume_consent)
+            files["members"] = members_result.report
+            problems.extend(members_result.problems)
+            _write_quarantine(quarantine_dir, msource.path.name, [members_result.quarantine])
+            if "consent_training" not in members_frame.columns and not assume_consent:
+                fatal.append(f"{msource.path}: no 'consent_training' column, so no member may train; add the "
+                             "column, or set assume_consent = true in store.json if consent is given otherwise")
+            if members_result.report.rows_in == 0:
+                fatal.append(f"{msource.path}: no member rows (header only)")
+
+    tsource = source_for(contract.TRANSACTIONS_FILE, contract.TRANSACTION_REQUIRED, contract.TRANSACTION_COLUMNS)
+    tx_report = FileReport()
+    lines_parts, anon_parts, quarantine_parts = [], [], []
+    members_codes, receipts = Codes(), Codes()
+    item_pos = pd.Index(catalog_ids)
+    if tsource is not None:
+        offset = 0
+        try:
+            for chunk in read_chunks(tsource, chunk_rows):
+                result = check_transaction_chunk(chunk, catalog_ids, now, str(tsource.path), tx_report, offset, tz)
+                offset += len(chunk)
+                quarantine_parts.append(result.quarantine)
+                problems.extend(result.problems[: max(0, 20 - len(problems))])
+                lines_parts.append(_compact(result.lines, item_pos, receipts, members_codes))
+                anon_parts.append(_compact(result.anonymous, item_pos, receipts, None))
+        except DataError as exc:
+            fatal.append(str(exc))
+        files["transactions"] = tx_report
+        if tx_report.rows_in == 0 and not fatal:
+            fatal.append(f"{tsource.path}: no transaction rows (header only)")
+
+    lines = pd.concat(lines_parts, ignore_index=True) if lines_parts else _compact_empty()
+    anonymous = pd.concat(anon_parts, ignore_index=True) if anon_parts else _compact_empty()
+    if tsource is not None and not fatal:
+        lines, anonymous = _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, tx_report,
+                                            tsource, quarantine_parts, problems, chunk_rows)
+        _write_quarantine(quarantine_dir, tsource.path.name, quarantine_parts)
+        if tx_report.accepted == 0:
+            fatal.append(f"{tsource.path}: no accepted member transactions, nothing to train on")
+        if not tx_report.balanced():
+            raise AssertionError(f"row accounting does not balance: {tx_report.as_dict()}")
+    usable = not fatal
+    validation = StoreValidation(store_id, usable, files, problems[:20], warnings, fatal)
+    if keep_data and usable:
+        validation.lines = lines.assign(member=members_codes.index.to_numpy()[lines["member"].to_numpy()])
+        validation.anonymous = anonymous
+        validation.members = members_result.profiles
+        validation.consent = members_result.consent
+    return validation
+
+
+def _compact_empty() -> pd.DataFrame:
+    return pd.DataFrame({"member": pd.Series(dtype=np.int64), "item": pd.Series(dtype=np.int64),
+                         "day": pd.Series(dtype=float), "qty": pd.Series(dtype=float),
+                         "receipt": pd.Series(dtype=np.int64), "row": pd.Series(dtype=np.int64)})
+
+
+def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: Codes | None) -> pd.DataFrame:
+    """Lines as integers and floats only: what bounded memory on large stores needs."""
+    from common.dataset import days_since_epoch
+
+    return pd.DataFrame({
+        "member": members.encode(lines["member"]) if members is not None else np.full(len(lines), -1),
+        "item": item_pos.get_indexer(lines["item_id"]).astype(np.int64),
+        "day": days_since_epoch(lines["ts"]),
+        "qty": lines["qty"].to_numpy(dtype=float),
+        "receipt": receipts.encode(lines["receipt"]),
+        "row": lines["row"].to_numpy(dtype=np.int64),
+    })
+
+
+def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, report, source, quarantine_parts,
+                     problems, chunk_rows):
+    """Receipts with two timestamps (quarantined), members unknown or without consent
+    (quarantined / excluded), anonymous lines (excluded), returns (netted, excluded)."""
+    conflicts = receipt_conflicts([lines.rename(columns={"day": "ts"}), anonymous.rename(columns={"day": "ts"})])
+    conflict_rows = np.array([], dtype=np.int64)
+    if conflicts:
+        conflict_rows = np.concatenate([lines.loc[lines["receipt"].isin(conflicts), "row"].to_numpy(),
+                                        anonymous.loc[anonymous["receipt"].isin(conflicts), "row"].to_numpy()])
+        lines = lines[~lines["receipt"].isin(conflicts)]
+        anonymous = anonymous[~anonymous["receipt"].isin(conflicts)]
+        _quarantine_rows(source, conflict_rows, "receipt_ts_conflict", "ts", report, quarantine_parts, problems,
+                         chunk_rows)
+    report.add(report.excluded, "anonymous", len(anonymous))
+    member_ids = members_codes.index.to_numpy()[lines["member"].to_numpy()] if len(lines) else np.array([], dtype=object)
+    consent = members_result.consent if members_result is not None else pd.Series(dtype=bool)
+    known = pd.Index(consent.index).get_indexer(member_ids) >= 0
+    if (~known).any():
+        _quarantine_rows(source, lines.loc[~known, "row"].to_numpy(), "unknown_member", "member_id", report,
+                         quarantine_parts, problems, chunk_rows)
+    consenting = np.zeros(len(lines), dtype=bool)
+    consenting[known] = consent.reindex(member_ids[known]).to_numpy(dtype=bool)
+    report.add(report.excluded, "no_consent", int((known & ~consenting).sum()))
+    lines = lines[consenting]
+    netted, counts = net_returns(lines.rename(columns={"item": "item_id", "day": "ts"}))
+    for reason, n in counts.items():
+        report.add(report.excluded, reason, n)
+    lines = netted.rename(columns={"item_id": "item", "ts": "day"})
+    report.accepted = len(lines)
+    anonymous = anonymous[anonymous["qty"] > 0]
+    return lines, anonymous
+
+
+def _quarantine_rows(source, rows, reason, column, report, quarantine_parts, problems, chunk_rows):
+    """Set aside rows found bad only after all rows were read: fetch their cells again."""
+    wanted = set(int(r) for r in rows)
+    report.add(report.quarantined, reason, len(wanted))
+    offset = 0
+    for chunk in read_chunks(source, chunk_rows):
+        numbers = np.arange(offset + 1, offset + len(chunk) + 1)
+        hit = np.isin(numbers, list(wanted))
+        if hit.any():
+            part = chunk[hit].assign(reason=reason, column=column, row=numbers[hit])
+            quarantine_parts.append(part)
+            for _, r in part.head(max(0, 20 - len(problems))).iterrows():
+                problems.append({"file": str(source.path), "row": int(r["row"]), "column": column,
+                                 "value": str(r.get(column, "")), "reason": reason})
+        offset += len(chunk)
+
+
+def prepare_store(store_dir: Path, catalog_dir: Path, cfg=None, *, now: pd.Timestamp | None = None,
+                  quarantine_dir: Path | None = None, assume_consent: bool | None = None):
+    """Validate a store and build its training data: ``(StoreData, StoreValidation)``.
+
+    Raises DataError when the store cannot train, with every reason.
+    """
+    from common.dataset import ExampleConfig, ItemIndex, build_store_data
+
+    checked = validate_store(store_dir, catalog_dir, now=now, quarantine_dir=quarantine_dir,
+                             assume_consent=assume_consent)
+    if not checked.usable:
+        raise DataError(f"store {checked.store_id} cannot train: " + "; ".join(checked.fatal))
+    items = ItemIndex.from_catalog(read_catalog(catalog_dir))
+    accounting = {name: report.as_dict() for name, report in checked.files.items()}
+    try:
+        data = build_store_data(checked.store_id, checked.lines, checked.anonymous, checked.members, items,
+                                cfg or ExampleConfig(), accounting)
+    except ValueError as exc:
+        raise DataError(f"{store_dir}: {exc}") from None
+    return data, checked
