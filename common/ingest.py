@@ -284,11 +284,13 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
 
     lines = pd.concat(lines_parts, ignore_index=True) if lines_parts else _compact_empty()
     anonymous = pd.concat(anon_parts, ignore_index=True) if anon_parts else _compact_empty()
-    if tsource is not None and not fatal:
+    transactions_read = tsource is not None and "transactions" in files and not any(
+        str(tsource.path) in reason for reason in fatal)
+    if transactions_read:
         lines, anonymous = _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, tx_report,
                                             tsource, quarantine_parts, problems, chunk_rows)
         _write_quarantine(quarantine_dir, tsource.path.name, quarantine_parts)
-        if tx_report.accepted == 0:
+        if tx_report.accepted == 0 and not fatal:
             fatal.append(f"{tsource.path}: no accepted member transactions, nothing to train on")
         if not tx_report.balanced():
             raise AssertionError(f"row accounting does not balance: {tx_report.as_dict()}")

@@ -53,7 +53,8 @@ def parse_timestamps(values: pd.Series, tz: str = "UTC") -> pd.Series:
     """
     text = values.astype("string").str.strip()
     out = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
-    todo = text.notna() & (text != "")
+    # pandas reads words such as "now" and "today" as timestamps; a timestamp starts with a digit.
+    todo = text.notna() & text.str.match(r"^\d").fillna(False)
     for fmt in TS_FORMATS:
         if not todo.any():
             break
@@ -85,15 +86,21 @@ def _numbers(values: pd.Series) -> pd.Series:
     return pd.to_numeric(text, errors="coerce")
 
 
-def _schema_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema) -> pd.DataFrame:
-    """(index, column, reason) of every failed check; a row may fail several."""
+def _schema_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema, null_reasons: dict[str, str]) -> pd.DataFrame:
+    """(index, column, reason) of every failed check; a row may fail several.
+
+    A null in a parsed column means the raw cell could not be parsed: ``null_reasons``
+    names the reason per column (pandera reports it as ``not_nullable``).
+    """
     try:
         schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as err:
         cases = err.failure_cases
         cases = cases[cases["index"].notna()]
-        reason = cases["check"].astype(str).map(lambda c: "missing_value" if c == "not_nullable" else c)
-        return pd.DataFrame({"index": cases["index"].astype(np.int64), "column": cases["column"].astype(str),
+        column = cases["column"].astype(str)
+        check = cases["check"].astype(str)
+        reason = [null_reasons.get(c, "missing_value") if k == "not_nullable" else k for c, k in zip(column, check)]
+        return pd.DataFrame({"index": cases["index"].astype(np.int64).to_numpy(), "column": column.to_numpy(),
                              "reason": reason})
     return pd.DataFrame({"index": pd.Series(dtype=np.int64), "column": pd.Series(dtype=str),
                          "reason": pd.Series(dtype=str)})
@@ -108,16 +115,10 @@ def transaction_schema(catalog_ids: pd.Index, now: pd.Timestamp) -> pa.DataFrame
     limit = now + FUTURE_TOLERANCE
     return pa.DataFrameSchema({
         "receipt_id": pa.Column("string", _named(lambda s: s.str.strip() != "", "missing_receipt_id")),
-        "_ts": pa.Column("datetime64[ns, UTC]", [
-            _named(lambda s: s.notna(), "bad_timestamp"),
-            _named(lambda s: s.isna() | (s <= limit), "future_timestamp")], nullable=True),
+        "_ts": pa.Column("datetime64[ns, UTC]", _named(lambda s: s.isna() | (s <= limit), "future_timestamp")),
         "item_id": pa.Column("string", _named(lambda s: s.str.strip().isin(catalog_ids), "unknown_item")),
-        "_qty": pa.Column("float64", [
-            _named(lambda s: s.notna(), "bad_quantity"),
-            _named(lambda s: s.isna() | (s != 0), "zero_quantity")], nullable=True),
-        "_price": pa.Column("float64", [
-            _named(lambda s: s.notna(), "bad_unit_price"),
-            _named(lambda s: s.isna() | (s >= 0), "negative_unit_price")], nullable=True),
+        "_qty": pa.Column("float64", _named(lambda s: s.isna() | (s != 0), "zero_quantity")),
+        "_price": pa.Column("float64", _named(lambda s: s.isna() | (s >= 0), "negative_unit_price")),
     }, strict=False)
 
 
@@ -125,7 +126,7 @@ def member_schema() -> pa.DataFrameSchema:
     lo, hi = contract.BIRTH_YEAR_RANGE
     return pa.DataFrameSchema({
         "member_id": pa.Column("string", _named(lambda s: s.str.strip() != "", "missing_member_id")),
-        "_join": pa.Column("datetime64[ns, UTC]", _named(lambda s: s.notna(), "bad_join_date"), nullable=True),
+        "_join": pa.Column("datetime64[ns, UTC]"),
         "_birth": pa.Column("float64", _named(lambda s: s.isna() | ((s >= lo) & (s <= hi) & (s == s.round())),
                                                "bad_birth_year"), nullable=True),
         "_birth_raw": pa.Column("string", nullable=True),
@@ -178,7 +179,7 @@ def check_members(members: pd.DataFrame, source: str, assume_consent: bool) -> M
         _birth=_numbers(birth_raw.where(birth_raw.str.strip() != "", None)).astype("float64"),
         _birth_raw=birth_raw,
     )
-    failures = _first_reason(_schema_failures(parsed, member_schema()), frame.index,
+    failures = _first_reason(_schema_failures(parsed, member_schema(), {"_join": "bad_join_date"}), frame.index,
                              ["missing_value", "missing_member_id", "bad_join_date", "bad_birth_year"])
     if "consent_training" in frame:
         consent = frame["consent_training"].map(contract.parse_consent)
@@ -186,10 +187,10 @@ def check_members(members: pd.DataFrame, source: str, assume_consent: bool) -> M
         extra = pd.DataFrame({"index": frame.index[bad_consent], "column": "consent_training",
                               "reason": "bad_consent"})
         failures = pd.concat([failures, extra], ignore_index=True)
-    elif not assume_consent:
-        consent = None
     else:
-        consent = pd.Series(True, index=frame.index)
+        # No consent column: nobody may train unless the node assumes consent (the store
+        # is then refused as a whole; its members are counted as not consenting).
+        consent = pd.Series(bool(assume_consent), index=frame.index)
     ids = frame["member_id"].str.strip()
     dup = ids.duplicated(keep=False) & (ids != "") & ~frame.index.isin(failures["index"])
     failures = pd.concat([failures, pd.DataFrame({"index": frame.index[dup], "column": "member_id",
@@ -197,11 +198,8 @@ def check_members(members: pd.DataFrame, source: str, assume_consent: bool) -> M
     bad = frame.index.isin(failures["index"])
     quarantine, problems = _set_aside(frame, failures, source, report)
     good = frame[~bad]
-    if consent is None:
-        consent_by_id = pd.Series(dtype=bool)
-    else:
-        consent_by_id = pd.Series(consent[~bad].astype(bool).to_numpy(), index=ids[~bad].to_numpy())
-        report.add(report.excluded, "no_consent", int((~consent_by_id).sum()))
+    consent_by_id = pd.Series(consent[~bad].astype(bool).to_numpy(), index=ids[~bad].to_numpy())
+    report.add(report.excluded, "no_consent", int((~consent_by_id).sum()))
     report.accepted = int(len(good) - sum(report.excluded.values()))
     return MembersResult(report, consent_by_id, good, quarantine, problems)
 
@@ -244,7 +242,8 @@ def check_transaction_chunk(chunk: pd.DataFrame, catalog_ids: pd.Index, now: pd.
     report.rows_in += len(frame)
     parsed = frame.assign(_ts=parse_timestamps(frame["ts"], tz), _qty=_numbers(frame["quantity"]).astype("float64"),
                           _price=_numbers(frame["unit_price"]).astype("float64"))
-    failures = _first_reason(_schema_failures(parsed, transaction_schema(catalog_ids, now)), frame.index,
+    nulls = {"_ts": "bad_timestamp", "_qty": "bad_quantity", "_price": "bad_unit_price"}
+    failures = _first_reason(_schema_failures(parsed, transaction_schema(catalog_ids, now), nulls), frame.index,
                              TX_REASON_ORDER)
     failures = failures.assign(column=failures["column"].str.lstrip("_").replace(
         {"qty": "quantity", "price": "unit_price"}))
