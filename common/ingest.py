@@ -315,11 +315,11 @@ def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: 
     from common.dataset import days_since_epoch
 
     return pd.DataFrame({
-        "member": members.encode(lines["member"]) if members is not None else np.full(len(lines), -1),
-        "item": item_pos.get_indexer(lines["item_id"]).astype(np.int64),
+        "member": (members.encode(lines["member"]) if members is not None else np.full(len(lines), -1)).astype(np.int32),
+        "item": item_pos.get_indexer(lines["item_id"]).astype(np.int32),
         "day": days_since_epoch(lines["ts"]),
-        "qty": lines["qty"].to_numpy(dtype=float),
-        "receipt": receipts.encode(lines["receipt"]),
+        "qty": lines["qty"].to_numpy(dtype=np.float32),  # POS quantities are small exact numbers
+        "receipt": receipts.encode(lines["receipt"]).astype(np.int32),
         "row": lines["row"].to_numpy(dtype=np.int64),
     })
 

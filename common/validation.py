@@ -270,37 +270,43 @@ def receipt_conflicts(frames: list[pd.DataFrame]) -> set[str]:
 def net_returns(lines: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Subtract each return from the member's latest earlier purchases of the item.
 
+    ``lines`` has integer-coded ``member`` and ``item_id`` columns plus ``ts`` and ``qty``.
     Returns the purchase lines left (quantity reduced) and excluded counts: return lines
     (``return_netted``, or ``return_unmatched`` when no earlier purchase is in the data) and
     purchases netted to zero (``return_netted``).
     """
     counts: dict[str, int] = {}
-    is_return = lines["qty"] < 0
+    qty = lines["qty"].to_numpy(dtype=float)
+    is_return = qty < 0
     if not is_return.any():
         return lines, counts
-    lines = lines.copy()
-    returns = lines[is_return]
-    keys = set(zip(returns["member"], returns["item_id"]))
-    key = pd.Series(list(zip(lines["member"], lines["item_id"])), index=lines.index)
-    relevant = lines[key.isin(keys) & ~is_return].sort_values("ts", kind="stable")
-    buys: dict[tuple, list] = {}
-    for idx, m, i in zip(relevant.index, relevant["member"], relevant["item_id"]):
-        buys.setdefault((m, i), []).append(idx)
+    width = int(lines["item_id"].max()) + 1
+    key = lines["member"].to_numpy(dtype=np.int64) * width + lines["item_id"].to_numpy(dtype=np.int64)
+    ts = lines["ts"].to_numpy()
+    qty = qty.copy()
+    # Only purchases of (member, item) pairs that were ever returned can change.
+    relevant = np.flatnonzero(np.isin(key, key[is_return]) & ~is_return)
+    relevant = relevant[np.argsort(ts[relevant], kind="stable")]
+    buys: dict[int, list[int]] = {}
+    for i in relevant:
+        buys.setdefault(int(key[i]), []).append(int(i))
     unmatched = 0
-    for r in returns.sort_values("ts", kind="stable").index:
-        left = -lines.at[r, "qty"]
-        for b in reversed(buys.get((lines.at[r, "member"], lines.at[r, "item_id"]), [])):
+    returns = np.flatnonzero(is_return)
+    for r in returns[np.argsort(ts[returns], kind="stable")]:
+        left = -qty[r]
+        for b in reversed(buys.get(int(key[r]), [])):
             if left <= 0:
                 break
-            if lines.at[b, "ts"] > lines.at[r, "ts"] or lines.at[b, "qty"] <= 0:
+            if ts[b] > ts[r] or qty[b] <= 0:
                 continue
-            take = min(left, lines.at[b, "qty"])
-            lines.at[b, "qty"] -= take
+            take = min(left, qty[b])
+            qty[b] -= take
             left -= take
-        if left > 0 and left == -lines.at[r, "qty"]:
+        if left == -qty[r]:
             unmatched += 1
-    netted_purchases = int(((lines["qty"] <= 0) & ~is_return).sum())
+    netted_purchases = int(((qty <= 0) & ~is_return).sum())
     counts["return_netted"] = int(is_return.sum()) - unmatched + netted_purchases
     if unmatched:
         counts["return_unmatched"] = unmatched
-    return lines[lines["qty"] > 0], {k: v for k, v in counts.items() if v}
+    kept = qty > 0
+    return lines[kept].assign(qty=qty[kept]), {k: v for k, v in counts.items() if v}

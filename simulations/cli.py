@@ -141,6 +141,18 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_validate(args: argparse.Namespace) -> int:
+    from simulations.bench_validate import bench_validate
+
+    result = bench_validate(args.lines)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"validated {result['lines']} lines ({result['file_mb']} MB) in {result['seconds']} s: "
+              f"{result['rows_per_s']} rows/s, peak RSS {result['peak_rss_mb']} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storefed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="members.csv has no consent column and consent is given otherwise")
     val.add_argument("--json", action="store_true", help="print one JSON object")
     val.set_defaults(func=_cmd_validate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print their figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bval = bench_sub.add_parser("validate", help="validation throughput and peak memory on a large store")
+    bval.add_argument("--lines", type=int, default=5_000_000)
+    bval.add_argument("--json", action="store_true")
+    bval.set_defaults(func=_cmd_bench_validate)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "
