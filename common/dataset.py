@@ -121,6 +121,7 @@ class StoreData:
     assortment: np.ndarray  # bool [n_items]: items sold in the training period
     store_counts: np.ndarray  # float [n_items]: units sold in the training period
     accounting: dict = field(default_factory=dict)
+    example_cfg: ExampleConfig = ExampleConfig()  # how its examples are built
 
     @property
     def n_train_members(self) -> int:
@@ -245,11 +246,13 @@ def _targets(log: MemberLog, receipt: np.ndarray, t_len: int):
     return items, mask, full
 
 
-def sample_train_examples(data: StoreData, rng: np.random.Generator, cfg: ExampleConfig) -> Examples:
+def sample_train_examples(data: StoreData, rng: np.random.Generator, cfg: ExampleConfig | None = None) -> Examples:
     """One example per training member: history before a random receipt → its basket.
 
     Members with a single receipt get an empty history (the profile-only path).
+    ``cfg`` defaults to the configuration the store's data was built with.
     """
+    cfg = cfg or data.example_cfg
     log = data.train_log
     n_rec = log.n_receipts()
     # k in [1, n-1] when there are at least two receipts, else 0 (cold start).
@@ -320,4 +323,5 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
         assortment=assortment,
         store_counts=store_counts,
         accounting=accounting,
+        example_cfg=cfg,
     )

@@ -78,7 +78,7 @@ def train_local(
     data: StoreData,
     cfg: TrainConfig,
     dp: DPConfig | None,
-    example_cfg: ExampleConfig = ExampleConfig(),
+    example_cfg: ExampleConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the store's members for ``cfg.local_epochs`` epochs."""
     n = data.n_train_members
