@@ -8,6 +8,7 @@ budget, train, write the event durably, and only then let the update leave.
 from __future__ import annotations
 
 import secrets
+import time
 import warnings
 import zlib
 from datetime import datetime, timezone
@@ -45,17 +46,18 @@ def _server_round(msg: Message) -> int:
     return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
 
 
-def training_seed(node: StoreNode, cfg: RunConfig, run_id: int, server_round: int) -> int:
+def training_seed(node: StoreNode, cfg: RunConfig, server_round: int) -> int:
     """The seed of a round's sampling and noise.
 
     A deployed store draws it from the operating system: the noise and the Poisson batches
     must be unpredictable to the server, which knows the run config, or it could recreate
-    the noise and subtract it. Only a simulation (one process, no adversary) derives it from
-    the run seed, so that its results reproduce.
+    the noise and subtract it. A simulation derives it from (seed, store, round), so that a
+    run — and a resumed run — reproduces exactly; its randomness is public by construction,
+    so a simulation demonstrates the accounting, it protects no one.
     """
     if not node.simulated:
         return secrets.randbits(62)
-    return zlib.crc32(f"{cfg['seed']}|{node.store_id}|{run_id}|{server_round}".encode())
+    return zlib.crc32(f"{cfg['seed']}|{node.store_id}|{server_round}".encode())
 
 
 def send(reply: Message) -> Message:
@@ -63,11 +65,56 @@ def send(reply: Message) -> Message:
     return reply
 
 
+def _proximal_mu(msg: Message) -> float:
+    """FedProx's μ, which Flower's FedProx puts in the train config."""
+    if "config" in msg.content:
+        return float(msg.content["config"].get("proximal-mu", 0.0))
+    return 0.0
+
+
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train the global model on this store's members with DP-SGD; reply per DESIGN §4.3."""
     node = load_store(context.node_config, cfg)
+    fault = injected_fault(node, context, cfg)
+    if fault == "crash":
+        raise RuntimeError(f"injected fault: store {node.store_id} crashed")
+    if fault == "slow":
+        time.sleep(float(cfg["fault-slow-s"]))
+    reply = _train(msg, context, cfg, node)
+    return send(misbehave(reply, fault) if fault in ("nan", "scale", "shape") else reply)
+
+
+def injected_fault(node: StoreNode, context: Context, cfg: RunConfig) -> str:
+    """The fault this store plays in a simulation (the first ``fault-stores`` stores), or ""."""
+    if not node.simulated or not cfg["fault"] or int(cfg["fault-stores"]) <= 0:
+        return ""
+    if str(cfg["fault"]) not in FAULTS:
+        raise ValueError(f"unknown fault '{cfg['fault']}'; use one of {', '.join(FAULTS)}")
+    return str(cfg["fault"]) if int(context.node_config["partition-id"]) < int(cfg["fault-stores"]) else ""
+
+
+FAULTS = ("nan", "scale", "shape", "crash", "slow")
+
+
+def misbehave(reply: Message, fault: str) -> Message:
+    """A faulty store's update: NaN values, a 1000× blown-up update, or a wrong shape."""
+    if reply.has_error():
+        return reply
+    arrays = reply.content[wire.TRAIN_ARRAYS].to_torch_state_dict()
+    name = next(iter(arrays))
+    if fault == "nan":
+        arrays[name] = arrays[name].clone().fill_(float("nan"))
+    elif fault == "scale":
+        arrays = {k: v * 1000.0 for k, v in arrays.items()}
+    else:
+        arrays[name] = arrays[name][..., :-1].clone()
+    reply.content[wire.TRAIN_ARRAYS] = ArrayRecord(arrays)
+    return reply
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
     if not cfg["dp"]:
-        return send(_train_without_dp(msg, context, cfg, node))
+        return _train_without_dp(msg, context, cfg, node)
     accountant = str(cfg["accountant"])
     delta = node.delta(cfg)
     budget = epsilon_budget(node, context.node_config, cfg)
@@ -86,13 +133,14 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                   f"over the store's budget {budget:g}")
         info = {"store-id": node.store_id, "epsilon": spent, "epsilon-after": after,
                 "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
-        return send(Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg))
+        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg)
 
     model = _model(node, cfg, msg)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(
         local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
-        seed=training_seed(node, cfg, context.run_id, server_round),
+        seed=training_seed(node, cfg, server_round),
+        proximal_mu=_proximal_mu(msg),
     )
     result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
     event = PrivacyEvent(
@@ -112,7 +160,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     }
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
-    return send(_train_reply(msg, model, metrics, node, accountant))
+    return _train_reply(msg, model, metrics, node, accountant)
 
 
 def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
@@ -120,7 +168,8 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
     model = _model(node, cfg, msg)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                            lr=float(cfg["lr"]), seed=training_seed(node, cfg, context.run_id, server_round))
+                            lr=float(cfg["lr"]), seed=training_seed(node, cfg, server_round),
+                            proximal_mu=_proximal_mu(msg))
     result = train_local(model, node.data, train_cfg, None)
     metrics = {"num-examples": result.examples, "epsilon": float("inf"), "delta": 0.0,
                "noise-multiplier": 0.0, "rounds-trained": server_round,

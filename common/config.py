@@ -33,6 +33,20 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-6,
     "accountant": "prv",
     "fraction-train": 1.0,
+    "strategy": "fedavg",  # fedavg fedavgm fedadam fedyogi fedprox fedmedian fedtrimmedavg krum multikrum
+    "server-lr": 0.0,  # 0: Flower's default for the strategy (FedAvgM/FedAdam/FedYogi)
+    "server-momentum": 0.9,  # FedAvgM
+    "proximal-mu": 0.1,  # FedProx
+    "trim-beta": 0.2,  # FedTrimmedAvg: fraction cut at each end
+    "krum-malicious": 1,  # Krum/MultiKrum: stores assumed malicious
+    "min-stores": 1,  # fewer acceptable updates than this: the round is skipped
+    "update-norm-factor": 10.0,  # reject updates moving the model > this × the round's median (0: off)
+    "checkpoint-dir": "",  # empty: <out-dir>/checkpoint
+    "resume": False,
+    "stop-after-round": 0,  # end the run after this round as if the server stopped (tests resume)
+    "fault": "",  # simulation only: nan scale shape crash slow
+    "fault-stores": 0,  # simulation only: the first K stores misbehave every round
+    "fault-slow-s": 30.0,
     "node-wait-s": 60.0,
     "round-timeout-s": 3600.0,
 }

@@ -32,6 +32,7 @@ class TrainConfig:
     seed: int = 0
     optimizer: str = "adam"  # or "sgd" (plain steps; used to check DP-SGD's arithmetic)
     noise_seed: int | None = None  # None: derived from seed
+    proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def train_local(
         # The ledger records the mechanism that ran: it must be Opacus' own sample rate.
         if not math.isclose(loader.sample_rate, q, rel_tol=1e-12):
             raise AssertionError(f"Opacus samples at {loader.sample_rate}, planned {q}")
+    if cfg.proximal_mu > 0:
+        _add_proximal_term(optimizer, model, cfg.proximal_mu)
     losses: list[float] = []
     steps = 0
     try:
@@ -151,6 +154,25 @@ def train_local(
         noise_multiplier=dp.noise_multiplier if dp else 0.0,
         clip_norm=dp.clip_norm if dp else 0.0,
     )
+
+
+def _add_proximal_term(optimizer, model, mu: float) -> None:
+    """FedProx: add μ·(w − w_global) to each gradient just before the parameter update.
+
+    The hook sits on the inner optimizer, after Opacus has clipped and noised the member
+    gradients; the term depends only on the weights, not on member data, so it costs no
+    privacy and is not clipped.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+
+    def pre_step(_opt, _args, _kwargs):
+        for p, p0 in zip(params, anchor):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - p0, alpha=mu)
+
+    inner.register_step_pre_hook(pre_step)
 
 
 def _noise_only_step(optimizer) -> None:

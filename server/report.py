@@ -30,7 +30,8 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
         "per_round": [
             {"round": r["round"], "participated": r.get("participated", 0),
              "ndcg@10": r.get("ndcg@10"), "failed": r.get("failed", 0),
-             "declined": r.get("declined", 0),
+             "declined": r.get("declined", 0), "rejected": r.get("rejected", 0),
+             **({"skipped": True} if r.get("skipped") else {}),
              "max_epsilon": r.get("max_epsilon"),
              **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
              "seconds": r.get("seconds")}

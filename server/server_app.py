@@ -20,7 +20,8 @@ from common.model import ModelConfig, Recommender
 from common.storefiles import atomic_write_text, ensure_generated_chain, read_catalog
 from common.synth import default_spec
 from server.report import build_results, summary_table
-from server.strategy import BudgetExhausted, ObservedFedAvg
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.strategy import BudgetExhausted, make_strategy
 
 
 def _say(text: str) -> None:
@@ -45,6 +46,29 @@ def initial_model(cfg: RunConfig, chain_dir: Path) -> Recommender:
     return Recommender(items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
 
 
+class RunInterrupted(Exception):
+    """The run config asked the server to stop after a round (to exercise --resume)."""
+
+
+def strategy_options(cfg: RunConfig) -> dict:
+    """Flower constructor arguments of the configured strategy, from the run config."""
+    name = str(cfg["strategy"])
+    options: dict = {}
+    if name == "fedavgm":
+        options["server_momentum"] = float(cfg["server-momentum"])
+        if float(cfg["server-lr"]) > 0:
+            options["server_learning_rate"] = float(cfg["server-lr"])
+    elif name in ("fedadam", "fedyogi") and float(cfg["server-lr"]) > 0:
+        options["eta"] = float(cfg["server-lr"])
+    elif name == "fedprox":
+        options["proximal_mu"] = float(cfg["proximal-mu"])
+    elif name == "fedtrimmedavg":
+        options["beta"] = float(cfg["trim-beta"])
+    elif name in ("krum", "multikrum"):
+        options["num_malicious_nodes"] = int(cfg["krum-malicious"])
+    return options
+
+
 def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     """Train and evaluate over the connected stores; returns the results object."""
     started = time.time()
@@ -52,7 +76,16 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     if cfg.generated():
         if ensure_generated_chain(chain_dir, default_spec(int(cfg["stores"]), int(cfg["seed"]))):
             _say(f"generated the chain (seed {cfg['seed']}, {cfg['stores']} stores) at {chain_dir}")
+    out_dir = Path(str(cfg["out-dir"])).expanduser() if str(cfg["out-dir"]) else cache_root() / "runs" / run_name
+    ckpt_dir = Path(str(cfg["checkpoint-dir"])).expanduser() if str(cfg["checkpoint-dir"]) else out_dir / "checkpoint"
+    config = dict(cfg.values)
+    resumed = load_checkpoint(ckpt_dir, config) if cfg["resume"] else None
+    if resumed is not None:
+        run_name = resumed["run_name"]
+        _say(f"resuming {run_name} after round {resumed['round']} from {ckpt_dir}")
     model = initial_model(cfg, chain_dir)
+    if resumed is not None:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in resumed["arrays"].items()})
     nodes = wait_for_nodes(grid, int(cfg["stores"]), float(cfg["node-wait-s"]))
     if nodes == 0:
         raise RuntimeError("no store node connected; start the SuperNodes (or raise num-supernodes)")
@@ -61,40 +94,70 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
              f"with {nodes}. For a simulation of the whole chain pass "
              f"--federation-config \"num-supernodes={cfg['stores']}\".")
     num_rounds = int(cfg["rounds"])
-    _say(f"training {num_rounds} rounds over {nodes} stores "
+    done = resumed["round"] if resumed is not None else 0
+
+    def on_round_end(server_round: int, arrays) -> None:
+        if arrays is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+        save_checkpoint(ckpt_dir, {
+            "round": server_round, "run_name": run_name, "config": config,
+            "arrays": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+            "strategy": str(cfg["strategy"]), "strategy_state": strategy.state(),
+            "rounds": strategy.rounds, "privacy": strategy.privacy, "failures": strategy.failures,
+        })
+        if int(cfg["stop-after-round"]) and server_round >= int(cfg["stop-after-round"]):
+            raise RunInterrupted(f"stopped after round {server_round} as the run config asked "
+                                 f"(stop-after-round); continue with --resume")
+
+    _say(f"training {num_rounds - done} rounds over {nodes} stores with {cfg['strategy']} "
          f"({'DP-SGD, target ε ' + str(cfg['target-epsilon']) + ' per store' if cfg['dp'] else 'no DP'})")
-    strategy = ObservedFedAvg(
+    strategy = make_strategy(
+        str(cfg["strategy"]),
         num_rounds=num_rounds,
         printer=_say,
+        min_stores=int(cfg["min-stores"]),
+        norm_factor=float(cfg["update-norm-factor"]),
+        round_offset=done,
+        on_round_end=on_round_end,
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=1.0,
         min_train_nodes=max(1, round(nodes * float(cfg["fraction-train"]))),
         min_evaluate_nodes=nodes,
         min_available_nodes=nodes,
+        **strategy_options(cfg),
     )
+    if resumed is not None:
+        strategy.restore(resumed["strategy_state"])
+        strategy.rounds, strategy.privacy, strategy.failures = resumed["rounds"], resumed["privacy"], resumed["failures"]
     stopped = None
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=num_rounds,
-            timeout=float(cfg["round-timeout-s"]),
-            train_config=ConfigRecord({"run-name": run_name}),
-        )
+        if num_rounds > done:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=num_rounds - done,
+                timeout=float(cfg["round-timeout-s"]),
+                train_config=ConfigRecord({"run-name": run_name}),
+            )
     except BudgetExhausted as exc:
         stopped = str(exc)
         _say(f"stopped: {stopped}")
         if cfg.generated():
             _say("to simulate again from a fresh privacy account, pass a new --state-dir "
                  "(storefed simulate) or run-config state-dir")
+    except RunInterrupted as exc:
+        stopped = str(exc)
+        _say(f"stopped: {stopped}")
     evaluated = [r for r in strategy.rounds if "metrics" in r]
     final = evaluated[-1]["metrics"] if evaluated else {}
-    out_dir = Path(str(cfg["out-dir"])).expanduser() if str(cfg["out-dir"]) else cache_root() / "runs" / run_name
     results = build_results(
-        cfg=dict(cfg.values), stores=nodes, rounds=strategy.rounds, privacy=strategy.privacy,
+        cfg=config, stores=nodes, rounds=strategy.rounds, privacy=strategy.privacy,
         final_metrics=final, elapsed_s=time.time() - started,
         failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir), stopped=stopped,
     )
+    results["strategy"] = str(cfg["strategy"])
+    results["checkpoint"] = {"dir": str(ckpt_dir), "round": evaluated[-1]["round"] if evaluated else done,
+                             "resumed_from": resumed["round"] if resumed is not None else None}
     if strategy.latest_arrays is not None:
         model.load_state_dict(strategy.latest_arrays.to_torch_state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,45 @@
-"""Flower's FedAvg, observed: records what each store reported and prints a line per round.
+"""Flower's strategies, observed and guarded: the glue between Flower and our checks.
 
-Aggregation itself is Flower's. Before handing replies to it, each reply is reduced to
-what aggregation needs (the arrays and the example count), because Flower rejects a whole
-round when stores' metric keys differ (a store may withhold its non-DP loss).
+Aggregation itself is always Flower's (FedAvg, FedAvgM, FedAdam, FedYogi, FedProx,
+FedMedian, FedTrimmedAvg, Krum, MultiKrum). :class:`ObserverMixin` goes in front of one of
+them and, each round:
+
+* records what each store reported (privacy, declines, failures) and prints one line;
+* rejects updates that do not fit the model, hold NaN/Inf or are far larger than the
+  round's others (:mod:`common.update_checks`), and skips the round when fewer than
+  ``min_stores`` updates remain;
+* reduces each reply to what aggregation needs (arrays and example count), because Flower
+  rejects a whole round when stores' metric keys differ;
+* shifts round numbers by ``round_offset`` when a run resumes from a checkpoint, and hands
+  the round's end to ``on_round_end`` (which saves the checkpoint).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from flwr.app import Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import strategy as flower
 
 from common import wire
+from common.update_checks import check_updates
+
+STRATEGIES = {
+    "fedavg": flower.FedAvg,
+    "fedavgm": flower.FedAvgM,
+    "fedadam": flower.FedAdam,
+    "fedyogi": flower.FedYogi,
+    "fedprox": flower.FedProx,
+    "fedmedian": flower.FedMedian,
+    "fedtrimmedavg": flower.FedTrimmedAvg,
+    "krum": flower.Krum,
+    "multikrum": flower.MultiKrum,
+}
+# Server-side state that a checkpoint must carry for an exact resume.
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 def _store_id(msg: Message) -> str:
@@ -26,26 +52,49 @@ class BudgetExhausted(Exception):
     """Every store declined a round: the run ends, cleanly, with what it has."""
 
 
-class ObservedFedAvg(FedAvg):
-    """FedAvg that keeps per-round counts, per-store privacy reports and evaluation metrics."""
+class ObserverMixin:
+    """Put in front of a Flower strategy class; see the module docstring."""
 
-    def __init__(self, *, num_rounds: int, printer: Callable[[str], None] = print, **kwargs) -> None:
+    def __init__(self, *, num_rounds: int, printer: Callable[[str], None] = print, min_stores: int = 1,
+                 norm_factor: float = 10.0, round_offset: int = 0,
+                 on_round_end: Callable[[int, ArrayRecord | None], None] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.printer = printer
+        self.min_stores = min_stores
+        self.norm_factor = norm_factor
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
         self.rounds: list[dict] = []
         self.privacy: dict[str, dict] = {}
         self.failures: list[dict] = []
-        self.latest_arrays = None
+        self.latest_arrays: ArrayRecord | None = None
+        self._sent: dict | None = None
+        self._store_of: dict[int, str] = {}
         self._round_start = time.time()
+
+    def state(self) -> dict[str, Any]:
+        """The strategy's server-side state (e.g. FedAdam's moments), for a checkpoint."""
+        return {a: copy.deepcopy(getattr(self, a)) for a in STATE_ATTRIBUTES if getattr(self, a, None) is not None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name not in STATE_ATTRIBUTES:
+                raise ValueError(f"checkpoint holds unknown strategy state '{name}'")
+            setattr(self, name, value)
 
     def configure_train(self, server_round, arrays, config, grid):
         self._round_start = time.time()
-        return super().configure_train(server_round, arrays, config, grid)
+        self._sent = {k: v.numpy() for k, v in arrays.items()}
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
-        entry = {"round": server_round, "participated": 0, "declined": 0, "failed": 0}
+        entry = {"round": server_round, "participated": 0, "declined": 0, "failed": 0, "rejected": 0}
         for msg in replies:
             if msg.has_error():
                 self._record_error(server_round, msg, entry)
@@ -53,6 +102,7 @@ class ObservedFedAvg(FedAvg):
             entry["participated"] += 1
             metrics = msg.content["metrics"]
             store = _store_id(msg)
+            self._store_of[msg.metadata.src_node_id] = store
             self.privacy[store] = {
                 **self.privacy.get(store, {"declined_rounds": 0}),
                 "epsilon": float(metrics["epsilon"]),
@@ -81,10 +131,37 @@ class ObservedFedAvg(FedAvg):
             self.printer(progress_line(entry, self.num_rounds, self.privacy))
             raise BudgetExhausted(f"every store declined round {server_round}: their privacy budgets "
                                   "would be exceeded; no more training is possible at these settings")
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        accepted = self._reject_bad_updates(server_round, [m for m in replies if not m.has_error()], entry)
+        if len(accepted) < self.min_stores:
+            self.printer(f"  round {server_round} skipped: {len(accepted)} acceptable updates, "
+                         f"{self.min_stores} needed; the global model stays as it was")
+            entry["skipped"] = True
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
+            # Server optimizers (FedAdam, FedYogi) compute in float64; the model is float32,
+            # and stores' replies are checked against what was sent, so keep its dtypes.
+            if self._sent:
+                arrays = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=self._sent[k].dtype))
+                                      for k, v in arrays.items()})
             self.latest_arrays = arrays
         return arrays, metrics
+
+    def _reject_bad_updates(self, server_round: int, replies: list[Message], entry: dict) -> list[Message]:
+        updates = [{k: v.numpy() for k, v in m.content[wire.TRAIN_ARRAYS].items()} for m in replies]
+        reasons = check_updates(self._sent or {}, updates, self.norm_factor) if self._sent else [None] * len(updates)
+        accepted = []
+        for msg, reason in zip(replies, reasons):
+            if reason is None:
+                accepted.append(msg)
+                continue
+            entry["rejected"] += 1
+            self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
+                                  "store": self._store_of.get(msg.metadata.src_node_id, ""),
+                                  "reason": f"rejected: {reason}", "phase": "validation"})
+            self.printer(f"  update of store {self._store_of.get(msg.metadata.src_node_id, msg.metadata.src_node_id)} "
+                         f"rejected in round {server_round}: {reason}")
+        return accepted
 
     def _record_error(self, server_round: int, msg: Message, entry: dict) -> None:
         decline = wire.parse_decline(msg.error.reason) if msg.error.code == wire.DECLINE_CODE else None
@@ -109,6 +186,7 @@ class ObservedFedAvg(FedAvg):
         self.printer(f"  store {store} declined round {server_round}: {decline.get('reason', '')}")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
@@ -122,6 +200,8 @@ class ObservedFedAvg(FedAvg):
             entry["metrics"] = {k: float(v) for k, v in metrics.items()}
         entry["seconds"] = round(time.time() - self._round_start, 2)
         self.printer(progress_line(entry, self.num_rounds, self.privacy))
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, self.latest_arrays)
         return metrics
 
 
@@ -138,5 +218,15 @@ def progress_line(entry: dict, num_rounds: int, privacy: dict) -> str:
     loss = f" · loss {entry['train_loss']:.3f}" if "train_loss" in entry else ""
     failed = f" · {entry['failed']} failed" if entry.get("failed") else ""
     failed += f" · {entry['declined']} declined" if entry.get("declined") else ""
+    failed += f" · {entry['rejected']} rejected" if entry.get("rejected") else ""
     return (f"[round {entry['round']}/{num_rounds}] {entry.get('participated', 0)} stores trained{failed}"
             f"{loss} · NDCG@10 {ndcg} · max ε {eps:.2f} · {entry.get('seconds', 0):.1f}s")
+
+
+def make_strategy(name: str, **kwargs) -> ObserverMixin:
+    """An observed instance of Flower's strategy ``name`` (see STRATEGIES)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
+    base = STRATEGIES[name]
+    cls = type(f"Observed{base.__name__}", (ObserverMixin, base), {})
+    return cls(**kwargs)

@@ -14,9 +14,13 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.ledger import LedgerError
+from server.checkpoint import CheckpointError
 from common.storefiles import DataError
 
 EXIT_USAGE = 2
+# Kept in step with server.strategy.STRATEGIES (a test checks); not imported, to keep --help fast.
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian", "fedtrimmedavg",
+                  "krum", "multikrum")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -117,6 +121,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         config["epsilon-budget"] = args.epsilon_budget
     if args.state_dir:
         config["state-dir"] = str(Path(args.state_dir).expanduser().resolve())
+    config["strategy"] = args.strategy
+    if args.checkpoint_dir:
+        config["checkpoint-dir"] = str(Path(args.checkpoint_dir).expanduser().resolve())
+    if args.resume:
+        if not args.checkpoint_dir and not args.out:
+            raise ConfigError("--resume needs the interrupted run's --checkpoint-dir (or its --out)")
+        config["resume"] = True
+    if args.fault_stores:
+        if not args.fault:
+            raise ConfigError("--fault-stores needs --fault {nan,scale,shape,crash,slow}")
+        config["fault-stores"], config["fault"] = args.fault_stores, args.fault
     if args.data:
         data = Path(args.data).expanduser().resolve()
         config["stores"] = preflight(data)
@@ -153,6 +168,20 @@ def _cmd_bench_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_privacy(args: argparse.Namespace) -> int:
+    from simulations.bench_privacy import bench_privacy
+
+    rows = bench_privacy()
+    if args.json:
+        print(json.dumps({"delta": 1e-6, "cases": rows}))
+        return 0
+    print(f"{'σ':>5} {'q':>6} {'steps':>5} {'rounds':>6} {'ε ours (PRV)':>13} {'ε PLD ref':>10} {'ratio':>6} {'ε RDP':>7}")
+    for r in rows:
+        print(f"{r['sigma']:5.2f} {r['q']:6.3f} {r['steps']:5d} {r['rounds']:6d} {r['epsilon_prv']:13.4f} "
+              f"{r['epsilon_pld']:10.4f} {r['ratio']:6.3f} {r['epsilon_rdp']:7.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storefed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", help="where stores keep ledgers across runs "
                      "(default: each store's <data>/stores/<id>/state)")
     sim.add_argument("--no-dp", action="store_true", help="train without DP (a reference, not for stores)")
+    sim.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGY_NAMES),
+                     help="Flower's aggregation strategy (default fedavg)")
+    sim.add_argument("--checkpoint-dir", help="where the server checkpoints each round (default <out>/checkpoint)")
+    sim.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    sim.add_argument("--fault-stores", type=int, default=0, help="this many stores misbehave every round")
+    sim.add_argument("--fault", choices=("nan", "scale", "shape", "crash", "slow"),
+                     help="how they misbehave (to show the server's defences)")
     sim.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
@@ -205,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     bval.add_argument("--json", action="store_true")
     bval.set_defaults(func=_cmd_bench_validate)
 
+    bpriv = bench_sub.add_parser("privacy", help="our ε against dp-accounting's PLD accountant")
+    bpriv.add_argument("--json", action="store_true")
+    bpriv.set_defaults(func=_cmd_bench_privacy)
+
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "
                           "run) and prints ε spent, δ, the budget, rounds left at the current settings "
@@ -222,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, LedgerError) as exc:
+    except (DataError, LedgerError, CheckpointError) as exc:
         print(f"storefed: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
