@@ -121,7 +121,6 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     ledger_dir = state_dir(node, context.node_config, cfg)
     events = read_events(ledger_dir, node.store_id)  # a bad ledger stops here, loudly
     history = [e.mechanism() for e in events]
-    spent = privacy.epsilon(history, delta, accountant)
 
     n, batch = node.data.n_train_members, int(cfg["batch-size"])
     sigma = planned_noise(node, cfg)
@@ -129,6 +128,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
     after = privacy.epsilon(history + [(sigma, q, steps)], delta, accountant)
     if after > budget:
+        spent = privacy.epsilon(history, delta, accountant)
         reason = (f"training this round would bring ε from {spent:.3f} to {after:.3f}, "
                   f"over the store's budget {budget:g}")
         info = {"store-id": node.store_id, "epsilon": spent, "epsilon-after": after,
@@ -152,7 +152,10 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     events = append_event(ledger_dir, node.store_id, event)
     metrics = {
         "num-examples": result.examples,
-        "epsilon": privacy.epsilon([e.mechanism() for e in events], delta, accountant),
+        # The ledger now holds exactly the mechanism the budget check assumed, unless the
+        # steps differ; then ε is recomputed from the ledger itself.
+        "epsilon": after if result.steps == steps else privacy.epsilon([e.mechanism() for e in events], delta,
+                                                                          accountant),
         "delta": delta,
         "noise-multiplier": sigma,
         "rounds-trained": sum(1 for e in events if e.run_id == str(context.run_id)),

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from common import contract
-from common.storefiles import DataError, atomic_write_bytes, read_catalog, read_store_meta
+from common.storefiles import DataError, atomic_write_bytes, locate, read_catalog, read_store_meta
 from common.validation import (
     FileReport,
     check_members,
@@ -42,15 +42,6 @@ class TableSource:
     encoding: str = "utf-8"
     delimiter: str = ","
     warnings: list[str] = field(default_factory=list)
-
-
-def locate(directory: Path, csv_name: str) -> Path | None:
-    """The CSV file, or a Parquet file of the same stem, or None."""
-    path = Path(directory) / csv_name
-    if path.exists():
-        return path
-    parquet = path.with_suffix(".parquet")
-    return parquet if parquet.exists() else None
 
 
 def sniff(path: Path) -> TableSource:

@@ -90,16 +90,23 @@ def write_chain(chain: GeneratedChain, out: Path) -> None:
         raise
 
 
-def _find(directory: Path, csv_name: str) -> Path:
-    """The CSV file, or a Parquet file of the same stem when only that exists."""
-    path = directory / csv_name
+def locate(directory: Path, csv_name: str) -> Path | None:
+    """The CSV file, or a Parquet file of the same stem, or None."""
+    path = Path(directory) / csv_name
     if path.exists():
         return path
     parquet = path.with_suffix(".parquet")
-    if parquet.exists():
-        return parquet
-    raise DataError(f"{path}: file not found (expected {csv_name} or {parquet.name}); "
-                    f"check the directory or run 'storefed generate'")
+    return parquet if parquet.exists() else None
+
+
+def _find(directory: Path, csv_name: str) -> Path:
+    """Like :func:`locate`, but a missing file is an error that says what to do."""
+    found = locate(directory, csv_name)
+    if found is None:
+        path = Path(directory) / csv_name
+        raise DataError(f"{path}: file not found (expected {csv_name} or {path.with_suffix('.parquet').name}); "
+                        f"check the directory or run 'storefed generate'")
+    return found
 
 
 def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -151,16 +158,6 @@ def read_store_meta(store_dir: Path) -> dict:
         raise DataError(f"{path}: expected a JSON object with at least 'store_id'")
     meta.setdefault("store_id", Path(store_dir).name)
     return meta
-
-
-def read_store_tables(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(transactions, members) of one store, as strings, required columns checked."""
-    store_dir = Path(store_dir)
-    if not store_dir.is_dir():
-        raise DataError(f"{store_dir}: store directory not found")
-    tx = read_table(_find(store_dir, contract.TRANSACTIONS_FILE), contract.TRANSACTION_REQUIRED)
-    members = read_table(_find(store_dir, contract.MEMBERS_FILE), contract.MEMBER_REQUIRED)
-    return tx, members
 
 
 def store_dirs(chain_dir: Path) -> list[Path]:

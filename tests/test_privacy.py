@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import multiprocessing
 
-import dp_accounting as dpa
 import pytest
 
 from client.ledger import append_event, ledger_path, read_events
 from common import privacy
 from common.ledger import LedgerError, PrivacyEvent
+from simulations.bench_privacy import SETTINGS
+from simulations.bench_privacy import pld_epsilon as _pld
 
 DELTA = 1e-6
 
 
 def pld_epsilon(history, delta=DELTA) -> float:
-    """ε of the composed history by dp-accounting's PLD accountant."""
-    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t)
-              for s, q, t in history]
-    return dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(delta)
-
-
-SETTINGS = [  # (σ, q, steps per round, rounds)
-    (1.0, 0.01, 100, 10),
-    (0.8, 0.05, 20, 10),
-    (2.0, 0.1, 10, 10),
-    (1.2, 0.02, 50, 10),
-    (0.7, 0.25, 4, 10),
-]
+    """ε of the composed history by dp-accounting's PLD accountant (the outside reference)."""
+    return _pld(history, delta)
 
 
 @pytest.mark.parametrize("sigma,q,steps,rounds", SETTINGS)
