@@ -20,7 +20,11 @@ from common import contract
 
 # Accepted timestamp spellings, tried in order: ISO-8601 (with T or space, optional
 # seconds, fraction, Z or ±hh:mm offset), then day-first dotted, then US slashes.
-TS_FORMATS = ("ISO8601", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M")
+TS_FORMATS = ("ISO8601", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M", "%d.%m.%Y",
+              "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y")
+# Parsed helper columns and the source column each comes from (problems name the source).
+SOURCE_COLUMN = {"_ts": "ts", "_qty": "quantity", "_price": "unit_price", "_join": "join_date",
+                 "_birth": "birth_year", "_birth_raw": "birth_year"}
 FUTURE_TOLERANCE = pd.Timedelta(minutes=5)  # POS clocks drift; more than this is an error
 MAX_PROBLEMS = 20
 
@@ -97,7 +101,7 @@ def _schema_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema, null_reaso
     except pa.errors.SchemaErrors as err:
         cases = err.failure_cases
         cases = cases[cases["index"].notna()]
-        column = cases["column"].astype(str)
+        column = cases["column"].astype(str).replace(SOURCE_COLUMN)
         check = cases["check"].astype(str)
         reason = [null_reasons.get(c, "missing_value") if k == "not_nullable" else k for c, k in zip(column, check)]
         return pd.DataFrame({"index": cases["index"].astype(np.int64).to_numpy(), "column": column.to_numpy(),
@@ -179,7 +183,7 @@ def check_members(members: pd.DataFrame, source: str, assume_consent: bool) -> M
         _birth=_numbers(birth_raw.where(birth_raw.str.strip() != "", None)).astype("float64"),
         _birth_raw=birth_raw,
     )
-    failures = _first_reason(_schema_failures(parsed, member_schema(), {"_join": "bad_join_date"}), frame.index,
+    failures = _first_reason(_schema_failures(parsed, member_schema(), {"join_date": "bad_join_date"}), frame.index,
                              ["missing_value", "missing_member_id", "bad_join_date", "bad_birth_year"])
     if "consent_training" in frame:
         consent = frame["consent_training"].map(contract.parse_consent)
@@ -242,11 +246,9 @@ def check_transaction_chunk(chunk: pd.DataFrame, catalog_ids: pd.Index, now: pd.
     report.rows_in += len(frame)
     parsed = frame.assign(_ts=parse_timestamps(frame["ts"], tz), _qty=_numbers(frame["quantity"]).astype("float64"),
                           _price=_numbers(frame["unit_price"]).astype("float64"))
-    nulls = {"_ts": "bad_timestamp", "_qty": "bad_quantity", "_price": "bad_unit_price"}
+    nulls = {"ts": "bad_timestamp", "quantity": "bad_quantity", "unit_price": "bad_unit_price"}
     failures = _first_reason(_schema_failures(parsed, transaction_schema(catalog_ids, now), nulls), frame.index,
                              TX_REASON_ORDER)
-    failures = failures.assign(column=failures["column"].str.lstrip("_").replace(
-        {"qty": "quantity", "price": "unit_price"}))
     quarantine, problems = _set_aside(frame, failures, source, report, row_offset)
     ok = ~frame.index.isin(failures["index"])
     good = parsed[ok]

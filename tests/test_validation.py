@@ -247,3 +247,16 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     _, broken = store(tmp_path / "c", tx_bytes=b"")
     assert main(["validate", "--store-dir", str(broken)]) == 2
     assert "NOT USABLE" in capsys.readouterr().out
+
+
+def test_member_problems_name_the_source_column_and_date_only_joins_parse(tmp_path):
+    members = ("member_id,join_date,birth_year,consent_training\n"
+               "m1,01.02.2024,1980,true\nm2,12/31/2023,1990,true\nm3,someday,1985,true\nm4,2024-01-01,1700,true\n")
+    result, sdir = store(tmp_path, members=members)
+    assert result.files["members"].as_dict() == {"rows_in": 4, "accepted": 2, "excluded": {},
+                                                 "quarantined": {"bad_join_date": 1, "bad_birth_year": 1}}
+    members_file = str(sdir / "members.csv")
+    assert [p for p in result.problems if p["file"] == members_file] == [
+        {"file": members_file, "row": 3, "column": "join_date", "value": "someday", "reason": "bad_join_date"},
+        {"file": members_file, "row": 4, "column": "birth_year", "value": "1700", "reason": "bad_birth_year"},
+    ]
