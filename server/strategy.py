@@ -17,6 +17,7 @@ them and, each round:
 from __future__ import annotations
 
 import copy
+import re
 import time
 from typing import Any, Callable, Iterable
 
@@ -131,7 +132,11 @@ class ObserverMixin:
             self.printer(progress_line(entry, self.num_rounds, self.privacy))
             raise BudgetExhausted(f"every store declined round {server_round}: their privacy budgets "
                                   "would be exceeded; no more training is possible at these settings")
-        accepted = self._reject_bad_updates(server_round, [m for m in replies if not m.has_error()], entry)
+        # Aggregate in a fixed order (by store): float sums then do not depend on which
+        # store's reply arrived first, so a run reproduces bit for bit.
+        ordered = sorted((m for m in replies if not m.has_error()),
+                         key=lambda m: self._store_of.get(m.metadata.src_node_id, ""))
+        accepted = self._reject_bad_updates(server_round, ordered, entry)
         if len(accepted) < self.min_stores:
             self.printer(f"  round {server_round} skipped: {len(accepted)} acceptable updates, "
                          f"{self.min_stores} needed; the global model stays as it was")
@@ -168,7 +173,7 @@ class ObserverMixin:
         if decline is None:
             entry["failed"] += 1
             self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                  "reason": msg.error.reason})
+                                  "reason": last_line(msg.error.reason)})
             self.printer(f"  store node {msg.metadata.src_node_id} failed in round {server_round}: "
                          f"{last_line(msg.error.reason)}")
             return
@@ -191,7 +196,7 @@ class ObserverMixin:
         for msg in replies:
             if msg.has_error():
                 self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                      "reason": msg.error.reason, "phase": "evaluate"})
+                                      "reason": last_line(msg.error.reason), "phase": "evaluate"})
         metrics = super().aggregate_evaluate(server_round, replies)
         entry = self.rounds[-1] if self.rounds and self.rounds[-1]["round"] == server_round else {"round": server_round}
         entry["evaluated"] = sum(1 for m in replies if not m.has_error())
@@ -205,9 +210,13 @@ class ObserverMixin:
         return metrics
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def last_line(text: str | None) -> str:
-    """The last non-empty line of an error reason (a traceback's last line is its message)."""
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    """The last non-empty line of an error reason (a traceback's last line is its message),
+    without terminal colour codes."""
+    lines = [line for line in _ANSI.sub("", text or "").strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no reason given"
 
 
