@@ -168,6 +168,26 @@ def _cmd_bench_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_dp(args: argparse.Namespace) -> int:
+    from simulations.bench_dp import bench_dp
+
+    try:
+        catalogs = [int(c) for c in args.catalog.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--catalog takes comma-separated sizes, got {args.catalog!r}") from None
+    result = bench_dp(catalogs, quick=args.quick)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'catalog':>8} {'plain ms':>9} {'DP ms':>8} {'ratio':>6} {'plain MB':>9} {'DP MB':>8} {'mem ratio':>9}")
+    for c in result["cases"]:
+        print(f"{c['catalog']:>8} {c['plain_step_ms']:9.1f} {c['dp_step_ms']:8.1f} {c['ratio']:6.2f} "
+              f"{c['plain_peak_mb']:9.1f} {c['dp_peak_mb']:8.1f} {c['memory_ratio']:9.2f}")
+    print(f"targets at catalog 10000: ratio ≤ {result['targets']['ratio']}, memory ratio ≤ "
+          f"{result['targets']['memory_ratio']}")
+    return 0
+
+
 def _cmd_bench_privacy(args: argparse.Namespace) -> int:
     from simulations.bench_privacy import bench_privacy
 
@@ -240,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     bval.add_argument("--lines", type=int, default=5_000_000)
     bval.add_argument("--json", action="store_true")
     bval.set_defaults(func=_cmd_bench_validate)
+
+    bdp = bench_sub.add_parser("dp", help="one DP-SGD step against one plain step: time and memory")
+    bdp.add_argument("--catalog", default="2000,10000,50000", help="catalog sizes, comma-separated")
+    bdp.add_argument("--quick", action="store_true", help="tiny batch and few repeats (a smoke test)")
+    bdp.add_argument("--json", action="store_true")
+    bdp.set_defaults(func=_cmd_bench_dp)
 
     bpriv = bench_sub.add_parser("privacy", help="our ε against dp-accounting's PLD accountant")
     bpriv.add_argument("--json", action="store_true")

@@ -1,0 +1,28 @@
+"""Benchmarks' quick modes run and report every key (no speed is asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+
+from simulations.cli import main
+
+DP_KEYS = {"catalog", "plain_step_ms", "dp_step_ms", "ratio", "plain_peak_mb", "dp_peak_mb", "memory_ratio"}
+
+
+def test_bench_dp_quick_reports_every_key(capsys):
+    assert main(["bench", "dp", "--quick", "--catalog", "300", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [set(c) for c in result["cases"]] == [DP_KEYS]
+    case = result["cases"][0]
+    assert case["catalog"] == 300 and case["plain_step_ms"] > 0 and case["dp_step_ms"] > 0
+    assert case["ratio"] == round(case["dp_step_ms"] / case["plain_step_ms"], 3) or abs(
+        case["ratio"] - case["dp_step_ms"] / case["plain_step_ms"]) < 0.01
+
+
+def test_bench_validate_counts_every_line(capsys):
+    assert main(["bench", "validate", "--lines", "20000", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    tx = result["transactions"]
+    assert result["lines"] == tx["rows_in"] == 20000
+    assert tx["rows_in"] == tx["accepted"] + sum(tx["excluded"].values()) + sum(tx["quarantined"].values())
+    assert result["rows_per_s"] > 0 and result["peak_rss_mb"] > 0
