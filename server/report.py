@@ -57,20 +57,25 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
 def summary_table(results: dict) -> str:
     """A fixed-width table: model vs baselines at @10/@20, then privacy spent."""
     cols = SUMMARY_KEYS
-    rows = [("federated model", results["model"])] + [(b, m) for b, m in results["baselines"].items()]
-    width = max(len(name) for name, _ in rows) + 2
+    evaluated = any(r.get("ndcg@10") is not None for r in results["per_round"])
+    rows = ([("federated model", results["model"])] if evaluated else []) + \
+        [(b, m) for b, m in results["baselines"].items() if evaluated]
+    width = max((len(name) for name, _ in rows), default=16) + 2
     lines = ["", f"storefed · {results['stores']} stores · {results['rounds']} rounds · seed {results['seed']}"
              f" · {'DP-SGD' if results['dp'] else 'no DP'} · {results['elapsed_s']:.0f}s", ""]
-    lines.append("method".ljust(width) + "".join(c.rjust(11) for c in cols))
+    if evaluated:
+        lines.append("method".ljust(width) + "".join(c.rjust(11) for c in cols))
+    else:
+        lines.append("no round was trained and evaluated in this run, so there is no model to report")
     for name, m in rows:
         lines.append(name.ljust(width) + "".join(f"{m[c]:11.4f}" for c in cols))
     priv = {s: p for s, p in results["privacy"].items() if p["epsilon"] is not None}
     if priv:
         eps = [p["epsilon"] for p in priv.values()]
-        sig = [p["noise_multiplier"] for p in priv.values()]
+        sig = [p["noise_multiplier"] for p in priv.values() if p["rounds_trained"] > 0]
+        sigma = f"σ {min(sig):.2f}–{max(sig):.2f} · " if sig else ""
         lines += ["", f"privacy per store (member-level, δ ≤ {max(p['delta'] for p in priv.values()):.0e}): "
-                  f"ε min {min(eps):.2f} · max {max(eps):.2f} · σ {min(sig):.2f}–{max(sig):.2f} · "
-                  f"{len(priv)} stores reported"]
+                  f"ε min {min(eps):.2f} · max {max(eps):.2f} · {sigma}{len(priv)} stores reported"]
     declined = sum(p["declined_rounds"] for p in results["privacy"].values())
     if declined:
         lines.append(f"declined store-rounds (budget): {declined}")
