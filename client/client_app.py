@@ -22,7 +22,7 @@ from client.ledger import append_event, read_events
 from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir
 from common import privacy, wire
 from common.config import RunConfig
-from common.evaluation import evaluate_baselines, evaluate_model
+from common.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
 from common.ledger import PrivacyEvent
 from common.model import ModelConfig, Recommender
 from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
@@ -201,6 +201,10 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics = {"num-examples": len(node.data.eval_member_ids), **evaluate_model(model, node.data)}
     for name, values in _baselines(node).items():
         metrics.update({f"{name}.{k}": v for k, v in values.items()})
+    audience = evaluate_audience(model, node.data)
+    for prefix, key in (("audience", "model"), ("audience_pop", "member_pop")):
+        metrics[f"{prefix}.auc"] = audience[key]["auc"]
+        metrics[f"{prefix}.recall@100"] = audience[key]["recall@100"]
     content = RecordDict({
         "metrics": MetricRecord(metrics),
         "store": ConfigRecord({"store-id": node.store_id}),

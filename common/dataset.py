@@ -122,6 +122,11 @@ class StoreData:
     store_counts: np.ndarray  # float [n_items]: units sold in the training period
     accounting: dict = field(default_factory=dict)
     example_cfg: ExampleConfig = ExampleConfig()  # how its examples are built
+    # Audience ("goods find people"): the test period's best sellers, which training
+    # members bought each of them then, and how much each member bought before the cut.
+    audience_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    audience_bought: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # [M, items]
+    member_activity: np.ndarray = field(default_factory=lambda: np.empty(0))  # units before the cut, [M]
 
     @property
     def n_train_members(self) -> int:
@@ -307,6 +312,8 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
     eval_profile = _profile_matrix(member_frame.loc[eval_ids], cut_day) if len(eval_ids) else np.zeros((0, PROFILE_DIM), np.float32)
     eval_hist = [_item_counts(hist_log, m) for m in range(len(eval_ids))]
     accounting = dict(accounting or {}, train_members=int(len(train_ids)), eval_members=int(len(eval_ids)))
+    audience_items, audience_bought, member_activity = _audience(train, test, anonymous, cut_day, train_ids,
+                                                                 items.n_items)
     return StoreData(
         store_id=store_id,
         items=items,
@@ -324,4 +331,25 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
         store_counts=store_counts,
         accounting=accounting,
         example_cfg=cfg,
+        audience_items=audience_items,
+        audience_bought=audience_bought,
+        member_activity=member_activity,
     )
+
+
+def _audience(train: pd.DataFrame, test: pd.DataFrame, anonymous: pd.DataFrame, cut_day: float,
+              members: np.ndarray, n_items: int, top: int = 50):
+    """(best sellers of the test period, bought[member, item], units per member before the cut)."""
+    anon_test = anonymous[anonymous["day"] >= cut_day]
+    units = np.bincount(np.concatenate([test["item"].to_numpy(), anon_test["item"].to_numpy()]).astype(np.int64),
+                        weights=np.concatenate([test["qty"].to_numpy(), anon_test["qty"].to_numpy()]),
+                        minlength=n_items)
+    best = np.argsort(-units, kind="stable")[:top]
+    best = best[units[best] > 0]
+    row = pd.Index(members).get_indexer(test["member"])
+    col = pd.Index(best).get_indexer(test["item"])
+    keep = (row >= 0) & (col >= 0)
+    bought = np.zeros((len(members), len(best)), dtype=bool)
+    bought[row[keep], col[keep]] = True
+    activity = train.groupby("member")["qty"].sum().reindex(members).fillna(0.0).to_numpy(dtype=float)
+    return best.astype(np.int64), bought, activity

@@ -22,11 +22,15 @@ TRAIN_METRICS = (
 TRAIN_CONFIG = ("store-id", "accountant")
 
 BASELINES = ("store_pop", "p_topfreq")
+# Audience ("goods find people"): mean ROC-AUC and recall@100 of ranking the store's members
+# for its best sellers, by the model and by member popularity. Aggregates only, never lists.
+AUDIENCE_METRICS = ("audience.auc", "audience.recall@100", "audience_pop.auc", "audience_pop.recall@100")
 # Evaluate reply: NOT DP, sent only when the node allows local metrics (on in simulation).
 EVAL_METRICS = (
     "num-examples",
     *METRIC_KEYS,
     *(f"{b}.{k}" for b in BASELINES for k in METRIC_KEYS),
+    *AUDIENCE_METRICS,
 )
 EVAL_CONFIG = ("store-id",)
 

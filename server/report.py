@@ -44,6 +44,14 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
             for store, p in sorted(privacy.items())
         },
         "elapsed_s": round(elapsed_s, 2),
+        # Goods find people: ranking each store's members for its best sellers (mean over stores,
+        # member-weighted like the other metrics).
+        "audience": {
+            "model": {"auc": float(final_metrics.get("audience.auc", 0.0)),
+                      "recall@100": float(final_metrics.get("audience.recall@100", 0.0))},
+            "member_pop": {"auc": float(final_metrics.get("audience_pop.auc", 0.0)),
+                           "recall@100": float(final_metrics.get("audience_pop.recall@100", 0.0))},
+        },
         "dp": bool(cfg["dp"]),
         "target_epsilon": float(cfg["target-epsilon"]),
         "metrics_all": {k: float(v) for k, v in sorted(final_metrics.items())},
@@ -69,6 +77,12 @@ def summary_table(results: dict) -> str:
         lines.append("no round was trained and evaluated in this run, so there is no model to report")
     for name, m in rows:
         lines.append(name.ljust(width) + "".join(f"{m[c]:11.4f}" for c in cols))
+    if evaluated:
+        aud = results["audience"]
+        lines += ["", "goods find people (rank a store's members for its 50 best sellers of the test period):",
+                  f"  federated model  AUC {aud['model']['auc']:.4f} · recall@100 {aud['model']['recall@100']:.4f}",
+                  f"  member_pop       AUC {aud['member_pop']['auc']:.4f} · recall@100 "
+                  f"{aud['member_pop']['recall@100']:.4f}"]
     priv = {s: p for s, p in results["privacy"].items() if p["epsilon"] is not None}
     if priv:
         eps = [p["epsilon"] for p in priv.values()]
