@@ -18,7 +18,7 @@ from common import privacy
 from common.config import RunConfig
 from common.dataset import ExampleConfig, StoreData
 from common.ingest import prepare_store
-from common.storefiles import DataError, read_catalog, read_store_meta, store_dirs
+from common.storefiles import DataError, read_store_meta, store_dirs
 from common.training import sample_rate_for, steps_per_epoch
 
 

@@ -154,18 +154,17 @@ class ObserverMixin:
 
     def _reject_bad_updates(self, server_round: int, replies: list[Message], entry: dict) -> list[Message]:
         updates = [{k: v.numpy() for k, v in m.content[wire.TRAIN_ARRAYS].items()} for m in replies]
-        reasons = check_updates(self._sent or {}, updates, self.norm_factor) if self._sent else [None] * len(updates)
+        reasons = check_updates(self._sent, updates, self.norm_factor) if self._sent else [None] * len(updates)
         accepted = []
         for msg, reason in zip(replies, reasons):
             if reason is None:
                 accepted.append(msg)
                 continue
             entry["rejected"] += 1
-            self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                  "store": self._store_of.get(msg.metadata.src_node_id, ""),
+            store = self._store_of.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+            self.failures.append({"round": server_round, "node": msg.metadata.src_node_id, "store": store,
                                   "reason": f"rejected: {reason}", "phase": "validation"})
-            self.printer(f"  update of store {self._store_of.get(msg.metadata.src_node_id, msg.metadata.src_node_id)} "
-                         f"rejected in round {server_round}: {reason}")
+            self.printer(f"  update of store {store} rejected in round {server_round}: {reason}")
         return accepted
 
     def _record_error(self, server_round: int, msg: Message, entry: dict) -> None:
