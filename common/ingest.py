@@ -21,6 +21,7 @@ import pandas as pd
 from common import contract
 from common.storefiles import DataError, atomic_write_bytes, locate, read_catalog, read_store_meta
 from common.validation import (
+    MAX_PROBLEMS,
     FileReport,
     check_members,
     check_transaction_chunk,
@@ -264,7 +265,7 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
                 result = check_transaction_chunk(chunk, catalog_ids, now, str(tsource.path), tx_report, offset, tz)
                 offset += len(chunk)
                 quarantine_parts.append(result.quarantine)
-                problems.extend(result.problems[: max(0, 20 - len(problems))])
+                problems.extend(result.problems[: max(0, MAX_PROBLEMS - len(problems))])
                 lines_parts.append(_compact(result.lines, item_pos, receipts, members_codes))
                 anon_parts.append(_compact(result.anonymous, item_pos, receipts, None))
         except DataError as exc:
@@ -286,7 +287,7 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
         if not tx_report.balanced():
             raise AssertionError(f"row accounting does not balance: {tx_report.as_dict()}")
     usable = not fatal
-    validation = StoreValidation(store_id, usable, files, problems[:20], warnings, fatal)
+    validation = StoreValidation(store_id, usable, files, problems[:MAX_PROBLEMS], warnings, fatal)
     if keep_data and usable:
         validation.lines = lines.assign(member=members_codes.index.to_numpy()[lines["member"].to_numpy()])
         validation.anonymous = anonymous
@@ -359,7 +360,7 @@ def _quarantine_rows(source, rows, reason, column, report, quarantine_parts, pro
         if hit.any():
             part = chunk[hit].assign(reason=reason, column=column, row=numbers[hit])
             quarantine_parts.append(part)
-            for _, r in part.head(max(0, 20 - len(problems))).iterrows():
+            for _, r in part.head(max(0, MAX_PROBLEMS - len(problems))).iterrows():
                 problems.append({"file": str(source.path), "row": int(r["row"]), "column": column,
                                  "value": str(r.get(column, "")), "reason": reason})
         offset += len(chunk)
