@@ -20,17 +20,21 @@ LIST_LENGTH = 20
 
 
 @torch.no_grad()
-def model_scores(model: Recommender, data: StoreData, batch: int = 512) -> np.ndarray:
-    """Model scores of every catalog item for each evaluated member, [E, n_items]."""
+def scores(model: Recommender, ex: Examples, batch: int = 512) -> np.ndarray:
+    """Model scores of every catalog item for each member (row) of ``ex``, [N, n_items]."""
     model.eval()
     model.refresh_item_snapshot()
-    ex = data.eval_examples
     out = np.empty((len(ex), model.n_items), dtype=np.float32)
     for start in range(0, len(ex), batch):
         idx = np.arange(start, min(start + batch, len(ex)))
         *inputs, _, _ = batch_tensors(ex, idx)
         out[idx] = model(*inputs).numpy()
     return out
+
+
+def model_scores(model: Recommender, data: StoreData) -> np.ndarray:
+    """Model scores of every catalog item for each evaluated member, [E, n_items]."""
+    return scores(model, data.eval_examples)
 
 
 def _evaluate_scores(scores: np.ndarray, data: StoreData) -> dict:
@@ -57,22 +61,13 @@ def evaluate_baselines(data: StoreData) -> dict:
     return {"store_pop": _evaluate_scores(pop, data), "p_topfreq": _evaluate_scores(freq, data)}
 
 
-@torch.no_grad()
-def _member_scores(model: Recommender, data: StoreData, batch: int = 512) -> np.ndarray:
+def _member_scores(model: Recommender, data: StoreData) -> np.ndarray:
     """Scores of every item for every training member, from their whole pre-cut history."""
-    model.eval()
-    model.refresh_item_snapshot()
     log = data.train_log
     n = data.n_train_members
     items, feat, mask = history_arrays(log, log.n_receipts(), np.full(n, data.cut_day), data.example_cfg)
-    empty = np.zeros((n, 1), np.int64)
-    ex = Examples(items, feat, mask, data.profile, empty, np.zeros((n, 1), np.float32))
-    out = np.empty((n, model.n_items), dtype=np.float32)
-    for start in range(0, n, batch):
-        idx = np.arange(start, min(start + batch, n))
-        *inputs, _, _ = batch_tensors(ex, idx)
-        out[idx] = model(*inputs).numpy()
-    return out
+    no_target = np.zeros((n, 1), np.int64)
+    return scores(model, Examples(items, feat, mask, data.profile, no_target, np.zeros((n, 1), np.float32)))
 
 
 def evaluate_audience(model: Recommender, data: StoreData) -> dict:
