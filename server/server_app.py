@@ -5,6 +5,7 @@ Glue only: configuration, the initial model and the results go through plain fun
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, cache_root
 from common.dataset import ItemIndex
 from common.model import ModelConfig, Recommender
-from common.storefiles import atomic_write_text, ensure_generated_chain, read_catalog
+from common.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
 from common.synth import default_spec
 from server.report import build_results, summary_table
 from server.checkpoint import load_checkpoint, save_checkpoint
@@ -160,10 +161,9 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
                              "resumed_from": resumed["round"] if resumed is not None else None}
     if strategy.latest_arrays is not None:
         model.load_state_dict(strategy.latest_arrays.to_torch_state_dict())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out_dir / "model.pt")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(out_dir / "model.pt", buf.getvalue())
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     _say(summary_table(results))
     _say(f"results: {out_dir / 'results.json'}")
