@@ -32,10 +32,8 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False) 
     from server.server_app import create_app as server_app
 
     given = dict(config or {})
-    tmp = None
     if not given.get("out-dir"):
-        tmp = tempfile.mkdtemp(prefix="storefed-run-")
-        given["out-dir"] = tmp
+        given["out-dir"] = tempfile.mkdtemp(prefix="storefed-run-")
     cfg = RunConfig.from_mapping(given)
     out = Path(str(cfg["out-dir"])) / "results.json"
     out.unlink(missing_ok=True)
