@@ -138,8 +138,8 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     model = _model(node, cfg, msg)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(
-        local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
-        seed=training_seed(node, cfg, server_round),
+        local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
+        optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
         proximal_mu=_proximal_mu(msg),
     )
     result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))

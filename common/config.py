@@ -20,6 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 1,
     "batch-size": 128,
     "lr": 0.01,
+    "dp-optimizer": "sgd",
+    "dp-lr": 2.0,
     "dim": 64,
     "hidden": 128,
     "history-len": 50,

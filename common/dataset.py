@@ -33,6 +33,9 @@ class ExampleConfig:
     target_len: int = 20  # target items kept per basket
     tau_days: float = 45.0  # decay of a purchase's weight with age
     test_days: int = 28
+    # A training example's history covers at least this share of the member's receipts, so
+    # training sees histories as long as the test's (the whole pre-cut history) more often.
+    min_history_share: float = 0.5
 
 
 # Per history item: decayed quantity, log1p(receipts with it), recency of last purchase,
@@ -100,6 +103,12 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.hist_items)
+
+
+def concat_examples(parts: list[Examples]) -> Examples:
+    """Rows of several example sets, one after the other (same history and target shapes)."""
+    fields = ("hist_items", "hist_feat", "hist_mask", "profile", "target_items", "target_mask")
+    return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 @dataclass
@@ -254,14 +263,17 @@ def _targets(log: MemberLog, receipt: np.ndarray, t_len: int):
 def sample_train_examples(data: StoreData, rng: np.random.Generator, cfg: ExampleConfig | None = None) -> Examples:
     """One example per training member: history before a random receipt → its basket.
 
-    Members with a single receipt get an empty history (the profile-only path).
+    The receipt is drawn uniformly from the later part of the member's receipts (at least
+    ``cfg.min_history_share`` of them before it). Members with a single receipt get an empty
+    history (the profile-only path).
     ``cfg`` defaults to the configuration the store's data was built with.
     """
     cfg = cfg or data.example_cfg
     log = data.train_log
     n_rec = log.n_receipts()
-    # k in [1, n-1] when there are at least two receipts, else 0 (cold start).
-    k = np.where(n_rec >= 2, 1 + np.floor(rng.random(len(n_rec)) * np.maximum(n_rec - 1, 1)).astype(np.int64), 0)
+    # k in [lo, n-1] with lo = max(1, ⌈share·(n−1)⌉) when there are two receipts or more, else 0.
+    lo = np.maximum(1, np.ceil(cfg.min_history_share * (n_rec - 1))).astype(np.int64)
+    k = np.where(n_rec >= 2, lo + np.floor(rng.random(len(n_rec)) * np.maximum(n_rec - lo, 1)).astype(np.int64), 0)
     target_receipt = log.receipt_ptr[:-1] + k
     at_day = log.receipt_day[target_receipt]
     items, feat, mask = history_arrays(log, k, at_day, cfg)

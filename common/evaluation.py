@@ -12,7 +12,8 @@ import torch
 
 from common.audience import AUDIENCE_K, audience_metrics
 from common.dataset import Examples, StoreData, history_arrays
-from common.metrics import mean_metrics, popularity_scores, top_k, topfreq_scores
+from common.metrics import (CUTOFFS, category_diversity, coverage, mean_metrics, popularity_scores, top_k,
+                            topfreq_scores)
 from common.model import Recommender
 from common.training import batch_tensors
 
@@ -47,6 +48,52 @@ def evaluate_model(model: Recommender, data: StoreData) -> dict:
     if len(data.eval_member_ids) == 0:
         return mean_metrics(np.zeros((0, LIST_LENGTH), np.int64), [])
     return _evaluate_scores(model_scores(model, data), data)
+
+
+def explore_view(data: StoreData) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The "explore" task: items the member had not bought before the cut.
+
+    Returns ``(rows, allowed [len(rows), n_items], targets)``: the evaluated members whose
+    test basket holds at least one new item, the candidates left for each (assortment minus
+    their history) and their new target items.
+    """
+    rows, targets = [], []
+    for n, (target, history) in enumerate(zip(data.eval_targets, data.eval_history_items)):
+        new = np.setdiff1d(target, history)
+        if len(new):
+            rows.append(n)
+            targets.append(new)
+    rows = np.asarray(rows, dtype=np.int64)
+    allowed = np.tile(data.assortment, (len(rows), 1))
+    for r, n in enumerate(rows):
+        allowed[r, data.eval_history_items[n]] = False
+    return rows, allowed, targets
+
+
+def _list_metrics(ranked: np.ndarray, targets: list[np.ndarray], candidates: np.ndarray, category: np.ndarray) -> dict:
+    out = mean_metrics(ranked, targets)
+    for k in CUTOFFS:
+        out[f"coverage@{k}"] = coverage(ranked, k, candidates)
+        out[f"diversity@{k}"] = category_diversity(ranked, k, category)
+    out["members"] = len(targets)
+    return out
+
+
+def list_report(scores: np.ndarray, data: StoreData) -> dict:
+    """All list metrics of DESIGN §6 for one scoring of the store's evaluated members.
+
+    ``{"all": {...}, "explore": {...}}``, each with the ranking metrics @10/@20, coverage
+    (share of the assortment that some list shows), category diversity and ``members``.
+    ``scores`` is [E, n_items] (a 1-row array broadcasts: the same scores for everyone).
+    """
+    n = len(data.eval_member_ids)
+    scores = np.broadcast_to(scores, (n, data.items.n_items))
+    ranked = top_k(scores, LIST_LENGTH, allowed=data.assortment) if n else np.zeros((0, LIST_LENGTH), np.int64)
+    rows, allowed, new_targets = explore_view(data)
+    explore_ranked = (top_k(scores[rows], LIST_LENGTH, allowed=allowed) if len(rows)
+                      else np.zeros((0, LIST_LENGTH), np.int64))
+    return {"all": _list_metrics(ranked, data.eval_targets, data.assortment, data.items.category),
+            "explore": _list_metrics(explore_ranked, new_targets, data.assortment, data.items.category)}
 
 
 def evaluate_baselines(data: StoreData) -> dict:

@@ -68,6 +68,25 @@ def mean_metrics(ranked: np.ndarray, targets: list[np.ndarray], cutoffs=CUTOFFS)
     return {k: float(v.mean()) for k, v in per_member_metrics(ranked, targets, cutoffs).items()}
 
 
+def coverage(ranked: np.ndarray, k: int, candidates: np.ndarray) -> float:
+    """Share of the candidate items (bool mask over the catalog) that appear in at least one
+    member's top-``k`` list; padding beyond the candidates does not count."""
+    candidates = np.asarray(candidates, dtype=bool)
+    if not candidates.any() or len(ranked) == 0:
+        return 0.0
+    shown = np.unique(np.asarray(ranked)[:, :k])
+    return float(candidates[shown].sum() / candidates.sum())
+
+
+def category_diversity(ranked: np.ndarray, k: int, item_category: np.ndarray) -> float:
+    """Mean over members of (distinct categories in the top-``k`` list) / ``k``."""
+    if len(ranked) == 0:
+        return 0.0
+    cats = np.sort(np.asarray(item_category)[np.asarray(ranked)[:, :k]], axis=1)
+    distinct = 1 + (cats[:, 1:] != cats[:, :-1]).sum(axis=1)
+    return float(np.mean(distinct / k))
+
+
 def top_k(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """Indices of the ``k`` highest scores per row, best first; ties broken by lower index.
 

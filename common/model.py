@@ -54,6 +54,9 @@ class Recommender(nn.Module):
         self.encoder_in = nn.Linear(d + PROFILE_DIM + 1, cfg.hidden)
         self.encoder_out = nn.Linear(cfg.hidden, d)
         self.repeat = nn.Linear(HISTORY_FEATURES, 1)
+        self.repeat_hidden = nn.Linear(HISTORY_FEATURES, 16)
+        self.repeat_mix = nn.Linear(16, 1, bias=False)
+        self.gate = nn.Linear(cfg.hidden, 1)
         self.act = nn.ReLU()
         self.register_buffer("item_snapshot", torch.zeros(items.n_items, d), persistent=False)
         self._init()
@@ -68,6 +71,10 @@ class Recommender(nn.Module):
         with torch.no_grad():
             self.repeat.weight.copy_(torch.tensor([[0.5, 3.0, 1.0, 1.0]]))
             self.repeat.bias.fill_(1.0)
+            # Half of a basket from the member's own items to start with; training learns π.
+            nn.init.zeros_(self.repeat_mix.weight)  # the non-linear correction starts at zero
+            nn.init.zeros_(self.gate.weight)
+            self.gate.bias.zero_()
 
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
@@ -82,24 +89,42 @@ class Recommender(nn.Module):
 
     def member_vectors(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
         """Member vectors ``u`` [B, d] from history (items, features, mask) and profile."""
+        return self._encode(hist_items, hist_feat, hist_mask, profile)[0]
+
+    def _encode(self, hist_items, hist_feat, hist_mask, profile) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member vectors ``u`` [B, d], the encoder's hidden layer [B, hidden])."""
         weight = hist_feat[..., 0] * hist_mask
         total = weight.sum(dim=1, keepdim=True)
         weight = weight / total.clamp_min(1e-6)
         hist_vec = torch.einsum("bh,bhd->bd", weight, self.item_snapshot[hist_items])
         has_hist = (total > 0).float()
         x = torch.cat([hist_vec, profile, has_hist], dim=1)
-        return hist_vec + self.encoder_out(self.act(self.encoder_in(x)))
+        hidden = self.act(self.encoder_in(x))
+        return hist_vec + self.encoder_out(hidden), hidden
 
     def forward(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
-        """Logits over the whole catalog, [B, n_items]."""
-        u = self.member_vectors(hist_items, hist_feat, hist_mask, profile)
+        """Log-probabilities of every catalog item being in the next basket, [B, n_items].
+
+        A repeat–explore mixture: ``p(i) = π·p_repeat(i) + (1 − π)·p_explore(i)`` where
+        ``p_repeat`` is a softmax over the member's own history items (from their purchase
+        features), ``p_explore`` a softmax over the catalog (member vector · item vector) and
+        the gate ``π`` is learned from the member's encoding. A member without history has
+        ``π = 0``. The scores are normalised, so they also compare across members (audience).
+        """
+        u, hidden = self._encode(hist_items, hist_feat, hist_mask, profile)
         logits = (
             self.item_out(u)
             + self.cat_out(u)[:, self.item_category]
             + self.brand_out(u)[:, self.item_brand]
         )
-        repeat = self.repeat(hist_feat).squeeze(-1) * hist_mask  # [B, H]
-        return logits.scatter_add(1, hist_items, repeat)
+        has_hist = hist_mask.sum(dim=1, keepdim=True) > 0
+        gate = torch.sigmoid(self.gate(hidden)) * has_hist  # π, [B, 1]
+        repeat = (self.repeat(hist_feat) + self.repeat_mix(self.act(self.repeat_hidden(hist_feat)))).squeeze(-1)
+        repeat = repeat.masked_fill(hist_mask <= 0, float("-inf"))
+        p_repeat = torch.softmax(repeat, dim=1).nan_to_num(0.0) * hist_mask  # rows without history: 0
+        prob = (1.0 - gate) * torch.softmax(logits, dim=1)
+        prob = prob.scatter_add(1, hist_items, gate * p_repeat)
+        return torch.log(prob.clamp_min(1e-30))
 
 
 class BasketLoss(nn.Module):

@@ -156,6 +156,37 @@ def train_local(
     )
 
 
+def train_pooled(model: Recommender, stores: list[StoreData], cfg: TrainConfig) -> TrainResult:
+    """Train ``model`` in place on all stores' members pooled, without DP (no privacy).
+
+    The centralized reference of the quality benchmark (DESIGN §6): what the model reaches
+    if every store's data were in one place. Each epoch draws one example per member per
+    store, as federated training does, and shuffles them together.
+    """
+    from common.dataset import concat_examples
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    model.refresh_item_snapshot()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    criterion = BasketLoss()
+    losses: list[float] = []
+    n = sum(d.n_train_members for d in stores)
+    for _epoch in range(cfg.local_epochs):
+        examples = concat_examples([sample_train_examples(d, rng) for d in stores if d.n_train_members])
+        order = rng.permutation(len(examples))
+        for start in range(0, len(order), cfg.batch_size):
+            *inputs, t_items, t_mask = batch_tensors(examples, order[start:start + cfg.batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(*inputs), t_items, t_mask)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return TrainResult(loss=float(np.mean(losses)) if losses else 0.0, steps=len(losses), examples=n,
+                       sample_rate=0.0, noise_multiplier=0.0, clip_norm=0.0)
+
+
 def _add_proximal_term(optimizer, model, mu: float) -> None:
     """FedProx: add μ·(w − w_global) to each gradient just before the parameter update.
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from common.config import ConfigError
@@ -202,6 +203,34 @@ def _cmd_bench_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from simulations.bench_quality import BenchSettings, run_quality_bench
+
+    data = None
+    if args.data:
+        data = Path(args.data).expanduser().resolve()
+        preflight(data)
+    out = Path(args.out).expanduser().resolve() if args.out else Path(tempfile.mkdtemp(prefix="storefed-quality-"))
+    results = run_quality_bench(BenchSettings(seed=args.seed, quick=args.quick, data=data), out,
+                                progress=not args.json)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"{'method':<16}{'ndcg@10':>9}{'recall@10':>11}{'explore ndcg@10':>17}{'audience AUC':>14}")
+    for name, m in results["methods"].items():
+        if "member_weighted" not in m:
+            print(f"{name:<16}{'–':>9}{'–':>11}{'–':>17}{m['audience']['auc']:14.4f}")
+            continue
+        a, e, aud = m["member_weighted"]["all"], m["member_weighted"]["explore"], m["audience"]
+        print(f"{name:<16}{a['ndcg@10']:9.4f}{a['recall@10']:11.4f}{e['ndcg@10']:17.4f}"
+              + (f"{aud['auc']:14.4f}" if aud["auc"] else f"{'–':>14}"))
+    print()
+    for t in results["targets"].values():
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['description']}: {t['value']:.4f} (threshold {t['threshold']:.4f})")
+    print(f"\nreport: {out / 'report.md'} · results: {out / 'results.json'} · {results['elapsed_s']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storefed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     bpriv = bench_sub.add_parser("privacy", help="our ε against dp-accounting's PLD accountant")
     bpriv.add_argument("--json", action="store_true")
     bpriv.set_defaults(func=_cmd_bench_privacy)
+
+    bq = bench_sub.add_parser("quality", help="every method of DESIGN §6 on one split: report, plots, targets",
+                              description="Runs the baselines, a local-only and a centralized model and "
+                              "federated runs (no DP; DP at ε 1, 4, 8) on one chain; writes results.json, "
+                              "report.md and PNG plots to --out.")
+    bq.add_argument("--data", help="a chain directory (default: the generated chain for --seed)")
+    bq.add_argument("--seed", type=int, default=0, help="seed of the generated chain and of training")
+    bq.add_argument("--quick", action="store_true", help="4 stores, 2 rounds: a smoke test (a few minutes)")
+    bq.add_argument("--out", help="output directory (default: a new temporary directory)")
+    bq.add_argument("--json", action="store_true", help="print the results object")
+    bq.set_defaults(func=_cmd_bench_quality)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "

@@ -1,0 +1,284 @@
+"""`storefed bench quality`: the DESIGN §6 protocol on one chain, every method on one split.
+
+Methods: global and store popularity, P-TopFreq, a local-only model per store (DP, ε = 8),
+a centralized model (all stores pooled, no DP: the upper reference), federated without DP
+and federated with DP at ε ∈ {1, 4, 8} per store. The federated runs are real simulations
+(:func:`simulations.simulate.simulate`, the same ServerApp and ClientApp as `flwr run .`);
+their final global model is then scored here, at every store, with the same code as the
+other methods. This is a benchmark on generated (or the operator's own) data: it reads every
+store's files in one process, which a deployment never does.
+
+Writes ``results.json``, ``report.md`` and three PNG plots to the output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import privacy
+from common.config import RunConfig, default_chain_dir
+from common.dataset import ExampleConfig, StoreData
+from common.evaluation import evaluate_audience, list_report, model_scores
+from common.ingest import prepare_store
+from common.metrics import topfreq_scores
+from common.model import ModelConfig, Recommender
+from common.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
+from common.synth import default_spec
+from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local, train_pooled
+from simulations import quality_report as qr
+
+QUICK = {"stores": 4, "rounds": 2}
+FULL = {"stores": 20, "rounds": 10}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    seed: int = 0
+    quick: bool = False
+    data: Path | None = None  # a chain directory; None: the generated default chain
+
+    def run_config(self, stores: int) -> RunConfig:
+        sizes = QUICK if self.quick else FULL
+        values = {"seed": self.seed, "stores": stores, "rounds": sizes["rounds"]}
+        if self.data is not None:
+            values["data-dir"] = str(self.data)
+        return RunConfig.from_mapping(values)
+
+
+def _chain_dir(settings: BenchSettings) -> Path:
+    if settings.data is not None:
+        return settings.data
+    stores = (QUICK if settings.quick else FULL)["stores"]
+    chain = default_chain_dir(settings.seed, stores)
+    ensure_generated_chain(chain, default_spec(stores=stores, seed=settings.seed))
+    return chain
+
+
+def _new_model(stores: list[StoreData], cfg: RunConfig, seed: int) -> Recommender:
+    torch.manual_seed(seed)
+    return Recommender(stores[0].items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+
+
+def _train_config(cfg: RunConfig, seed: int, epochs: int | None = None, dp: bool = False) -> TrainConfig:
+    """The run's local training settings; DP-SGD uses its own optimizer and rate, as the ClientApp does."""
+    return TrainConfig(local_epochs=epochs or int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+                       lr=float(cfg["dp-lr"] if dp else cfg["lr"]),
+                       optimizer=str(cfg["dp-optimizer"]) if dp else "adam", seed=seed)
+
+
+def _record(store: StoreData, scores: np.ndarray, audience: dict | None) -> dict:
+    return {"store": store.store_id, "train_members": store.n_train_members, **list_report(scores, store),
+            "audience": audience or {"auc": 0.0, "recall@100": 0.0, "items": 0}}
+
+
+def _model_records(model: Recommender, stores: list[StoreData]) -> list[dict]:
+    return [_record(d, model_scores(model, d), evaluate_audience(model, d)["model"]) for d in stores]
+
+
+def baseline_records(stores: list[StoreData]) -> dict[str, list[dict]]:
+    """Per-store records of the non-learned baselines (global/store popularity, P-TopFreq)
+    and of the member-popularity audience baseline."""
+    global_counts = np.sum([d.store_counts for d in stores], axis=0)
+    out: dict[str, list[dict]] = {name: [] for name in (*qr.BASELINE_METHODS, "member_pop")}
+    for d in stores:
+        freq = topfreq_scores(d.eval_history_items, d.eval_history_counts, d.eval_history_last_day, d.store_counts)
+        out["global_pop"].append(_record(d, global_counts[None, :], None))
+        out["store_pop"].append(_record(d, d.store_counts[None, :], None))
+        out["p_topfreq"].append(_record(d, freq, None))
+        out["member_pop"].append({"store": d.store_id, "train_members": d.n_train_members,
+                                  "audience": evaluate_audience_baseline(d)})
+    return out
+
+
+def evaluate_audience_baseline(store: StoreData) -> dict:
+    """Audience figures of the member-popularity baseline (members ranked by units bought)."""
+    from common.audience import audience_metrics
+
+    if store.n_train_members == 0 or len(store.audience_items) == 0:
+        return {"auc": 0.0, "recall@100": 0.0, "items": 0}
+    activity = np.broadcast_to(store.member_activity[:, None], (store.n_train_members, store.items.n_items))
+    return audience_metrics(activity, store.audience_bought, store.audience_items)
+
+
+def centralized(stores: list[StoreData], cfg: RunConfig, seed: int) -> tuple[list[dict], dict]:
+    """All stores pooled, no DP, for as many epochs as the federated runs' rounds × local epochs."""
+    model = _new_model(stores, cfg, seed)
+    epochs = int(cfg["rounds"]) * int(cfg["local-epochs"])
+    result = train_pooled(model, stores, _train_config(cfg, seed, epochs))
+    return _model_records(model, stores), {"epochs": epochs, "steps": result.steps, "loss": result.loss}
+
+
+def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: float) -> tuple[dict, dict]:
+    """One store trains alone with the federated runs' DP settings: the same rounds of local
+    epochs (a fresh optimizer each round, as in federation), σ calibrated to ``target_epsilon``."""
+    model = _new_model([store], cfg, seed)
+    n, batch = store.n_train_members, int(cfg["batch-size"])
+    rounds, epochs = int(cfg["rounds"]), int(cfg["local-epochs"])
+    delta = privacy.store_delta(n, float(cfg["delta"]))
+    q = sample_rate_for(n, batch)
+    steps = rounds * epochs * steps_per_epoch(n, batch)
+    sigma = privacy.calibrate_noise(target_epsilon, delta, q, steps, str(cfg["accountant"]))
+    dp = DPConfig(noise_multiplier=sigma, clip_norm=float(cfg["clip-norm"]))
+    for r in range(rounds):
+        train_local(model, store, _train_config(cfg, seed + 1000 * (r + 1), dp=True), dp)
+    spent = privacy.epsilon([(sigma, q, steps)], delta, str(cfg["accountant"]))
+    records = _model_records(model, [store])
+    return records[0], {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
+
+
+def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, dp: bool,
+              target_epsilon: float = 8.0) -> tuple[list[dict], dict]:
+    """A real federated simulation; its final global model scored at every store."""
+    from simulations.simulate import simulate
+
+    run_dir = out / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**cfg.values, "dp": dp, "target-epsilon": target_epsilon,
+              "epsilon-budget": max(target_epsilon, float(cfg["epsilon-budget"])),
+              "out-dir": str(run_dir), "state-dir": tempfile.mkdtemp(prefix=f"storefed-bench-{name}-")}
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            results = simulate(config)
+    finally:
+        # The run's own per-round lines are kept next to its results, not lost.
+        atomic_write_text(run_dir / "log.txt", log.getvalue())
+    model = _new_model(stores, cfg, int(cfg["seed"]))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    eps = [p["epsilon"] for p in results["privacy"].values() if p["epsilon"] is not None]
+    info = {"per_round": [{"round": r["round"], "ndcg@10": r["ndcg@10"]} for r in results["per_round"]],
+            "max_epsilon": max(eps) if eps else None, "elapsed_s": results["elapsed_s"],
+            "failures": results["failures"], "dp": dp, "target_epsilon": target_epsilon if dp else None}
+    return _model_records(model, stores), info
+
+
+def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = True) -> dict:
+    """Run every method, write ``results.json``, ``report.md`` and the plots; return the results."""
+    from tqdm import tqdm
+
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    chain = _chain_dir(settings)
+    dirs = store_dirs(chain)
+    cfg = settings.run_config(len(dirs))
+    seed = settings.seed
+    fed_runs = [("fed_nodp", False, 8.0)] + [(f"fed_dp_eps{e:g}", True, e) for e in sorted(qr.EPSILONS, reverse=True)]
+    bar = tqdm(total=len(dirs) * 2 + 2 + len(fed_runs), desc="quality", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    stores = []
+    ex_cfg = ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
+    for d in dirs:
+        bar.set_postfix_str(f"reading {d.name}")
+        stores.append(prepare_store(d, chain, ex_cfg, quarantine_dir=Path(tempfile.mkdtemp()))[0])
+        bar.update()
+    bar.set_postfix_str("baselines")
+    per_store = baseline_records(stores)
+    bar.update()
+    bar.set_postfix_str("centralized (pooled, no DP)")
+    per_store["centralized"], central_info = centralized(stores, cfg, seed)
+    bar.update()
+    per_store["local_dp_eps8"], local_info = [], []
+    for d in stores:
+        bar.set_postfix_str(f"local-only {d.store_id}")
+        record, info = local_only(d, cfg, seed, 8.0)
+        per_store["local_dp_eps8"].append(record)
+        local_info.append(info)
+        bar.update()
+    fed_info = {}
+    for name, dp, eps in fed_runs:
+        bar.set_postfix_str(f"federated {name}")
+        per_store[name], fed_info[name] = federated(name, cfg, stores, out, dp=dp, target_epsilon=eps)
+        bar.update()
+    bar.close()
+
+    order = ("global_pop", "store_pop", "p_topfreq", "local_dp_eps8", "centralized", "fed_nodp",
+             "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "member_pop")
+    methods = {}
+    for name in order:
+        summary = qr.summarize_audience if name == "member_pop" else qr.summarize
+        methods[name] = {**summary(per_store[name]), "per_store": per_store[name]}
+        if name in fed_info:
+            methods[name].update(fed_info[name])
+    methods["centralized"]["training"] = central_info
+    methods["local_dp_eps8"]["privacy"] = local_info
+    settings_out = {
+        "data": str(chain), "generated": settings.data is None, "seed": seed, "quick": settings.quick,
+        "stores": len(stores), "train_members": int(sum(d.n_train_members for d in stores)),
+        "eval_members": int(sum(len(d.eval_member_ids) for d in stores)), "catalog": int(stores[0].items.n_items),
+        "rounds": int(cfg["rounds"]), "local_epochs": int(cfg["local-epochs"]), "batch_size": int(cfg["batch-size"]),
+        "lr": float(cfg["lr"]), "clip_norm": float(cfg["clip-norm"]), "delta": float(cfg["delta"]),
+        "accountant": str(cfg["accountant"]), "central_epochs": central_info["epochs"],
+        "test_days": int(cfg["test-days"]), "epsilons": list(qr.EPSILONS), "dim": int(cfg["dim"]),
+        "hidden": int(cfg["hidden"]),
+    }
+    results = {"settings": settings_out, "methods": methods, "targets": qr.evaluate_targets(methods),
+               "elapsed_s": round(time.time() - started, 1)}
+    write_plots(results, out)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "report.md", qr.markdown_report(results))
+    return results
+
+
+def write_plots(results: dict, out: Path) -> None:
+    """NDCG@10 vs ε, NDCG@10 per round, and per-store NDCG@10 vs store size, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+
+    m = results["methods"]
+    ndcg = {k: v["member_weighted"]["all"]["ndcg@10"] for k, v in m.items() if "member_weighted" in v}
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    eps = list(qr.EPSILONS)
+    ax.plot(eps, [ndcg[f"fed_dp_eps{e:g}"] for e in eps], "o-", label="federated, DP (ε per store)")
+    ax.plot([8.0], [ndcg["local_dp_eps8"]], "s", label="local-only, DP ε = 8")
+    for name, style in (("centralized", "k--"), ("fed_nodp", "b:"), ("p_topfreq", "g-."), ("store_pop", "r:")):
+        ax.axhline(ndcg[name], linestyle=style[1:], color=style[0], label=name.replace("_", " "))
+    ax.set_xlabel("ε per store (δ ≤ 1e-6)")
+    ax.set_ylabel("NDCG@10 (member-weighted)")
+    ax.set_title("Quality vs privacy")
+    ax.legend(fontsize=8)
+    _save(fig, out / "ndcg_vs_epsilon.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in ("fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1"):
+        rounds = [r for r in m[name]["per_round"] if r["ndcg@10"] is not None]
+        ax.plot([r["round"] for r in rounds], [r["ndcg@10"] for r in rounds], "o-", label=name.replace("_", " "))
+    ax.axhline(ndcg["p_topfreq"], linestyle="-.", color="g", label="p topfreq")
+    ax.set_xlabel("round")
+    ax.set_ylabel("NDCG@10 (federated evaluation)")
+    ax.set_title("NDCG@10 per round")
+    ax.legend(fontsize=8)
+    _save(fig, out / "ndcg_per_round.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, marker in (("local_dp_eps8", "s"), ("fed_dp_eps8", "o")):
+        rows = [r for r in m[name]["per_store"] if r["all"]["members"] > 0]
+        ax.scatter([r["train_members"] for r in rows], [r["all"]["ndcg@10"] for r in rows], marker=marker,
+                   label=name.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set_xlabel("store size (training members)")
+    ax.set_ylabel("NDCG@10 at the store")
+    ax.set_title("Per store: local-only vs federated (both DP, ε = 8)")
+    ax.legend(fontsize=8)
+    _save(fig, out / "per_store_vs_size.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

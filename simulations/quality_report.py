@@ -1,0 +1,160 @@
+"""The quality benchmark's arithmetic and its report: means, spread, targets, Markdown. Pure.
+
+Input is one record per (method, store), as :mod:`simulations.bench_quality` measures them:
+``{"store", "train_members", "all": {...}, "explore": {...}, "audience": {...}}`` where
+``all``/``explore`` hold the list metrics of :func:`common.evaluation.list_report` (with
+their ``members`` count) and ``audience`` the "goods find people" figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LEARNED = ("centralized", "fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "local_dp_eps8")
+BASELINE_METHODS = ("global_pop", "store_pop", "p_topfreq")
+EPSILONS = (1.0, 4.0, 8.0)
+HEADLINE = "ndcg@10"
+TABLE_KEYS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20", "coverage@10", "diversity@10")
+# (target id, method, share of the centralized model's NDCG@10 it must reach)
+RATIO_TARGETS = (("fed_nodp_vs_centralized", "fed_nodp", 0.95), ("fed_dp_eps8_vs_centralized", "fed_dp_eps8", 0.90),
+                 ("fed_dp_eps4_vs_centralized", "fed_dp_eps4", 0.85), ("fed_dp_eps1_vs_centralized", "fed_dp_eps1", 0.70))
+
+
+def _weighted(values: list[float], weights: list[float]) -> float:
+    w = np.asarray(weights, dtype=float)
+    return float(np.dot(values, w) / w.sum()) if w.sum() > 0 else 0.0
+
+
+def summarize(records: list[dict]) -> dict:
+    """Member-weighted and store-weighted means of every metric, and the per-store spread.
+
+    Member-weighted: each store counts with the members it evaluated (for "explore", the
+    members with a new item in their test basket). Store-weighted: each store with at least
+    one evaluated member counts once. Audience means weigh stores by training members.
+    """
+    out: dict = {"member_weighted": {}, "store_weighted": {}}
+    for view in ("all", "explore"):
+        rows = [r for r in records if r[view]["members"] > 0]
+        keys = [k for k in (rows[0][view] if rows else {}) if k != "members"]
+        weights = [r[view]["members"] for r in rows]
+        out["member_weighted"][view] = {k: _weighted([r[view][k] for r in rows], weights) for k in keys}
+        out["member_weighted"][view]["members"] = int(sum(weights))
+        out["store_weighted"][view] = {k: float(np.mean([r[view][k] for r in rows])) if rows else 0.0 for k in keys}
+        out["store_weighted"][view]["stores"] = len(rows)
+    ndcg = [r["all"][HEADLINE] for r in records if r["all"]["members"] > 0]
+    out["spread"] = _spread(ndcg)
+    return {**out, **summarize_audience(records)}
+
+
+def summarize_audience(records: list[dict]) -> dict:
+    """Audience means over the stores that had best sellers to rank members for: weighted by
+    training members (``audience``) and one vote per store (``audience_store_weighted``)."""
+    aud = [r for r in records if r.get("audience", {}).get("items", 0) > 0]
+    return {"audience": {k: _weighted([r["audience"][k] for r in aud], [r["train_members"] for r in aud])
+                         for k in ("auc", "recall@100")},
+            "audience_store_weighted": {k: float(np.mean([r["audience"][k] for r in aud])) if aud else 0.0
+                                        for k in ("auc", "recall@100")}}
+
+
+def _spread(values: list[float]) -> dict:
+    """min, quartiles and max of a per-store metric (zeros when there is no store)."""
+    if not values:
+        return {q: 0.0 for q in ("min", "p25", "median", "p75", "max")}
+    v = np.asarray(values, dtype=float)
+    return {"min": float(v.min()), "p25": float(np.percentile(v, 25)), "median": float(np.median(v)),
+            "p75": float(np.percentile(v, 75)), "max": float(v.max())}
+
+
+def _target(description: str, value: float, threshold: float, passed: bool) -> dict:
+    return {"description": description, "value": float(value), "threshold": float(threshold), "pass": bool(passed)}
+
+
+def evaluate_targets(methods: dict) -> dict:
+    """The issue's targets with their values and PASS/FAIL, keyed by a stable id.
+
+    ``methods[name]`` is the :func:`summarize` output plus ``per_store`` records. A target
+    whose methods were not run is left out.
+    """
+    lists = {m: s for m, s in methods.items() if "member_weighted" in s}  # member_pop ranks members only
+    mean = {m: s["member_weighted"]["all"][HEADLINE] for m, s in lists.items()}
+    explore = {m: s["member_weighted"]["explore"][HEADLINE] for m, s in lists.items()}
+    targets: dict = {}
+    central = mean.get("centralized", 0.0)
+    for key, method, share in RATIO_TARGETS:
+        if method in mean and "centralized" in mean:
+            ratio = mean[method] / central if central > 0 else 0.0
+            targets[key] = _target(f"{method} NDCG@10 ≥ {share:.0%} of centralized", ratio, share, ratio >= share)
+    for method in LEARNED:
+        if method in mean and "p_topfreq" in mean:
+            targets[f"{method}_all_vs_p_topfreq"] = _target(
+                f"{method} NDCG@10 (all) ≥ P-TopFreq's", mean[method], mean["p_topfreq"],
+                mean[method] >= mean["p_topfreq"])
+        if method in explore and "store_pop" in explore:
+            targets[f"{method}_explore_vs_store_pop"] = _target(
+                f"{method} NDCG@10 (explore) > store popularity's", explore[method], explore["store_pop"],
+                explore[method] > explore["store_pop"])
+    if "fed_dp_eps8" in methods and "local_dp_eps8" in methods:
+        diff = median_store_difference(methods["fed_dp_eps8"]["per_store"], methods["local_dp_eps8"]["per_store"])
+        targets["fed_dp_eps8_beats_local_on_median_store"] = _target(
+            "fed_dp_eps8 beats local-only on the median store (median of per-store NDCG@10 differences > 0)",
+            diff, 0.0, diff > 0)
+    if "fed_dp_eps8" in methods and "member_pop" in methods:
+        auc = methods["fed_dp_eps8"]["audience"]["auc"]
+        base = methods["member_pop"]["audience"]["auc"]
+        targets["fed_dp_eps8_audience_vs_member_pop"] = _target(
+            "fed_dp_eps8 audience AUC > member popularity's", auc, base, auc > base)
+    return targets
+
+
+def median_store_difference(a: list[dict], b: list[dict]) -> float:
+    """Median over the stores both evaluated of NDCG@10(a) − NDCG@10(b)."""
+    by_store = {r["store"]: r["all"][HEADLINE] for r in b if r["all"]["members"] > 0}
+    diffs = [r["all"][HEADLINE] - by_store[r["store"]] for r in a if r["store"] in by_store and r["all"]["members"] > 0]
+    return float(np.median(diffs)) if diffs else 0.0
+
+
+def markdown_report(results: dict) -> str:
+    """``report.md``: settings, the member-weighted table, store-weighted means, spread, targets."""
+    s = results["settings"]
+    methods = results["methods"]
+    lines = ["# storefed quality benchmark", "",
+             f"Chain: {s['data']} · {s['stores']} stores · {s['train_members']} training members · "
+             f"{s['eval_members']} evaluated members · catalog {s['catalog']} items.",
+             f"Seeds: chain {s['seed']}, training {s['seed']}. Rounds {s['rounds']} × local epochs "
+             f"{s['local_epochs']}, batch {s['batch_size']}, lr {s['lr']}, clip {s['clip_norm']}, "
+             f"δ ≤ {s['delta']:g} per store, accountant {s['accountant']}. Centralized: {s['central_epochs']} epochs "
+             f"pooled, no DP. Local-only: each store alone, DP at ε = 8, same rounds and settings. "
+             f"Test: the last {s['test_days']} days; target = each member's first basket after the cut.",
+             f"Run time {results['elapsed_s']:.0f} s{' (quick mode: a small chain, few rounds)' if s['quick'] else ''}.",
+             "", "## Member-weighted means (all items)", ""]
+    header = "| method | " + " | ".join(TABLE_KEYS) + " | explore ndcg@10 | explore recall@10 | audience AUC | audience recall@100 |"
+    lines += [header, "|" + "---|" * (len(TABLE_KEYS) + 5)]
+    for name, m in methods.items():
+        if name == "member_pop":
+            continue
+        a, e, aud = m["member_weighted"]["all"], m["member_weighted"]["explore"], m.get("audience", {})
+        cells = [f"{a[k]:.4f}" for k in TABLE_KEYS] + [f"{e['ndcg@10']:.4f}", f"{e['recall@10']:.4f}"]
+        cells += [f"{aud['auc']:.4f}", f"{aud['recall@100']:.4f}"] if aud.get("auc") else ["–", "–"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "member_pop" in methods:
+        aud = methods["member_pop"]["audience"]
+        lines.append("| member_pop (audience only) | " + " | ".join("–" for _ in range(len(TABLE_KEYS) + 2))
+                     + f" | {aud['auc']:.4f} | {aud['recall@100']:.4f} |")
+    lines += ["", "`explore`: only items the member had not bought before the cut, judged on the members whose "
+              "test basket holds one. Audience: for each store's 50 best sellers of the test period, the store's "
+              "members ranked by score; AUC and recall of the buyers among the top 100.", "",
+              "## Store-weighted means and per-store spread of NDCG@10 (all)", "",
+              "| method | ndcg@10 | explore ndcg@10 | min | p25 | median | p75 | max |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        if name == "member_pop":
+            continue
+        sw, sp = m["store_weighted"], m["spread"]
+        lines.append(f"| {name} | {sw['all']['ndcg@10']:.4f} | {sw['explore']['ndcg@10']:.4f} | "
+                     + " | ".join(f"{sp[q]:.4f}" for q in ("min", "p25", "median", "p75", "max")) + " |")
+    lines += ["", "## Targets", "", "| target | value | threshold | result |", "|---|---|---|---|"]
+    for key, t in results["targets"].items():
+        lines.append(f"| {t['description']} | {t['value']:.4f} | {t['threshold']:.4f} | "
+                     f"{'PASS' if t['pass'] else 'FAIL'} |")
+    lines += ["", "## Plots", "", "![NDCG@10 vs ε](ndcg_vs_epsilon.png)", "",
+              "![NDCG@10 per round](ndcg_per_round.png)", "", "![per-store NDCG@10 vs store size](per_store_vs_size.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The quality benchmark: baselines and list metrics on a hand-made store, the report's
+arithmetic by hand, and `storefed bench quality --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from common.dataset import Examples, ItemIndex, MemberLog, StoreData
+from common.evaluation import explore_view, list_report
+from simulations.bench_quality import baseline_records
+from simulations.quality_report import evaluate_targets, median_store_difference, summarize
+
+N_ITEMS = 30  # items 0..21 are sold at store A; category of item i is i % 3
+
+
+def _store(store_id, counts, eval_targets, history, activity, audience_items, bought) -> StoreData:
+    items = ItemIndex(np.array([f"I{i}" for i in range(N_ITEMS)]), np.arange(N_ITEMS) % 3,
+                      np.zeros(N_ITEMS, np.int64), 3, 1)
+    n_eval, n_train = len(eval_targets), len(activity)
+    empty_log = MemberLog(np.zeros(n_train + 1, np.int64), np.zeros(0), np.zeros(1, np.int64),
+                          np.zeros(0, np.int64), np.zeros(0, np.float32))
+    no_ex = Examples(np.zeros((n_eval, 1), np.int64), np.zeros((n_eval, 1, 4), np.float32),
+                     np.zeros((n_eval, 1), np.float32), np.zeros((n_eval, 1), np.float32),
+                     np.zeros((n_eval, 1), np.int64), np.zeros((n_eval, 1), np.float32))
+    return StoreData(
+        store_id=store_id, items=items, cut_day=100.0, member_ids=np.array([f"m{i}" for i in range(n_train)]),
+        train_log=empty_log, profile=np.zeros((n_train, 1), np.float32),
+        eval_member_ids=np.array([f"m{i}" for i in range(n_eval)]), eval_examples=no_ex,
+        eval_targets=[np.array(t) for t in eval_targets],
+        eval_history_items=[np.array(h[0], np.int64) for h in history],
+        eval_history_counts=[np.array(h[1], float) for h in history],
+        eval_history_last_day=[np.array(h[2], float) for h in history],
+        assortment=np.asarray(counts) > 0, store_counts=np.asarray(counts, float),
+        audience_items=np.array(audience_items, np.int64), audience_bought=np.array(bought, bool),
+        member_activity=np.array(activity, float))
+
+
+@pytest.fixture
+def chain():
+    counts_a = np.zeros(N_ITEMS)
+    counts_a[:22] = 22 - np.arange(22)  # item 0 sells most, item 21 least
+    counts_b = np.zeros(N_ITEMS)
+    counts_b[21] = 100  # store B sells only item 21, a lot
+    # m0: no history, buys 21. m1: bought 5 twice and 7 once, then buys 0 and 5.
+    a = _store("A", counts_a, [[21], [0, 5]], [([], [], []), ([5, 7], [2, 1], [90, 95])],
+               activity=[1, 5], audience_items=[0], bought=[[False], [True]])
+    b = _store("B", counts_b, [[21]], [([], [], [])], activity=[3], audience_items=[21], bought=[[True]])
+    return a, b
+
+
+IDCG2 = 1 + 1 / math.log2(3)
+
+
+def test_baselines_give_hand_computed_lists_and_metrics(chain):
+    a, b = chain
+    rec = baseline_records([a, b])
+    # Store popularity at A: 0, 1, 2, …, 21 — m0's item 21 is 22nd, out of the top 20.
+    store_pop = rec["store_pop"][0]["all"]
+    m1 = (1 + 1 / math.log2(7)) / IDCG2  # items 0 and 5 at ranks 1 and 6
+    assert store_pop["ndcg@10"] == pytest.approx((0.0 + m1) / 2)
+    assert store_pop["recall@20"] == pytest.approx((0.0 + 1.0) / 2)
+    # Global popularity (A + B): 21 first (122 units... 1 + 100), then 0, 1, …
+    global_pop = rec["global_pop"][0]["all"]
+    m1_global = (1 / math.log2(3) + 1 / math.log2(8)) / IDCG2  # 0 at rank 2, 5 at rank 7
+    assert global_pop["ndcg@10"] == pytest.approx((1.0 + m1_global) / 2)
+    assert global_pop["hit@10"] == pytest.approx(1.0)
+    # P-TopFreq for m1: 5 (twice), 7 (once), then 0, 1, … → 5 at rank 1, 0 at rank 3.
+    ptf = rec["p_topfreq"][0]["all"]
+    assert ptf["ndcg@10"] == pytest.approx((0.0 + (1 + 1 / math.log2(4)) / IDCG2) / 2)
+    assert ptf["map@10"] == pytest.approx((0.0 + (1 / 1 + 2 / 3) / 2) / 2)
+    # Coverage: both members see 0..9 → 10 of A's 22 items; categories 0, 1, 2 → 3 of 10.
+    assert store_pop["coverage@10"] == pytest.approx(10 / 22)
+    assert store_pop["diversity@10"] == pytest.approx(0.3)
+    assert ptf["coverage@10"] == pytest.approx(len({*range(10), 5, 7}) / 22)
+    # Member popularity ranks m1 (5 units) above m0 (1 unit); m1 bought item 0 → AUC 1.
+    assert rec["member_pop"][0]["audience"]["auc"] == pytest.approx(1.0)
+    assert rec["member_pop"][1]["audience"]["items"] == 0  # one member who bought: AUC undefined
+
+
+def test_explore_drops_history_items_from_lists_and_targets(chain):
+    a, _ = chain
+    rows, allowed, targets = explore_view(a)
+    assert rows.tolist() == [0, 1]
+    assert [t.tolist() for t in targets] == [[21], [0]]  # 5 was bought before the cut
+    assert not allowed[1, 5] and not allowed[1, 7] and allowed[1, 0]
+    # Store popularity on explore: m1's list starts at 0 (a hit at rank 1); m0's 21 is 22nd.
+    explore = list_report(a.store_counts[None, :], a)["explore"]
+    assert explore["ndcg@10"] == pytest.approx(0.5)
+    assert explore["members"] == 2
+
+
+def _rec(store, members, ndcg, explore, auc=0.5):
+    metrics = {"ndcg@10": ndcg, "members": members}
+    return {"store": store, "train_members": members, "all": dict(metrics),
+            "explore": {"ndcg@10": explore, "members": members}, "audience": {"auc": auc, "recall@100": 0.1, "items": 1}}
+
+
+def test_summary_means_and_targets_by_hand():
+    central = [_rec("A", 1, 0.40, 0.10), _rec("B", 3, 0.20, 0.05)]
+    summary = summarize(central)
+    assert summary["member_weighted"]["all"]["ndcg@10"] == pytest.approx((0.40 + 3 * 0.20) / 4)
+    assert summary["store_weighted"]["all"]["ndcg@10"] == pytest.approx(0.30)
+    assert summary["spread"]["median"] == pytest.approx(0.30)
+    fed = [_rec("A", 1, 0.30, 0.02, auc=0.9), _rec("B", 3, 0.19, 0.08, auc=0.7)]
+    local = [_rec("A", 1, 0.35, 0.02), _rec("B", 3, 0.10, 0.02)]
+    methods = {name: {**summarize(r), "per_store": r} for name, r in
+               (("centralized", central), ("fed_dp_eps8", fed), ("local_dp_eps8", local),
+                ("p_topfreq", [_rec("A", 1, 0.25, 0.0), _rec("B", 3, 0.25, 0.0)]),
+                ("store_pop", [_rec("A", 1, 0.1, 0.05), _rec("B", 3, 0.1, 0.05)]))}
+    methods["member_pop"] = {"audience": {"auc": 0.6, "recall@100": 0.0}}
+    targets = evaluate_targets(methods)
+    ratio = ((0.30 + 3 * 0.19) / 4) / 0.25
+    assert targets["fed_dp_eps8_vs_centralized"]["value"] == pytest.approx(ratio)
+    assert targets["fed_dp_eps8_vs_centralized"]["pass"] is (ratio >= 0.9)
+    assert targets["fed_dp_eps8_all_vs_p_topfreq"]["pass"] is False  # 0.2175 < 0.25
+    assert targets["fed_dp_eps8_explore_vs_store_pop"]["value"] == pytest.approx((0.02 + 3 * 0.08) / 4)
+    # Per-store differences fed − local: −0.05 and +0.09 → median +0.02.
+    assert median_store_difference(fed, local) == pytest.approx(0.02)
+    assert targets["fed_dp_eps8_beats_local_on_median_store"]["pass"] is True
+    assert targets["fed_dp_eps8_audience_vs_member_pop"]["value"] == pytest.approx((0.9 + 3 * 0.7) / 4)
+    assert "fed_nodp_vs_centralized" not in targets  # not run, not judged
+
+
+METHODS = ("global_pop", "store_pop", "p_topfreq", "local_dp_eps8", "centralized", "fed_nodp",
+           "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1")
+LIST_KEYS = {f"{m}@{k}" for m in ("ndcg", "recall", "hit", "map", "coverage", "diversity") for k in (10, 20)}
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_file_and_key(tmp_path, capsys, monkeypatch):
+    from simulations.cli import main
+
+    monkeypatch.setenv("STOREFED_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["bench", "quality", "--quick", "--json", "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for name in ("results.json", "report.md", "ndcg_vs_epsilon.png", "ndcg_per_round.png", "per_store_vs_size.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "results.json").read_text())["targets"] == results["targets"]
+    for name in METHODS:
+        m = results["methods"][name]
+        for weighting in ("member_weighted", "store_weighted"):
+            for view in ("all", "explore"):
+                assert LIST_KEYS <= set(m[weighting][view]), (name, weighting, view)
+        assert set(m["spread"]) == {"min", "p25", "median", "p75", "max"}
+        assert len(m["per_store"]) == results["settings"]["stores"] == 4
+    for name in ("local_dp_eps8", "centralized", "fed_nodp", "fed_dp_eps8", "member_pop"):
+        assert 0.0 < results["methods"][name]["audience"]["auc"] <= 1.0
+    assert {"fed_nodp_vs_centralized", "fed_dp_eps1_vs_centralized", "fed_dp_eps8_audience_vs_member_pop",
+            "fed_dp_eps8_beats_local_on_median_store"} <= set(results["targets"])
+    assert all(isinstance(t["pass"], bool) for t in results["targets"].values())
+    assert max(p["epsilon"] for p in results["methods"]["local_dp_eps8"]["privacy"]) <= 8.0
+    assert results["methods"]["fed_dp_eps1"]["max_epsilon"] <= 1.0 + 1e-6
+    assert "| target | value | threshold | result |" in (out / "report.md").read_text()
