@@ -59,9 +59,26 @@ def resolve_store_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[P
     return stores[part], chain, True
 
 
+def store_label(node_config: Mapping[str, Any]) -> str:
+    """How to name this node's store in a message, even when its files cannot be used:
+    the store_id of its store.json, else its directory's name, else the simulation partition."""
+    if "store-dir" in node_config:
+        store_dir = Path(str(node_config["store-dir"])).expanduser()
+        try:
+            return str(read_store_meta(store_dir)["store_id"])
+        except (DataError, OSError):
+            return store_dir.name or str(store_dir)
+    if "partition-id" in node_config:
+        return f"partition-{node_config['partition-id']}"
+    return "unnamed store (node config has no store-dir)"
+
+
 def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
     """The node's store; its data is read and prepared once per process (by path and settings)."""
     store_dir, catalog_dir, simulated = resolve_store_dir(node_config, cfg)
+    if not store_dir.is_dir():
+        raise DataError(f"{store_dir}: store directory not found; check the node config's store-dir "
+                        "(flower-supernode --node-config \"store-dir='...'\")")
     ex_cfg = example_config(cfg)
     key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir))
     if key not in _CACHE:
