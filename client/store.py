@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import privacy
-from common.config import RunConfig
+from common.config import DEFAULTS, RunConfig
 from common.dataset import ExampleConfig, StoreData
 from common.ingest import prepare_store
 from common.storefiles import DataError, read_store_meta, store_dirs
@@ -116,13 +116,21 @@ def state_dir_for(store_dir: Path, node_config: Mapping[str, Any], cfg: RunConfi
 
 
 def epsilon_budget(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> float:
-    """The store's ε_max over all runs: the smallest of node config, store.json and run config."""
+    """The store's ε_max over all runs: the smallest of node config, store.json and run config.
+
+    A deployed store that sets no budget of its own keeps the default (8): the run config
+    comes from the server, which may lower a store's budget but never raise it. A
+    simulation takes the run config's value as given (experiments at other budgets).
+    """
     candidates = [float(cfg["epsilon-budget"])]
+    own = []
     for source in (node_config, node.meta):
         for key in ("epsilon-budget", "epsilon_budget"):
             if source.get(key) not in (None, ""):
-                candidates.append(float(source[key]))
-    return min(candidates)
+                own.append(float(source[key]))
+    if not own and not node.simulated:
+        own.append(float(DEFAULTS["epsilon-budget"]))
+    return min(candidates + own)
 
 
 def example_config(cfg: RunConfig) -> ExampleConfig:
