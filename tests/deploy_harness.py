@@ -140,11 +140,13 @@ class Processes:
         descendants; returns the pids still alive afterwards (should be none)."""
         for proc in self.procs.values():
             proc.remember_family()
+        everyone = {pid: started for p in self.procs.values() for pid, started in p.family.items()}
         for proc in self.procs.values():
             if proc.popen.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
+        for pid, started in everyone.items():  # Flower starts some helpers in sessions of their own
+            _signal(pid, signal.SIGTERM, started)
         deadline = time.time() + 10
-        everyone = {pid: started for p in self.procs.values() for pid, started in p.family.items()}
         while time.time() < deadline and any(alive(pid, started) for pid, started in everyone.items()):
             time.sleep(0.2)
         for pid, started in everyone.items():
