@@ -198,7 +198,8 @@ class ObserverMixin:
         if decline is None:
             entry["failed"] += 1
             if refusal is not None:
-                store, why, outcome = str(refusal.get("store-id", self.store_name(node))), str(refusal.get("reason")), "refused"
+                store, outcome = str(refusal.get("store-id", self.store_name(node))), "refused"
+                why = str(refusal.get("reason", "no reason given"))
                 self.stores_by_node.setdefault(node, store)
                 self.printer(f"  store {store} refused round {server_round} (it cannot train): {why}")
             else:
@@ -228,9 +229,9 @@ class ObserverMixin:
         for msg in replies:
             if msg.has_error():
                 refusal = wire.parse_refusal(msg.error.reason) if msg.error.code == wire.REFUSE_CODE else None
+                why = f"refused: {refusal.get('reason')}" if refusal else last_line(msg.error.reason)
                 self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                      "store": self.store_name(msg.metadata.src_node_id),
-                                      "reason": f"refused: {refusal['reason']}" if refusal else last_line(msg.error.reason),
+                                      "store": self.store_name(msg.metadata.src_node_id), "reason": why,
                                       "phase": "evaluate"})
         metrics = super().aggregate_evaluate(server_round, replies)
         entry = self.rounds[-1] if self.rounds and self.rounds[-1]["round"] == server_round else {"round": server_round}
