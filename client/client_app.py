@@ -8,22 +8,24 @@ budget, train, write the event durably, and only then let the update leave.
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 import warnings
 import zlib
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.ledger import append_event, read_events
-from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir
+from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
 from common import privacy, wire
 from common.config import RunConfig
 from common.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
-from common.ledger import PrivacyEvent
+from common.ledger import LedgerError, PrivacyEvent
+from common.storefiles import DataError
 from common.model import ModelConfig, Recommender
 from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
 
@@ -223,6 +225,21 @@ def _baselines(node: StoreNode) -> dict:
     return _BASELINE_CACHE[key]
 
 
+def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], Message]) -> Message:
+    """``handler()``, or a refusal when the store's data or ledger cannot be used.
+
+    A store with missing or invalid files must not train, and must not take its daemon down
+    either: it replies with the reason (wire.REFUSE_CODE), which the server logs with the
+    store's name, and it says the same in its own log. Other errors stay Flower's errors.
+    """
+    try:
+        return handler()
+    except (DataError, LedgerError) as exc:
+        store = store_label(context.node_config)
+        print(f"storefed: store {store} refuses {msg.metadata.message_type}: {exc}", file=sys.stderr, flush=True)
+        return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, str(exc))), reply_to=msg)
+
+
 def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is the Flower run config with ``overrides`` on top."""
     client_app = ClientApp()
@@ -232,11 +249,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config(context))
+        return refuse_when_unusable(msg, context, lambda: handle_train(msg, context, config(context)))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, config(context))
+        return refuse_when_unusable(msg, context, lambda: handle_evaluate(msg, context, config(context)))
 
     return client_app
 

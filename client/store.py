@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import privacy
-from common.config import RunConfig
+from common.config import DEFAULTS, RunConfig
 from common.dataset import ExampleConfig, StoreData
 from common.ingest import prepare_store
 from common.storefiles import DataError, read_store_meta, store_dirs
@@ -59,9 +59,26 @@ def resolve_store_dir(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[P
     return stores[part], chain, True
 
 
+def store_label(node_config: Mapping[str, Any]) -> str:
+    """How to name this node's store in a message, even when its files cannot be used:
+    the store_id of its store.json, else its directory's name, else the simulation partition."""
+    if "store-dir" in node_config:
+        store_dir = Path(str(node_config["store-dir"])).expanduser()
+        try:
+            return str(read_store_meta(store_dir)["store_id"])
+        except (DataError, OSError):
+            return store_dir.name or str(store_dir)
+    if "partition-id" in node_config:
+        return f"partition-{node_config['partition-id']}"
+    return "unnamed store (node config has no store-dir)"
+
+
 def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
     """The node's store; its data is read and prepared once per process (by path and settings)."""
     store_dir, catalog_dir, simulated = resolve_store_dir(node_config, cfg)
+    if not store_dir.is_dir():
+        raise DataError(f"{store_dir}: store directory not found; check the node config's store-dir "
+                        "(flower-supernode --node-config \"store-dir='...'\")")
     ex_cfg = example_config(cfg)
     key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir))
     if key not in _CACHE:
@@ -99,13 +116,21 @@ def state_dir_for(store_dir: Path, node_config: Mapping[str, Any], cfg: RunConfi
 
 
 def epsilon_budget(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -> float:
-    """The store's ε_max over all runs: the smallest of node config, store.json and run config."""
+    """The store's ε_max over all runs: the smallest of node config, store.json and run config.
+
+    A deployed store that sets no budget of its own keeps the default (8): the run config
+    comes from the server, which may lower a store's budget but never raise it. A
+    simulation takes the run config's value as given (experiments at other budgets).
+    """
     candidates = [float(cfg["epsilon-budget"])]
+    own = []
     for source in (node_config, node.meta):
         for key in ("epsilon-budget", "epsilon_budget"):
             if source.get(key) not in (None, ""):
-                candidates.append(float(source[key]))
-    return min(candidates)
+                own.append(float(source[key]))
+    if not own and not node.simulated:
+        own.append(float(DEFAULTS["epsilon-budget"]))
+    return min(candidates + own)
 
 
 def example_config(cfg: RunConfig) -> ExampleConfig:

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-6,
     "accountant": "prv",
     "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,  # 0: no evaluation round-trip (deployment: stores send no metrics by default)
     "strategy": "fedavg",  # fedavg fedavgm fedadam fedyogi fedprox fedmedian fedtrimmedavg krum multikrum
     "server-lr": 0.0,  # 0: Flower's default for the strategy (FedAvgM/FedAdam/FedYogi)
     "server-momentum": 0.9,  # FedAvgM

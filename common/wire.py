@@ -51,14 +51,44 @@ def decline_reason(info: dict) -> str:
     return DECLINE_PREFIX + json.dumps(info, sort_keys=True)
 
 
-def parse_decline(reason: str | None) -> dict | None:
-    """The decline's content, or None when ``reason`` is not a storefed decline."""
+# A store that cannot train at all (its data or ledger is missing or unusable) refuses with
+# this code and a reason "storefed-refuse {json}" whose keys are REFUSE_KEYS. The reason
+# names the store's file and the problem (a missing column, an unreadable ledger); the
+# messages it comes from describe files and columns (a parser error gives line and field
+# numbers), not member data.
+REFUSE_CODE = 1002
+REFUSE_PREFIX = "storefed-refuse "
+REFUSE_KEYS = ("store-id", "reason")
+REFUSE_REASON_MAX = 600  # characters: enough for a file path and what is wrong with it
+
+
+def refuse_reason(store_id: str, reason: str) -> str:
+    """The error reason of a refusal: the store and why it cannot train (capped in length)."""
     import json
 
-    if not reason or not reason.startswith(DECLINE_PREFIX):
+    text = " ".join(str(reason).split())
+    if len(text) > REFUSE_REASON_MAX:
+        text = text[:REFUSE_REASON_MAX - 1] + "…"
+    return REFUSE_PREFIX + json.dumps({"store-id": str(store_id), "reason": text}, sort_keys=True)
+
+
+def parse_refusal(reason: str | None) -> dict | None:
+    """The refusal's content, or None when ``reason`` is not a storefed refusal."""
+    return _parse_prefixed(reason, REFUSE_PREFIX)
+
+
+def parse_decline(reason: str | None) -> dict | None:
+    """The decline's content, or None when ``reason`` is not a storefed decline."""
+    return _parse_prefixed(reason, DECLINE_PREFIX)
+
+
+def _parse_prefixed(reason: str | None, prefix: str) -> dict | None:
+    import json
+
+    if not reason or not reason.startswith(prefix):
         return None
     try:
-        info = json.loads(reason[len(DECLINE_PREFIX):])
+        info = json.loads(reason[len(prefix):])
     except json.JSONDecodeError:
         return None
     return info if isinstance(info, dict) else None

@@ -22,7 +22,7 @@ VERSION = 1
 FILE = "checkpoint.pt"
 # Keys that may differ between an interrupted run and its resumption.
 VOLATILE_KEYS = frozenset({"resume", "out-dir", "checkpoint-dir", "stop-after-round", "node-wait-s",
-                           "round-timeout-s"})
+                           "round-timeout-s", "fraction-evaluate"})
 
 
 class CheckpointError(Exception):

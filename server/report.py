@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.wire import BASELINES
 
+_FAILURES_SHOWN = 5
 SUMMARY_KEYS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20")
 
 
@@ -71,8 +72,13 @@ def summary_table(results: dict) -> str:
     width = max((len(name) for name, _ in rows), default=16) + 2
     lines = ["", f"storefed · {results['stores']} stores · {results['rounds']} rounds · seed {results['seed']}"
              f" · {'DP-SGD' if results['dp'] else 'no DP'} · {results['elapsed_s']:.0f}s", ""]
+    trained = any(r.get("participated") for r in results["per_round"])
     if evaluated:
         lines.append("method".ljust(width) + "".join(c.rjust(11) for c in cols))
+    elif trained:
+        # The deployed default: stores keep their (non-DP) evaluation metrics to themselves.
+        lines.append("the model was trained, but no store sent evaluation metrics (fraction-evaluate = 0, or "
+                     "the stores keep allow-local-metrics off); the model is in model.pt")
     else:
         lines.append("no round was trained and evaluated in this run, so there is no model to report")
     for name, m in rows:
@@ -96,7 +102,10 @@ def summary_table(results: dict) -> str:
     if results.get("stopped"):
         lines.append(f"stopped early: {results['stopped']}")
     if results.get("failures"):
-        lines.append(f"failures: {len(results['failures'])} (see results.json)")
+        shown = [f"{f.get('store') or 'node-' + str(f.get('node'))} in round {f['round']}"
+                 for f in results["failures"][:_FAILURES_SHOWN]]
+        more = " …" if len(results["failures"]) > _FAILURES_SHOWN else ""
+        lines.append(f"failures: {len(results['failures'])} ({', '.join(shown)}{more}; reasons in results.json)")
     lines.append("")
     return "\n".join(lines)
 

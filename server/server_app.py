@@ -105,6 +105,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
             "arrays": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
             "strategy": str(cfg["strategy"]), "strategy_state": strategy.state(),
             "rounds": strategy.rounds, "privacy": strategy.privacy, "failures": strategy.failures,
+            "stores_by_node": strategy.stores_by_node,
         })
         if int(cfg["stop-after-round"]) and server_round >= int(cfg["stop-after-round"]):
             raise RunInterrupted(f"stopped after round {server_round} as the run config asked "
@@ -121,15 +122,20 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         round_offset=done,
         on_round_end=on_round_end,
         fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=1.0,
-        min_train_nodes=max(1, round(nodes * float(cfg["fraction-train"]))),
-        min_evaluate_nodes=nodes,
-        min_available_nodes=nodes,
+        fraction_evaluate=float(cfg["fraction-evaluate"]),
+        # Flower waits, before each round, until this many nodes are online. A store whose
+        # daemon died must not stall the chain: wait only for the fewest stores a round
+        # needs; the stores that are online are sampled by the fractions above.
+        min_train_nodes=max(1, int(cfg["min-stores"])),
+        min_evaluate_nodes=max(1, int(cfg["min-stores"])),
+        min_available_nodes=max(1, int(cfg["min-stores"])),
         **strategy_options(cfg),
     )
     if resumed is not None:
         strategy.restore(resumed["strategy_state"])
         strategy.rounds, strategy.privacy, strategy.failures = resumed["rounds"], resumed["privacy"], resumed["failures"]
+        # A node that fails before it replies again is still named by its store.
+        strategy.stores_by_node.update(resumed.get("stores_by_node", {}))
     stopped = None
     try:
         if num_rounds > done:

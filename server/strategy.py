@@ -71,7 +71,8 @@ class ObserverMixin:
         self.failures: list[dict] = []
         self.latest_arrays: ArrayRecord | None = None
         self._sent: dict | None = None
-        self._store_of: dict[int, str] = {}
+        self._asked: list[Message] = []
+        self.stores_by_node: dict[int, str] = {}  # node id → store id, from the stores' replies
         self._round_start = time.time()
 
     def state(self) -> dict[str, Any]:
@@ -87,7 +88,11 @@ class ObserverMixin:
     def configure_train(self, server_round, arrays, config, grid):
         self._round_start = time.time()
         self._sent = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        # Kept to tell, after the round, which node each reply answers (an error that the
+        # SuperLink writes for a vanished node comes from the SuperLink, not from the node)
+        # and which nodes did not answer at all.
+        self._asked = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        return self._asked
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -96,14 +101,19 @@ class ObserverMixin:
         server_round += self.round_offset
         replies = list(replies)
         entry = {"round": server_round, "participated": 0, "declined": 0, "failed": 0, "rejected": 0}
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked if m.metadata.message_id}
+        did: dict[str, list[str]] = {}
         for msg in replies:
+            node = node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                self._record_error(server_round, msg, entry)
+                outcome, store = self._record_error(server_round, msg, entry, node)
+                did.setdefault(outcome, []).append(store)
                 continue
             entry["participated"] += 1
             metrics = msg.content["metrics"]
             store = _store_id(msg)
-            self._store_of[msg.metadata.src_node_id] = store
+            self.stores_by_node[node] = store
+            did.setdefault("trained", []).append(store)
             self.privacy[store] = {
                 **self.privacy.get(store, {"declined_rounds": 0}),
                 "epsilon": float(metrics["epsilon"]),
@@ -127,7 +137,16 @@ class ObserverMixin:
         if losses:
             total = sum(n for _, n in losses) or 1
             entry["train_loss"] = sum(loss * n for loss, n in losses) / total
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for node in (n for mid, n in node_of.items() if mid not in answered):
+            entry["failed"] += 1
+            store = self.store_name(node)
+            self.failures.append({"round": server_round, "node": node, "store": store, "phase": "train",
+                                  "reason": "no reply within the round timeout (round-timeout-s)"})
+            self.printer(f"  store {store} failed in round {server_round}: no reply within the round timeout")
+            did.setdefault("failed", []).append(store)
         self.rounds.append(entry)
+        self.printer(who_did_what(server_round, did))
         if replies and entry["declined"] == len(replies):
             self.printer(progress_line(entry, self.num_rounds, self.privacy))
             raise BudgetExhausted(f"every store declined round {server_round}: their privacy budgets "
@@ -135,7 +154,7 @@ class ObserverMixin:
         # Aggregate in a fixed order (by store): float sums then do not depend on which
         # store's reply arrived first, so a run reproduces bit for bit.
         ordered = sorted((m for m in replies if not m.has_error()),
-                         key=lambda m: self._store_of.get(m.metadata.src_node_id, ""))
+                         key=lambda m: self.stores_by_node.get(m.metadata.src_node_id, ""))
         accepted = self._reject_bad_updates(server_round, ordered, entry)
         if len(accepted) < self.min_stores:
             self.printer(f"  round {server_round} skipped: {len(accepted)} acceptable updates, "
@@ -161,23 +180,37 @@ class ObserverMixin:
                 accepted.append(msg)
                 continue
             entry["rejected"] += 1
-            store = self._store_of.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+            store = self.store_name(msg.metadata.src_node_id)
             self.failures.append({"round": server_round, "node": msg.metadata.src_node_id, "store": store,
                                   "reason": f"rejected: {reason}", "phase": "validation"})
             self.printer(f"  update of store {store} rejected in round {server_round}: {reason}")
         return accepted
 
-    def _record_error(self, server_round: int, msg: Message, entry: dict) -> None:
-        decline = wire.parse_decline(msg.error.reason) if msg.error.code == wire.DECLINE_CODE else None
+    def store_name(self, node: int) -> str:
+        """The store behind a node id, once it has replied; else the node id."""
+        return self.stores_by_node.get(node, f"node-{node}")
+
+    def _record_error(self, server_round: int, msg: Message, entry: dict, node: int) -> tuple[str, str]:
+        """Count and log an error reply; returns (what the store did, the store's name)."""
+        code, reason = msg.error.code, msg.error.reason
+        decline = wire.parse_decline(reason) if code == wire.DECLINE_CODE else None
+        refusal = wire.parse_refusal(reason) if code == wire.REFUSE_CODE else None
         if decline is None:
             entry["failed"] += 1
-            self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                  "reason": last_line(msg.error.reason)})
-            self.printer(f"  store node {msg.metadata.src_node_id} failed in round {server_round}: "
-                         f"{last_line(msg.error.reason)}")
-            return
+            if refusal is not None:
+                store, outcome = str(refusal.get("store-id", self.store_name(node))), "refused"
+                why = str(refusal.get("reason", "no reason given"))
+                self.stores_by_node.setdefault(node, store)
+                self.printer(f"  store {store} refused round {server_round} (it cannot train): {why}")
+            else:
+                store, why, outcome = self.store_name(node), last_line(reason), "failed"
+                self.printer(f"  store {store} failed in round {server_round}: {why}")
+            self.failures.append({"round": server_round, "node": node, "store": store, "phase": "train",
+                                  "reason": f"refused: {why}" if refusal is not None else why})
+            return outcome, store
         entry["declined"] += 1
-        store = str(decline.get("store-id", f"node-{msg.metadata.src_node_id}"))
+        store = str(decline.get("store-id", self.store_name(node)))
+        self.stores_by_node.setdefault(node, store)
         previous = self.privacy.get(store, {"rounds_trained": 0, "noise_multiplier": 0.0, "declined_rounds": 0})
         self.privacy[store] = {
             **previous,
@@ -188,14 +221,18 @@ class ObserverMixin:
             "declined_rounds": previous.get("declined_rounds", 0) + 1,
         }
         self.printer(f"  store {store} declined round {server_round}: {decline.get('reason', '')}")
+        return "declined", store
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
+                refusal = wire.parse_refusal(msg.error.reason) if msg.error.code == wire.REFUSE_CODE else None
+                why = f"refused: {refusal.get('reason')}" if refusal else last_line(msg.error.reason)
                 self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                      "reason": last_line(msg.error.reason), "phase": "evaluate"})
+                                      "store": self.store_name(msg.metadata.src_node_id), "reason": why,
+                                      "phase": "evaluate"})
         metrics = super().aggregate_evaluate(server_round, replies)
         entry = self.rounds[-1] if self.rounds and self.rounds[-1]["round"] == server_round else {"round": server_round}
         entry["evaluated"] = sum(1 for m in replies if not m.has_error())
@@ -217,6 +254,14 @@ def last_line(text: str | None) -> str:
     without terminal colour codes."""
     lines = [line for line in _ANSI.sub("", text or "").strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no reason given"
+
+
+def who_did_what(server_round: int, did: dict[str, list[str]]) -> str:
+    """One log line per round naming the stores by what they did, e.g.
+    ``  round 2: trained S001, S002 · failed S003``."""
+    order = ("trained", "declined", "refused", "failed")
+    parts = [f"{what} {', '.join(sorted(did[what]))}" for what in order if did.get(what)]
+    return f"  round {server_round}: " + (" · ".join(parts) if parts else "no store replied")
 
 
 def progress_line(entry: dict, num_rounds: int, privacy: dict) -> str:

@@ -1,4 +1,4 @@
-"""The `storefed` command line: generate, validate, simulate, privacy.
+"""The `storefed` command line: generate, validate, simulate, privacy, certs, node-key.
 
 Human output by default, one JSON object with --json. A user mistake (bad path, missing
 column) is one line on stderr and exit code 2, never a traceback.
@@ -231,6 +231,36 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from server.certs import make_dev_pki
+
+    paths = _writing(args.out, lambda: make_dev_pki(Path(args.out), args.host, days=args.days))
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+    else:
+        print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+def _cmd_node_key(args: argparse.Namespace) -> int:
+    from client.node_key import make_node_key
+
+    private, public = _writing(args.out, lambda: make_node_key(Path(args.out), args.name))
+    if args.json:
+        print(json.dumps({"private_key": str(private), "public_key": str(public)}))
+    else:
+        print(f"wrote {private} (stays at the store) and {public} (register it at the SuperLink)")
+    return 0
+
+
+def _writing(out: str, make):
+    """Run a key-writing function; a directory that cannot be written is a one-line error."""
+    try:
+        return make()
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storefed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--out", help="output directory (default: a new temporary directory)")
     bq.add_argument("--json", action="store_true", help="print the results object")
     bq.set_defaults(func=_cmd_bench_quality)
+    certs = sub.add_parser("certs", help="a development CA and the SuperLink's TLS certificate",
+                           description="Writes ca.key, ca.crt, server.key and server.pem into --out, for trying "
+                           "the deployment. In production the chain's own PKI issues the SuperLink's certificate.")
+    certs.add_argument("--out", required=True, help="directory to write (files that exist are never replaced)")
+    certs.add_argument("--host", action="append", default=[],
+                       help="a DNS name or IP address the SuperLink is reached at (repeat; loopback is always in)")
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.add_argument("--json", action="store_true", help="print one JSON object")
+    certs.set_defaults(func=_cmd_certs)
+
+    nkey = sub.add_parser("node-key", help="a store's SuperNode key pair (for node authentication)",
+                          description="Writes OUT/NAME (private key, mode 0600, stays at the store) and "
+                          "OUT/NAME.pub (register it with 'flwr supernode register').")
+    nkey.add_argument("--out", required=True, help="directory to write")
+    nkey.add_argument("--name", required=True, help="file name, e.g. the store id")
+    nkey.add_argument("--json", action="store_true", help="print one JSON object")
+    nkey.set_defaults(func=_cmd_node_key)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "

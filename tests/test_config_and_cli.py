@@ -68,3 +68,4 @@ def test_designed_reply_values_are_the_ones_design_lists():
     assert set(wire.DECLINE_KEYS) == {"store-id", "epsilon", "epsilon-after", "epsilon-budget", "delta",
                                       "accountant", "reason"}
     assert set(wire.EVAL_CONFIG) == {"store-id"}
+    assert set(wire.REFUSE_KEYS) == {"store-id", "reason"}
