@@ -102,9 +102,10 @@ def train_local(
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
 
         # Opacus' own accountant is not used: the store's ledger is the record (common.privacy).
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
         with warnings.catch_warnings():
+            # Opacus warns that secure_mode is off: the noise is seeded so runs can be replayed.
             warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="prv", secure_mode=False)
             model, optimizer, criterion, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
