@@ -123,7 +123,8 @@ def markdown_report(results: dict) -> str:
              f"Seeds: chain {s['seed']}, training {s['seed']}. Rounds {s['rounds']} × local epochs "
              f"{s['local_epochs']}, batch {s['batch_size']}, lr {s['lr']}, clip {s['clip_norm']}, "
              f"δ ≤ {s['delta']:g} per store, accountant {s['accountant']}. Centralized: {s['central_epochs']} epochs "
-             f"pooled, no DP. Local-only: each store alone, DP at ε = 8, same rounds and settings. "
+             f"pooled, Adam lr {s.get('central_lr', s['lr'])}, no DP. Federated without DP: Adam lr {s['lr']}; "
+             f"with DP: {s.get('dp_optimizer', 'adam')} lr {s.get('dp_lr', s['lr'])}. Local-only: each store alone, DP at ε = 8, same rounds and settings. "
              f"Test: the last {s['test_days']} days; target = each member's first basket after the cut.",
              f"Run time {results['elapsed_s']:.0f} s{' (quick mode: a small chain, few rounds)' if s['quick'] else ''}.",
              "", "## Member-weighted means (all items)", ""]
