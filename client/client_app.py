@@ -140,7 +140,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     train_cfg = TrainConfig(
         local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
         seed=training_seed(node, cfg, server_round),
-        proximal_mu=_proximal_mu(msg),
+        proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
     )
     result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
     event = PrivacyEvent(
