@@ -12,7 +12,7 @@ DP_KEYS = {"catalog", "plain_step_ms", "dp_step_ms", "ratio", "plain_peak_mb", "
 def test_bench_dp_quick_reports_every_key(capsys):
     assert main(["bench", "dp", "--quick", "--catalog", "300", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [set(c) for c in result["cases"]] == [DP_KEYS]
+    assert len(result["cases"]) == 1 and DP_KEYS <= set(result["cases"][0])
     case = result["cases"][0]
     assert case["catalog"] == 300 and case["plain_step_ms"] > 0 and case["dp_step_ms"] > 0
     assert case["ratio"] == round(case["dp_step_ms"] / case["plain_step_ms"], 3) or abs(
