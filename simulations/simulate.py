@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,6 +40,12 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     ``ray_address``/``num_cpus``: see :func:`backend_config`.
     Raises ``RuntimeError`` when the run did not produce results.
     """
+    # Flower's Ray backend gives its workers the driver's sys.path as PYTHONPATH. An entry ""
+    # (python -c, or a script elsewhere) would mean the *worker's* cwd, so workers could
+    # import another copy of this project (e.g. an installed one): name this copy explicitly.
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Silences a Ray notice about GPU variables; this project uses no GPU.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
