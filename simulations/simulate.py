@@ -51,6 +51,10 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
+    from simulations import flower_patches
+
+    flower_patches.apply()  # Flower's message poller is O(stores²) per tick; see the module
+
     from client.client_app import create_app as client_app
     from server.server_app import create_app as server_app
 
