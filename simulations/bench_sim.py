@@ -14,9 +14,9 @@ Same data, σ, seeds, epochs and cores, so ``overhead = sim_s / plain_s − 1`` 
 the federation machinery. Wall times include process start, data loading and (sim) Ray's
 start. Peak memory: the largest sum of proportional set sizes (PSS, shared pages split)
 over the run's process tree, sampled every 0.2 s. Bytes: what a store's train reply holds
-in Flower's wire format, from the strategy's count. CPU: user + system seconds of each run's
-process tree (reaped children), reported next to wall time because a shared machine's load
-distorts wall time more.
+in Flower's wire format, from the strategy's count. CPU: user + system seconds of every
+process of the run's tree (sampled with the memory, so a process living < 0.2 s is missed),
+next to wall time because a shared machine's load distorts wall time more.
 
 σ is fixed (``noise-multiplier``) rather than calibrated per store size: calibration is
 per-process setup, the same in both runs, and takes minutes on a loaded 2-core machine.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -212,6 +211,16 @@ def _tree(root: int) -> list[int]:
     return out
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system clock ticks a live process has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _pss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -230,16 +239,19 @@ def measured(call: str, env: dict | None = None) -> dict:
     """Run ``call`` (an expression of this module) in a new process; its JSON result plus
     the peak PSS of its process tree."""
     code = f"import json; from simulations.bench_sim import *; print('RESULT ' + json.dumps({call}))"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
     peak = 0.0
+    ticks: dict[int, int] = {}  # last CPU reading of every process seen in the tree
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.wait(0.2):
-            peak = max(peak, _pss_mb(_tree(proc.pid)))
+            pids = _tree(proc.pid)
+            peak = max(peak, _pss_mb(pids))
+            for pid in pids:
+                ticks[pid] = max(ticks.get(pid, 0), _cpu_ticks(pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -248,8 +260,7 @@ def measured(call: str, env: dict | None = None) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark run failed ({call}):\n{err[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's process tree, once reaped
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu = sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
     return {**json.loads(line[len("RESULT "):]), "peak_mb": peak, "cpu_s": cpu}
 
