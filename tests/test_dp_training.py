@@ -96,8 +96,8 @@ def test_noise_is_added_at_the_calibrated_scale(small_store, dp_path):
     assert std == pytest.approx(np.sqrt(2) * sigma * clip / n, rel=0.05)
 
 
-@pytest.mark.parametrize("dp_path", DP_PATHS)
-def test_empty_poisson_batches_still_take_a_noise_step(small_store, dp_path):
+def test_empty_poisson_batches_still_take_a_noise_step(small_store, dp_path="bookkeeping"):
+    # The default path; Opacus' own handling of empty batches is Opacus' (and slow to run).
     model = _model(small_store)
     n = small_store.n_train_members
     # Expected batch of one member: about a third of the Poisson batches are empty.
