@@ -15,13 +15,14 @@ import zlib
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.ledger import append_event, read_events
 from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
-from common import privacy, wire
+from common import privacy, update_codec, wire
 from common.config import RunConfig
 from common.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
 from common.ledger import LedgerError, PrivacyEvent
@@ -142,7 +143,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     train_cfg = TrainConfig(
         local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
         optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
-        proximal_mu=_proximal_mu(msg),
+        proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
     )
     result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
     event = PrivacyEvent(
@@ -165,7 +166,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     }
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
-    return _train_reply(msg, model, metrics, node, accountant)
+    return _train_reply(msg, model, metrics, node, accountant, cfg, train_cfg.seed)
 
 
 def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
@@ -181,12 +182,22 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
                "epsilon-budget": float("inf")}
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
-    return _train_reply(msg, model, metrics, node, "none")
+    return _train_reply(msg, model, metrics, node, "none", cfg, train_cfg.seed)
 
 
-def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNode, accountant: str) -> Message:
+def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNode, accountant: str,
+                 cfg: RunConfig, seed: int) -> Message:
+    encoding = str(cfg["update-encoding"])
+    if encoding == "float32":
+        arrays = ArrayRecord(model.state_dict())
+    else:
+        # Post-processing of the DP output against the (public) global model: see update_codec.
+        sent = {k: v.numpy() for k, v in msg.content[wire.TRAIN_ARRAYS].items()}
+        weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        encoded = update_codec.encode(weights, sent, encoding, np.random.default_rng(seed + 2))
+        arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     content = RecordDict({
-        wire.TRAIN_ARRAYS: ArrayRecord(model.state_dict()),
+        wire.TRAIN_ARRAYS: arrays,
         "metrics": MetricRecord(metrics),
         "store": ConfigRecord({"store-id": node.store_id, "accountant": accountant}),
     })

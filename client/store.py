@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from client import prepared_cache
 from common import privacy
 from common.config import DEFAULTS, RunConfig
 from common.dataset import ExampleConfig, StoreData
@@ -84,9 +85,16 @@ def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
     if key not in _CACHE:
         meta = read_store_meta(store_dir)
         quarantine = state_dir_for(store_dir, node_config, cfg, str(meta["store_id"])) / "quarantine"
-        # The same validation as `storefed validate`: training uses exactly the accepted rows.
-        data, _ = prepare_store(store_dir, catalog_dir, ex_cfg, quarantine_dir=quarantine,
-                                assume_consent=_assume_consent(node_config, meta))
+        consent = _assume_consent(node_config, meta)
+        # A simulated store may be served by any of the simulation's worker processes; the
+        # first one to prepare it leaves a copy for the others (see prepared_cache).
+        disk = prepared_cache.path(store_dir, catalog_dir, ex_cfg, consent) if simulated else None
+        data = prepared_cache.load(disk) if disk else None
+        if data is None:
+            # The same validation as `storefed validate`: training uses exactly the accepted rows.
+            data, _ = prepare_store(store_dir, catalog_dir, ex_cfg, quarantine_dir=quarantine, assume_consent=consent)
+            if disk and not (quarantine.exists() and any(quarantine.iterdir())):
+                prepared_cache.save(disk, data)  # only when nothing was quarantined: a cache hit writes nothing
         _CACHE[key] = (data, meta)
     # Only the data is cached: how this node was addressed is decided per call.
     data, meta = _CACHE[key]

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "state-dir": "",  # empty: each store's <store-dir>/state; else <state-dir>/<store-id>
     "noise-multiplier": 0.0,
     "clip-norm": 1.0,
+    "update-encoding": "float32",  # what a store sends: float32 weights, or its update as float16 / int8 (post-processing)
+    "dp-path": "bookkeeping",  # DP-SGD arithmetic: bookkeeping (one backward pass) or opacus (ghost clipping); same mechanism
     "delta": 1e-6,
     "accountant": "prv",
     "fraction-train": 1.0,

@@ -33,6 +33,7 @@ class TrainConfig:
     optimizer: str = "adam"  # or "sgd" (plain steps; used to check DP-SGD's arithmetic)
     noise_seed: int | None = None  # None: derived from seed
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights
+    dp_path: str = "bookkeeping"  # DP-SGD arithmetic: "bookkeeping" (common.dp_fast) or "opacus" (ghost clipping)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,16 @@ def train_local(
     # The loader yields member indices; features are gathered per batch from the epoch's examples.
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    if dp is not None:
+    if dp is not None and cfg.dp_path not in ("bookkeeping", "opacus"):
+        raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")
+    noise_generator = torch.Generator().manual_seed(cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1)
+    if dp is not None and cfg.dp_path == "bookkeeping":
+        from common import dp_fast  # the same mechanism in one backward pass (see its docstring)
+
+        model, optimizer, criterion, loader = dp_fast.make_private(
+            model, optimizer, criterion, loader, noise_multiplier=dp.noise_multiplier,
+            clip_norm=dp.clip_norm, noise_generator=noise_generator)
+    elif dp is not None:
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
 
         # Opacus' own accountant is not used: the store's ledger is the record (common.privacy).
@@ -115,9 +125,9 @@ def train_local(
                 poisson_sampling=True,
                 grad_sample_mode="ghost",
                 criterion=criterion,
-                noise_generator=torch.Generator().manual_seed(
-                    cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1),
+                noise_generator=noise_generator,
             )
+    if dp is not None:
         # The ledger records the mechanism that ran: it must be Opacus' own sample rate.
         if not math.isclose(loader.sample_rate, q, rel_tol=1e-12):
             raise AssertionError(f"Opacus samples at {loader.sample_rate}, planned {q}")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from common.metrics import METRIC_KEYS
 
-# Train reply. "arrays": the model after local DP-SGD, (ε, δ)-DP per member, accounted.
+# Train reply. "arrays": the model after local DP-SGD, (ε, δ)-DP per member, accounted —
+# or, with run config update-encoding float16/int8, its update against the global model in
+# that precision (int8 adds "<name>.scale" per row): post-processing, same (ε, δ); see
+# common.update_codec. Never a selection of rows.
 TRAIN_ARRAYS = "arrays"
 TRAIN_METRICS = (
     "num-examples",  # NOT DP: training members (store size ±1); FedAvg weight

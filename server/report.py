@@ -34,6 +34,9 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
              **({"skipped": True} if r.get("skipped") else {}),
              "max_epsilon": r.get("max_epsilon"),
              **({"train_loss": r["train_loss"]} if "train_loss" in r else {}),
+             # Mean bytes one store sent in its train reply (wire format).
+             **({"bytes_per_store": round(r["bytes_received"] / r["participated"])}
+                if r.get("bytes_received") and r.get("participated") else {}),
              "seconds": r.get("seconds")}
             for r in rounds
         ],

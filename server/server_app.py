@@ -121,6 +121,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         norm_factor=float(cfg["update-norm-factor"]),
         round_offset=done,
         on_round_end=on_round_end,
+        update_encoding=str(cfg["update-encoding"]),
         fraction_train=float(cfg["fraction-train"]),
         fraction_evaluate=float(cfg["fraction-evaluate"]),
         # Flower waits, before each round, until this many nodes are online. A store whose

@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
-from common import wire
+from common import update_codec, wire
 from common.update_checks import check_updates
 
 STRATEGIES = {
@@ -58,8 +58,10 @@ class ObserverMixin:
 
     def __init__(self, *, num_rounds: int, printer: Callable[[str], None] = print, min_stores: int = 1,
                  norm_factor: float = 10.0, round_offset: int = 0,
-                 on_round_end: Callable[[int, ArrayRecord | None], None] | None = None, **kwargs) -> None:
+                 on_round_end: Callable[[int, ArrayRecord | None], None] | None = None,
+                 update_encoding: str = "float32", **kwargs) -> None:
         super().__init__(**kwargs)
+        self.update_encoding = update_encoding
         self.num_rounds = num_rounds
         self.printer = printer
         self.min_stores = min_stores
@@ -124,11 +126,13 @@ class ObserverMixin:
                 "accountant": str(msg.content["store"].get("accountant", "")),
                 "members": int(metrics["num-examples"]),
             }
+            # What the store sent, as Flower puts it on the wire (arrays, metrics, config).
+            entry["bytes_received"] = entry.get("bytes_received", 0) + reply_bytes(msg)
             if "train-loss" in metrics:
                 entry.setdefault("_losses", []).append((float(metrics["train-loss"]), int(metrics["num-examples"])))
             # Keep only what aggregation needs; every reply then has the same keys.
             msg.content = type(msg.content)({
-                wire.TRAIN_ARRAYS: msg.content[wire.TRAIN_ARRAYS],
+                wire.TRAIN_ARRAYS: self._decoded(msg.content[wire.TRAIN_ARRAYS]),
                 "metrics": MetricRecord({"num-examples": int(metrics["num-examples"])}),
             })
         if self.privacy:
@@ -170,6 +174,17 @@ class ObserverMixin:
                                       for k, v in arrays.items()})
             self.latest_arrays = arrays
         return arrays, metrics
+
+    def _decoded(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The store's weights from its (possibly compressed) update; a malformed one is
+        passed on as it came, and the update checks then reject it with the reason."""
+        if self.update_encoding == "float32" or not self._sent:
+            return arrays
+        try:
+            weights = update_codec.decode({k: v.numpy() for k, v in arrays.items()}, self._sent, self.update_encoding)
+        except (ValueError, KeyError, TypeError):
+            return arrays
+        return ArrayRecord({k: Array(v) for k, v in weights.items()})
 
     def _reject_bad_updates(self, server_round: int, replies: list[Message], entry: dict) -> list[Message]:
         updates = [{k: v.numpy() for k, v in m.content[wire.TRAIN_ARRAYS].items()} for m in replies]
@@ -244,6 +259,13 @@ class ObserverMixin:
         if self.on_round_end is not None:
             self.on_round_end(server_round, self.latest_arrays)
         return metrics
+
+
+def reply_bytes(msg: Message) -> int:
+    """Size of a reply's content in Flower's wire format (protobuf), in bytes."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(msg.content).ByteSize()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,14 +1,24 @@
 """`storefed bench dp`: what DP-SGD costs per step, against plain training.
 
 For each catalog size: the real model, one realistic batch (256 members, 50 history items
-each), one optimizer step timed after warm-up (median of repeats), plain and with Opacus
-ghost clipping. Each (catalog, mode) runs in its own process, so its peak memory is its
-own: the growth of resident memory from just before the first step to the peak.
+each), one optimizer step (forward, backward, Adam) after warm-up, median of repeats, for
+
+* ``plain``: no DP;
+* ``dp``: DP-SGD as stores run it (the one-pass book-keeping path, :mod:`common.dp_fast`);
+* ``opacus``: Opacus' ghost clipping, the previous path, for reference.
+
+Time: the three modes step in turn inside one process (plain, dp, opacus, plain, ...), so
+load from other processes on a shared machine hits them alike. Memory: each (catalog,
+mode) runs alone in its own process; its peak is the growth of resident memory from just
+before the first step to the process' peak (with glibc's mmap threshold fixed, see below).
+
+Threads: 1 by default, as in simulation (one store per core); ``threads`` changes it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -18,6 +28,10 @@ import numpy as np
 
 TARGET_RATIO = 1.5
 TARGET_MEMORY_RATIO = 1.3
+TARGET_CATALOG = 10_000
+MODES = ("plain", "dp", "opacus")
+FULL = dict(batch=256, history=50, repeats=15, warmup=3)
+QUICK = dict(batch=32, history=10, repeats=3, warmup=1)
 
 
 def _rss_mb() -> float:
@@ -44,9 +58,8 @@ def _batch(catalog: int, batch: int, history: int, seed: int = 0):
     return items, ex
 
 
-def time_steps(catalog: int, mode: str, batch: int = 256, history: int = 50, repeats: int = 15,
-               warmup: int = 3) -> dict:
-    """Median step time (ms) and peak memory growth (MB) of one mode ("plain" or "dp")."""
+def _stepper(mode: str, items, ex, batch: int):
+    """A function doing one optimizer step of ``mode`` on the fixed batch."""
     import warnings
 
     import torch
@@ -55,57 +68,118 @@ def time_steps(catalog: int, mode: str, batch: int = 256, history: int = 50, rep
     from common.model import BasketLoss, Recommender
     from common.training import batch_tensors
 
-    torch.set_num_threads(2)
     torch.manual_seed(0)
-    items, ex = _batch(catalog, batch, history)
     model = Recommender(items)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = BasketLoss()
+    loader = DataLoader(TensorDataset(torch.arange(batch)), batch_size=batch)
     *inputs, t_items, t_mask = batch_tensors(ex, np.arange(batch))
     if mode == "dp":
+        from common import dp_fast
+
+        model, optimizer, criterion, _ = dp_fast.make_private(
+            model, optimizer, criterion, loader, noise_multiplier=1.0, clip_norm=1.0,
+            noise_generator=torch.Generator().manual_seed(1))
+    elif mode == "opacus":
         from opacus import PrivacyEngine
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, optimizer, criterion, _ = PrivacyEngine(accountant="prv").make_private(
-                module=model, optimizer=optimizer, criterion=criterion,
-                data_loader=DataLoader(TensorDataset(torch.arange(batch)), batch_size=batch),
+                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost")
-    start_rss = _rss_mb()
-    times = []
+    elif mode != "plain":
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(*inputs), t_items, t_mask)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_modes(catalog: int, modes: tuple[str, ...] = MODES, batch: int = 256, history: int = 50,
+               repeats: int = 15, warmup: int = 3, threads: int = 1) -> dict[str, float]:
+    """Median step time (ms) of each mode, the modes stepping in turn in this process."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    items, ex = _batch(catalog, batch, history)
+    steppers = {m: _stepper(m, items, ex, batch) for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(*inputs), t_items, t_mask)
-            loss.backward()
-            optimizer.step()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
+            for m in modes:
+                t0 = time.perf_counter()
+                steppers[m]()
+                if i >= warmup:
+                    times[m].append((time.perf_counter() - t0) * 1000)
+    return {m: float(np.median(t)) for m, t in times.items()}
+
+
+def peak_memory(catalog: int, mode: str, batch: int = 256, history: int = 50, repeats: int = 15,
+                warmup: int = 3, threads: int = 1) -> float:
+    """Peak resident-memory growth (MB) of ``mode``'s steps; call in a fresh process."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    items, ex = _batch(catalog, batch, history)
+    step = _stepper(mode, items, ex, batch)
+    start = _rss_mb()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(min(warmup + repeats, 5)):  # the peak is reached in the first steps
+            step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_ms": float(np.median(times)), "peak_mb": max(peak - start_rss, 0.0)}
+    return max(peak - start, 0.0)
 
 
-def _run_case(catalog: int, mode: str, quick: bool) -> dict:
-    args = dict(batch=32, history=10, repeats=3, warmup=1) if quick else {}
-    code = ("import json, sys; from simulations.bench_dp import time_steps; "
-            f"print(json.dumps(time_steps({catalog}, {mode!r}, **{args!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+def _in_subprocess(call: str) -> object:
+    code = f"import json; from simulations.bench_dp import *; print(json.dumps({call}))"
+    # A fixed mmap threshold: every large tensor is its own mapping, returned on free, so
+    # resident memory follows live tensors. With glibc's adaptive threshold, freed blocks
+    # stay cached and the same run's peak varied by ±40%.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_dp(catalogs: list[int], quick: bool = False) -> dict:
+def bench_dp(catalogs: list[int], quick: bool = False, threads: int = 1) -> dict:
     """The `storefed bench dp --json` object."""
+    shape = {**(QUICK if quick else FULL), "threads": threads}
     cases = []
     for catalog in catalogs:
-        plain, dp = _run_case(catalog, "plain", quick), _run_case(catalog, "dp", quick)
+        ms = _in_subprocess(f"time_modes({catalog}, **{shape!r})")
+        mb = {m: _in_subprocess(f"peak_memory({catalog}, {m!r}, **{shape!r})") for m in ("plain", "dp")}
         cases.append({
             "catalog": catalog,
-            "plain_step_ms": round(plain["step_ms"], 2), "dp_step_ms": round(dp["step_ms"], 2),
-            "ratio": round(dp["step_ms"] / plain["step_ms"], 3),
-            "plain_peak_mb": round(plain["peak_mb"], 1), "dp_peak_mb": round(dp["peak_mb"], 1),
-            "memory_ratio": round(dp["peak_mb"] / max(plain["peak_mb"], 1e-9), 3),
+            "plain_step_ms": round(ms["plain"], 2), "dp_step_ms": round(ms["dp"], 2),
+            "ratio": round(ms["dp"] / ms["plain"], 3),
+            "plain_peak_mb": round(mb["plain"], 1), "dp_peak_mb": round(mb["dp"], 1),
+            "memory_ratio": round(mb["dp"] / max(mb["plain"], 1e-9), 3),
+            "opacus_step_ms": round(ms["opacus"], 2), "opacus_ratio": round(ms["opacus"] / ms["plain"], 3),
         })
-    return {"cases": cases, "targets": {"ratio": TARGET_RATIO, "memory_ratio": TARGET_MEMORY_RATIO, "at_catalog": 10000},
-            "batch": 32 if quick else 256, "quick": quick}
+    return {"cases": cases,
+            "targets": {"ratio": TARGET_RATIO, "memory_ratio": TARGET_MEMORY_RATIO, "at_catalog": TARGET_CATALOG},
+            "batch": shape["batch"], "history": shape["history"], "threads": threads, "quick": quick,
+            "dp_path": "bookkeeping (common.dp_fast); opacus_* = Opacus ghost clipping"}
+
+
+def verdicts(result: dict) -> list[str]:
+    """PASS/FAIL lines for the targets at the target catalog (if it was measured)."""
+    lines = []
+    t = result["targets"]
+    for c in result["cases"]:
+        if c["catalog"] != t["at_catalog"]:
+            continue
+        for key in ("ratio", "memory_ratio"):
+            ok = c[key] <= t[key]
+            lines.append(f"{'PASS' if ok else 'FAIL'}: {key} {c[key]:.2f} at catalog {c['catalog']} (target ≤ {t[key]})")
+    return lines or [f"no case at catalog {t['at_catalog']}: targets not checked"]

@@ -142,7 +142,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     target = sys.stderr if args.json else sys.stdout
     with contextlib.redirect_stdout(target):
-        results = simulate(config, verbose=args.verbose)
+        results = simulate(config, verbose=args.verbose, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(results))
     return 0
@@ -170,22 +170,53 @@ def _cmd_bench_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_dp(args: argparse.Namespace) -> int:
-    from simulations.bench_dp import bench_dp
+    from simulations.bench_dp import bench_dp, verdicts
 
     try:
         catalogs = [int(c) for c in args.catalog.split(",") if c.strip()]
     except ValueError:
         raise ConfigError(f"--catalog takes comma-separated sizes, got {args.catalog!r}") from None
-    result = bench_dp(catalogs, quick=args.quick)
+    result = bench_dp(catalogs, quick=args.quick, threads=args.threads)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{'catalog':>8} {'plain ms':>9} {'DP ms':>8} {'ratio':>6} {'plain MB':>9} {'DP MB':>8} {'mem ratio':>9}")
+    print(f"batch {result['batch']} members × {result['history']} history items, {result['threads']} thread(s); "
+          f"DP = one-pass book-keeping path, Opacus = ghost clipping (reference)")
+    print(f"{'catalog':>8} {'plain ms':>9} {'DP ms':>8} {'ratio':>6} {'plain MB':>9} {'DP MB':>8} {'mem ratio':>9} "
+          f"{'Opacus ms':>10} {'ratio':>6}")
     for c in result["cases"]:
         print(f"{c['catalog']:>8} {c['plain_step_ms']:9.1f} {c['dp_step_ms']:8.1f} {c['ratio']:6.2f} "
-              f"{c['plain_peak_mb']:9.1f} {c['dp_peak_mb']:8.1f} {c['memory_ratio']:9.2f}")
-    print(f"targets at catalog 10000: ratio ≤ {result['targets']['ratio']}, memory ratio ≤ "
-          f"{result['targets']['memory_ratio']}")
+              f"{c['plain_peak_mb']:9.1f} {c['dp_peak_mb']:8.1f} {c['memory_ratio']:9.2f} "
+              f"{c['opacus_step_ms']:10.1f} {c['opacus_ratio']:6.2f}")
+    for line in verdicts(result):
+        print(line)
+    return 0
+
+
+def _cmd_bench_sim(args: argparse.Namespace) -> int:
+    from simulations.bench_sim import bench_sim, verdicts
+
+    try:
+        stores = [int(c) for c in args.stores.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--stores takes comma-separated counts, got {args.stores!r}") from None
+    extra = {"update-encoding": args.update_encoding} if args.update_encoding else None
+    result = bench_sim(stores, rounds=args.rounds, members=args.members, workers=args.workers, quick=args.quick,
+                       extra=extra)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['rounds']} rounds, {result['members_per_store']} members a store on average, "
+          f"{result['workers']} workers (Ray actors / plain processes), DP-SGD on")
+    print(f"{'stores':>6} {'sim s':>8} {'plain s':>8} {'overhead':>8} {'s/store-round':>13} {'KB/store-round':>14} "
+          f"{'peak MB':>8} {'plain MB':>8} {'CPU s':>7} {'plain CPU':>9} {'CPU ovh':>7}")
+    for c in result["cases"]:
+        print(f"{c['stores']:>6} {c['sim_s']:8.1f} {c['plain_s']:8.1f} {c['overhead']:+8.1%} "
+              f"{c['s_per_store_round']:13.3f} {c['bytes_per_store_round'] / 1024:14.1f} "
+              f"{c['peak_rss_mb']:8.0f} {c['plain_peak_rss_mb']:8.0f} {c['sim_cpu_s']:7.0f} {c['plain_cpu_s']:9.0f} "
+              f"{c['cpu_overhead']:+7.1%}")
+    for line in verdicts(result):
+        print(line)
     return 0
 
 
@@ -295,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how they misbehave (to show the server's defences)")
     sim.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.add_argument("--ray-address", help="attach to this Ray cluster (host:port of `ray start --head`) instead "
+                     "of starting a local one; default: $RAY_ADDRESS, else local")
     sim.set_defaults(func=_cmd_simulate)
 
     val = sub.add_parser(
@@ -323,8 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     bdp = bench_sub.add_parser("dp", help="one DP-SGD step against one plain step: time and memory")
     bdp.add_argument("--catalog", default="2000,10000,50000", help="catalog sizes, comma-separated")
     bdp.add_argument("--quick", action="store_true", help="tiny batch and few repeats (a smoke test)")
+    bdp.add_argument("--threads", type=int, default=1, help="torch threads (simulation trains each store on 1)")
     bdp.add_argument("--json", action="store_true")
     bdp.set_defaults(func=_cmd_bench_dp)
+
+    bsim = bench_sub.add_parser("sim", help="the Flower simulation against the same store work in plain loops")
+    bsim.add_argument("--stores", default="20,100,500", help="chain sizes, comma-separated")
+    bsim.add_argument("--rounds", type=int, default=3)
+    bsim.add_argument("--members", type=int, default=100, help="members a store on average")
+    bsim.add_argument("--workers", type=int, default=0, help="cores for store tasks (default: all)")
+    bsim.add_argument("--update-encoding", choices=("float32", "float16", "int8"),
+                      help="what stores send (run config update-encoding)")
+    bsim.add_argument("--quick", action="store_true", help="2 small stores, 1 round, 1 worker (a smoke test)")
+    bsim.add_argument("--json", action="store_true")
+    bsim.set_defaults(func=_cmd_bench_sim)
 
     bpriv = bench_sub.add_parser("privacy", help="our ε against dp-accounting's PLD accountant")
     bpriv.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,17 +17,43 @@ from typing import Any, Mapping
 from common.config import RunConfig
 
 
-def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False) -> dict:
+def backend_config(*, ray_address: str | None = None, num_cpus: int | None = None,
+                   verbose: bool = False) -> dict:
+    """Flower's Ray backend config: one CPU per store task; a local Ray on ``num_cpus``
+    cores (default: all), or, given ``ray_address`` (or ``$RAY_ADDRESS``), an existing
+    Ray cluster, whose nodes then set the cores."""
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": verbose}
+    address = ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        init["address"] = address  # Ray refuses num_cpus when it attaches to a cluster
+    else:
+        init["num_cpus"] = num_cpus or os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
+
+
+def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, ray_address: str | None = None,
+             num_cpus: int | None = None) -> dict:
     """Run a simulation with ``config`` (run-config keys, see :data:`common.config.DEFAULTS`).
 
     One simulated SuperNode per store (``stores``). Returns the results object that
     `storefed simulate --json` prints; it is also written to ``<out-dir>/results.json``.
+    ``ray_address``/``num_cpus``: see :func:`backend_config`.
     Raises ``RuntimeError`` when the run did not produce results.
     """
+    # Flower's Ray backend gives its workers the driver's sys.path as PYTHONPATH. An entry ""
+    # (python -c, or a script elsewhere) would mean the *worker's* cwd, so workers could
+    # import another copy of this project (e.g. an installed one): name this copy explicitly.
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Silences a Ray notice about GPU variables; this project uses no GPU.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
+
+    from simulations import flower_patches
+
+    flower_patches.apply()  # Flower's message poller is O(stores²) per tick; see the module
 
     from client.client_app import create_app as client_app
     from server.server_app import create_app as server_app
@@ -45,11 +72,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False) 
         server_app=server_app(cfg.values),
         client_app=client_app(cfg.values),
         num_supernodes=int(cfg["stores"]),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                          "logging_level": logging.ERROR, "log_to_driver": verbose},
-        },
+        backend_config=backend_config(ray_address=ray_address, num_cpus=num_cpus, verbose=verbose),
         verbose_logging=verbose,
     )
     if not out.exists():

@@ -1,0 +1,221 @@
+"""DP-SGD in one backward pass ("book-keeping", after Bu et al. 2022/2023).
+
+The mechanism is exactly the one Opacus runs with Poisson sampling (and so the one the
+ledger accounts): per-member gradients of the loss, each clipped to ``C`` as a whole
+(all parameters together), summed, plus Gaussian noise ``N(0, (σC)²)`` per coordinate,
+divided by the expected batch size. Only the arithmetic differs.
+
+Every trainable parameter must live in an ``nn.Linear`` (checked). For such a layer with
+input rows ``a_i`` and output gradients ``g_i`` of member ``i``:
+
+* the member's weight gradient is ``g_i a_iᵀ``; its squared norm is ``‖a_i‖²‖g_i‖²`` for a
+  2-D input, and for a sequence input ``[B, T, ·]`` either materialised (small layers) or
+  ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` (the Gram form); the bias adds ``‖Σ_t g_t‖²``;
+* the clipped sum ``Σ_i c_i g_i a_iᵀ`` is one matrix product ``Gᵀ (c ⊙ A)``.
+
+So one forward pass records each layer's input ``A`` and output ``Z``; one backward pass
+(``autograd.grad`` to the outputs ``Z`` only, which skips the unclipped weight gradients)
+yields every ``G``; norms and clipped sums follow from ``(A, G)``. Opacus' ghost clipping
+needs a second full backward pass instead.
+
+The interface mirrors what ``PrivacyEngine.make_private`` returns (module with
+``remove_hooks``, optimizer with ``params``/``original_optimizer``, a criterion whose
+result has ``backward``), so :func:`common.training.train_local` runs either path with the
+same loop. Sampling is Opacus' own ``DPDataLoader``; noise is drawn per parameter, in
+parameter order, with the given generator, as Opacus draws it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+# Opacus' clip factor: C / (‖g‖ + 1e-6), at most 1.
+_NORM_EPS = 1e-6
+
+
+class TappedModule(nn.Module):
+    """The model, with each trainable ``nn.Linear``'s input and output recorded per forward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = module
+        self.layers = _linear_layers(module)
+        self.records: dict[nn.Linear, tuple[torch.Tensor, GradientEdge, torch.Size]] = {}
+        self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
+
+    def _record(self, layer: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if layer in self.records:
+            # Two calls would need their contributions summed per member before the norm.
+            raise RuntimeError("the fast DP path needs each Linear layer called once per forward pass")
+        # The output's gradient edge, not the output: holding the tensor would keep a
+        # [B, catalog] buffer alive through the backward pass that plain training frees.
+        self.records[layer] = (inputs[0].detach(), get_gradient_edge(output), output.shape)
+
+    def forward(self, *args, **kwargs):
+        self.records = {}
+        return self._module(*args, **kwargs)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (the model itself is trained in place and stays as it is)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.records = {}
+
+
+def _linear_layers(module: nn.Module) -> list[nn.Linear]:
+    """Trainable Linear layers; raises if any trainable parameter lives elsewhere."""
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear)
+              and any(p.requires_grad for p in m.parameters(recurse=False))]
+    covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    other = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+    if other:
+        raise ValueError(f"the fast DP path supports nn.Linear layers only; also trainable: {other} "
+                         "(use dp-path = \"opacus\")")
+    for m in layers:
+        if not all(p.requires_grad for p in m.parameters(recurse=False)):
+            raise ValueError("the fast DP path needs a Linear's weight and bias both trainable or both frozen")
+    return layers
+
+
+def _as_sequence(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., k] → [B, T, k]: every middle dimension is one sequence."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def per_member_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each member's gradient of ``layer`` (weight and bias), [B]."""
+    if a.dim() == 2:
+        # vector_norm is one fused pass; g.pow(2).sum(1) would write a [B, out] temporary.
+        g_sq = torch.linalg.vector_norm(g, dim=1).square()
+        sq = torch.linalg.vector_norm(a, dim=1).square() * g_sq
+        return sq + g_sq if layer.bias is not None else sq
+    a, g = _as_sequence(a), _as_sequence(g)
+    steps, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
+    if n_in * n_out <= steps * steps:
+        # Small layer: the per-member gradients themselves are the cheapest route.
+        sq = torch.einsum("bto,bti->boi", g, a).pow(2).sum((1, 2))
+    else:
+        sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return sq + g.sum(1).pow(2).sum(1) if layer.bias is not None else sq
+
+
+def clipped_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> None:
+    """Set the layer's ``.grad`` to ``Σ_i c_i ∇_i`` (weight and bias)."""
+    if a.dim() == 2:
+        layer.weight.grad = g.t() @ (a * factors[:, None])
+        if layer.bias is not None:
+            layer.bias.grad = factors @ g
+        return
+    a, g = _as_sequence(a), _as_sequence(g)
+    layer.weight.grad = torch.einsum("bto,bti->oi", g, a * factors[:, None, None])
+    if layer.bias is not None:
+        layer.bias.grad = factors @ g.sum(1)
+
+
+class ClippedLoss:
+    """The batch loss (mean over members, for reporting) whose ``backward`` sets each
+    parameter's ``.grad`` to the sum of per-member gradients clipped to ``clip_norm``."""
+
+    def __init__(self, per_member: torch.Tensor, tapped: TappedModule, clip_norm: float) -> None:
+        self.per_member = per_member
+        self.tapped = tapped
+        self.clip_norm = clip_norm
+        self.factors: torch.Tensor | None = None  # c_i, kept for inspection and tests
+
+    def detach(self) -> torch.Tensor:
+        return self.per_member.detach().mean()
+
+    def backward(self) -> None:
+        records = [(layer, *self.tapped.records[layer]) for layer in self.tapped.layers
+                   if layer in self.tapped.records]
+        self.tapped.records = {}
+        edges = [edge for _, _, edge, _ in records]
+        # Gradients to the layer outputs only: the unclipped weight gradients are never formed.
+        grads = torch.autograd.grad(self.per_member.sum(), edges, allow_unused=True)
+        batch = self.per_member.shape[0]
+        sq = torch.zeros(batch, dtype=self.per_member.dtype)
+        pairs = []
+        for (layer, a, _, shape), g in zip(records, grads):
+            g = torch.zeros(shape, dtype=a.dtype) if g is None else g.detach()
+            sq += per_member_sq_norms(layer, a, g)
+            pairs.append((layer, a, g))
+        self.factors = (self.clip_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        del grads
+        used: set[nn.Linear] = set()
+        while pairs:  # each G is freed as soon as its layer is done
+            layer, a, g = pairs.pop()
+            clipped_sum(layer, a, g, self.factors)
+            used.add(layer)
+        for layer in self.tapped.layers:
+            if layer not in used:  # not called this pass: no member moved it
+                for p in layer.parameters(recurse=False):
+                    p.grad = torch.zeros_like(p)
+
+
+class ClippingCriterion:
+    """Wraps a loss with a ``reduction`` attribute; returns :class:`ClippedLoss`."""
+
+    def __init__(self, criterion: nn.Module, tapped: TappedModule, clip_norm: float) -> None:
+        self.criterion = criterion
+        self.criterion.reduction = "none"
+        self.tapped = tapped
+        self.clip_norm = clip_norm
+
+    def __call__(self, *args, **kwargs) -> ClippedLoss:
+        return ClippedLoss(self.criterion(*args, **kwargs), self.tapped, self.clip_norm)
+
+
+class NoisyOptimizer:
+    """``step``: ``.grad`` (the clipped sum) + N(0, (σC)²) per coordinate, ÷ expected batch
+    size, then the wrapped optimizer's step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, noise_multiplier: float, clip_norm: float,
+                 expected_batch_size: int, generator: torch.Generator | None = None) -> None:
+        self.original_optimizer = optimizer
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.expected_batch_size = expected_batch_size
+        self.generator = generator
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for group in self.original_optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.clip_norm
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if std > 0:
+                p.grad.add_(torch.normal(0.0, std, size=p.shape, generator=self.generator))
+            p.grad.div_(self.expected_batch_size)
+
+    def step(self) -> None:
+        self.add_noise()
+        self.original_optimizer.step()
+
+
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                 data_loader: torch.utils.data.DataLoader, *, noise_multiplier: float, clip_norm: float,
+                 noise_generator: torch.Generator | None = None):
+    """``(module, optimizer, criterion, loader)`` for DP-SGD with the one-pass path.
+
+    The loader is Opacus' Poisson ``DPDataLoader`` over ``data_loader`` (same sampler and
+    generator as ``PrivacyEngine.make_private(poisson_sampling=True)``); the expected batch
+    size is Opacus' ``int(N · q)``.
+    """
+    from opacus.data_loader import DPDataLoader
+
+    loader = DPDataLoader.from_data_loader(data_loader)
+    expected = int(len(data_loader.dataset) * loader.sample_rate)
+    tapped = TappedModule(module)
+    return (tapped, NoisyOptimizer(optimizer, noise_multiplier, clip_norm, expected, noise_generator),
+            ClippingCriterion(criterion, tapped, clip_norm), loader)

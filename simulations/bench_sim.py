@@ -1,0 +1,320 @@
+"""`storefed bench sim`: what the Flower simulation costs over the same work done plainly.
+
+For each chain size (``stores`` stores of ``members`` members each on average, generated
+once under the cache), two runs of ``rounds`` rounds, each in its own process:
+
+* ``sim``: :func:`simulations.simulate.simulate` — Flower's simulation runtime on a local
+  Ray with ``workers`` cores, the real ServerApp and ClientApp;
+* ``plain``: the same store work without Flower or Ray — ``workers`` Python processes, each
+  looping over a fixed share of the stores; per round each store does what the ClientApp
+  does (budget check with the accountant, DP-SGD, ledger event; then evaluation of the new
+  global model with the baselines and audience), and the parent averages (FedAvg).
+
+Same data, σ, seeds, epochs and cores, so ``overhead = sim_s / plain_s − 1`` is the cost of
+the federation machinery. Wall times include process start, data loading and (sim) Ray's
+start. Peak memory: the largest sum of proportional set sizes (PSS, shared pages split)
+over the run's process tree, sampled every 0.2 s. Bytes: what a store's train reply holds
+in Flower's wire format, from the strategy's count. CPU: user + system seconds of every
+process of the run's tree (sampled with the memory, so a process living < 0.2 s is missed),
+next to wall time because a shared machine's load distorts wall time more.
+
+σ is fixed (``noise-multiplier``) rather than calibrated per store size: calibration is
+per-process setup, the same in both runs, and takes minutes on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_OVERHEAD = 0.15
+TARGET_FROM_STORES = 100
+MEMBERS_PER_STORE = 100
+QUICK = dict(stores=[2], rounds=1, members=60, workers=1)
+SIGMA = 1.0
+
+
+def chain_for(stores: int, members: int, seed: int = 0) -> Path:
+    """The benchmark chain (generated once under the cache): ``stores`` × ``members``."""
+    from common.config import cache_root
+    from common.storefiles import ensure_generated_chain
+    from common.synth import ChainSpec
+
+    path = cache_root() / "bench-sim" / f"chain-seed{seed}-stores{stores}-members{members}"
+    ensure_generated_chain(path, ChainSpec(stores=stores, members=stores * members, seed=seed,
+                                           min_store_members=min(100, members)))
+    return path
+
+
+def run_config(stores: int, rounds: int, chain: Path, work: Path, extra: dict | None = None) -> dict:
+    """Run config of both runs (fresh ledgers under ``work``)."""
+    return {"stores": stores, "rounds": rounds, "data-dir": str(chain), "out-dir": str(work / "out"),
+            "state-dir": str(work / "state"), "noise-multiplier": SIGMA, "node-wait-s": 600.0,
+            # Time, not privacy, is measured: no store may decline a round for its budget.
+            "epsilon-budget": 1000.0,
+            **(extra or {})}
+
+
+# --- the plain run -------------------------------------------------------------------------
+
+def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, dict]:
+    """One store's train task as the ClientApp runs it, without Flower."""
+    import torch
+    from datetime import datetime, timezone
+
+    from client.client_app import training_seed
+    from client.ledger import append_event, read_events
+    from client.store import load_store, planned_noise, state_dir
+    from common import privacy
+    from common.ledger import PrivacyEvent
+    from common.model import ModelConfig, Recommender
+    from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+
+    node_config = {"partition-id": part, "num-partitions": int(cfg["stores"])}
+    node = load_store(node_config, cfg)
+    ledger = state_dir(node, node_config, cfg)
+    history = [e.mechanism() for e in read_events(ledger, node.store_id)]
+    n, batch = node.data.n_train_members, int(cfg["batch-size"])
+    sigma, q = planned_noise(node, cfg), sample_rate_for(n, batch)
+    steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
+    privacy.epsilon(history + [(sigma, q, steps)], node.delta(cfg), str(cfg["accountant"]))
+    model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
+                            seed=training_seed(node, cfg, server_round), dp_path=str(cfg["dp-path"]))
+    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
+    append_event(ledger, node.store_id, PrivacyEvent(
+        run_id="plain", round=server_round, noise_multiplier=sigma, sample_rate=q, steps=result.steps,
+        clip_norm=float(cfg["clip-norm"]), accountant=str(cfg["accountant"]),
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=node.delta(cfg)))
+    return result.examples, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _store_evaluate(part: int, state: dict, cfg) -> float:
+    """One store's evaluate task as the ClientApp runs it (model, baselines, audience)."""
+    import torch
+
+    from client.client_app import _baselines
+    from client.store import load_store
+    from common.evaluation import evaluate_audience, evaluate_model
+    from common.model import ModelConfig, Recommender
+
+    node = load_store({"partition-id": part, "num-partitions": int(cfg["stores"])}, cfg)
+    model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    metrics = evaluate_model(model, node.data)
+    _baselines(node)
+    evaluate_audience(model, node.data)
+    return float(metrics["ndcg@10"])
+
+
+def _plain_worker(conn, parts: list[int], config: dict) -> None:
+    """A worker process: per request, its stores' train (or evaluate) tasks in a loop."""
+    import torch
+
+    from common.config import RunConfig
+
+    torch.set_num_threads(1)  # as the ClientApp: one store per core
+    cfg = RunConfig.from_mapping(config)
+    while (request := conn.recv()) is not None:
+        kind, server_round, state = request
+        if kind == "train":
+            conn.send([_store_train(p, server_round, state, cfg) for p in parts])
+        else:
+            conn.send([_store_evaluate(p, state, cfg) for p in parts])
+
+
+def run_plain(config: dict, workers: int) -> dict:
+    """The plain run: FedAvg over ``workers`` processes of plain loops; returns timings."""
+    import multiprocessing as mp
+
+    import torch
+
+    from common.config import RunConfig
+    from common.dataset import ItemIndex
+    from common.model import ModelConfig, Recommender
+    from common.storefiles import read_catalog
+
+    started = time.perf_counter()
+    cfg = RunConfig.from_mapping(config)
+    torch.manual_seed(int(cfg["seed"]))
+    model = Recommender(ItemIndex.from_catalog(read_catalog(cfg.chain_dir())),
+                        ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    stores = int(cfg["stores"])
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for w in range(workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_plain_worker, args=(child, list(range(w, stores, workers)), dict(config)))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    ndcg = []
+    try:
+        for server_round in range(1, int(cfg["rounds"]) + 1):
+            for pipe in pipes:
+                pipe.send(("train", server_round, state))
+            replies = [r for pipe in pipes for r in pipe.recv()]
+            total = sum(n for n, _ in replies)
+            state = {k: (sum(n * s[k].astype(np.float64) for n, s in replies) / total).astype(state[k].dtype)
+                     for k in state}
+            for pipe in pipes:
+                pipe.send(("evaluate", server_round, state))
+            ndcg.append(float(np.mean([v for pipe in pipes for v in pipe.recv()])))
+    finally:
+        for pipe in pipes:
+            pipe.send(None)
+        for proc in procs:
+            proc.join()
+    return {"seconds": time.perf_counter() - started, "ndcg@10": ndcg}
+
+
+def run_sim(config: dict, workers: int) -> dict:
+    """The Flower simulation; returns timings and the bytes a store sent per round."""
+    from simulations.simulate import simulate
+
+    started = time.perf_counter()
+    results = simulate(config, num_cpus=workers)
+    seconds = time.perf_counter() - started
+    per_store = [r["bytes_per_store"] for r in results["per_round"] if "bytes_per_store" in r]
+    return {"seconds": seconds, "ndcg@10": [r["ndcg@10"] for r in results["per_round"]],
+            "bytes_per_store_round": int(np.mean(per_store)) if per_store else 0}
+
+
+# --- measurement ------------------------------------------------------------------------
+
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system clock ticks a live process has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+def measured(call: str, env: dict | None = None) -> dict:
+    """Run ``call`` (an expression of this module) in a new process; its JSON result plus
+    the peak PSS of its process tree."""
+    code = f"import json; from simulations.bench_sim import *; print('RESULT ' + json.dumps({call}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    peak = 0.0
+    ticks: dict[int, int] = {}  # last CPU reading of every process seen in the tree
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.2):
+            pids = _tree(proc.pid)
+            peak = max(peak, _pss_mb(pids))
+            for pid in pids:
+                ticks[pid] = max(ticks.get(pid, 0), _cpu_ticks(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark run failed ({call}):\n{err[-3000:]}")
+    cpu = sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+    return {**json.loads(line[len("RESULT "):]), "peak_mb": peak, "cpu_s": cpu}
+
+
+def bench_sim(stores_list: list[int], rounds: int = 3, members: int = MEMBERS_PER_STORE, workers: int = 0,
+              quick: bool = False, extra: dict | None = None) -> dict:
+    """The `storefed bench sim --json` object."""
+    if quick:
+        stores_list, rounds, members, workers = QUICK["stores"], QUICK["rounds"], QUICK["members"], QUICK["workers"]
+    workers = workers or os.cpu_count() or 1
+    cases = []
+    for stores in stores_list:
+        chain = chain_for(stores, members)
+        with tempfile.TemporaryDirectory(prefix="storefed-bench-sim-") as tmp:
+            sim_cfg = run_config(stores, rounds, chain, Path(tmp) / "sim", extra)
+            plain_cfg = run_config(stores, rounds, chain, Path(tmp) / "plain", extra)
+            # Each run prepares the stores' data from scratch (its own prepared-data cache).
+            plain = measured(f"run_plain({plain_cfg!r}, {workers})", {"STOREFED_PREPARED_DIR": f"{tmp}/prep-plain"})
+            sim = measured(f"run_sim({sim_cfg!r}, {workers})", {"STOREFED_PREPARED_DIR": f"{tmp}/prep-sim"})
+        cases.append({
+            "stores": stores, "sim_s": round(sim["seconds"], 2), "plain_s": round(plain["seconds"], 2),
+            "overhead": round(sim["seconds"] / plain["seconds"] - 1, 3),
+            "s_per_store_round": round(sim["seconds"] / (stores * rounds), 4),
+            "task_core_s": round(sim["seconds"] * workers / (2 * stores * rounds), 4),
+            "bytes_per_store_round": sim["bytes_per_store_round"],
+            "peak_rss_mb": round(sim["peak_mb"], 1), "plain_peak_rss_mb": round(plain["peak_mb"], 1),
+            # CPU seconds of each run's whole process tree: less sensitive than wall time to
+            # other jobs on a shared machine.
+            "sim_cpu_s": round(sim["cpu_s"], 1), "plain_cpu_s": round(plain["cpu_s"], 1),
+            "cpu_overhead": round(sim["cpu_s"] / plain["cpu_s"] - 1, 3) if plain["cpu_s"] > 0 else None,
+            "ndcg@10": sim["ndcg@10"][-1] if sim["ndcg@10"] else None,
+            "plain_ndcg@10": plain["ndcg@10"][-1] if plain["ndcg@10"] else None,
+        })
+    return {"cases": cases, "rounds": rounds, "members_per_store": members, "workers": workers,
+            "quick": quick, "targets": {"overhead": TARGET_OVERHEAD, "from_stores": TARGET_FROM_STORES}}
+
+
+def verdicts(result: dict) -> list[str]:
+    """PASS/FAIL lines: overhead from 100 stores on, linear growth, 500 stores ran."""
+    t, cases = result["targets"], result["cases"]
+    lines = []
+    for c in cases:
+        if c["stores"] >= t["from_stores"]:
+            ok = c["overhead"] <= t["overhead"]
+            lines.append(f"{'PASS' if ok else 'FAIL'}: overhead {c['overhead']:+.1%} at {c['stores']} stores "
+                         f"(target ≤ {t['overhead']:.0%})")
+    big = [c for c in cases if c["stores"] >= t["from_stores"]]
+    if len(big) >= 2:
+        a, b = big[0], big[-1]
+        growth = (b["sim_s"] / a["sim_s"]) / (b["stores"] / a["stores"])
+        lines.append(f"{'PASS' if growth <= 1.0 + 0.1 else 'FAIL'}: wall time {a['stores']}→{b['stores']} stores "
+                     f"grew {b['sim_s'] / a['sim_s']:.2f}× for {b['stores'] / a['stores']:.0f}× the stores "
+                     f"(≤ linear, 10% tolerance)")
+    for c in cases:
+        if c["stores"] >= 500:
+            lines.append(f"PASS: {c['stores']} stores ran, peak {c['peak_rss_mb'] / 1024:.2f} GiB (machine 24 GiB)")
+    return lines
