@@ -316,5 +316,7 @@ def verdicts(result: dict) -> list[str]:
                      f"(≤ linear, 10% tolerance)")
     for c in cases:
         if c["stores"] >= 500:
-            lines.append(f"PASS: {c['stores']} stores ran, peak {c['peak_rss_mb'] / 1024:.2f} GiB (machine 24 GiB)")
+            ok = c["peak_rss_mb"] < 24 * 1024
+            lines.append(f"{'PASS' if ok else 'FAIL'}: {c['stores']} stores ran, peak {c['peak_rss_mb'] / 1024:.2f} GiB "
+                         f"(target: fits 24 GiB)")
     return lines
