@@ -127,6 +127,13 @@ def evaluate_audience(model: Recommender, data: StoreData) -> dict:
         empty = {"auc": 0.0, f"recall@{AUDIENCE_K}": 0.0, "items": 0}
         return {"model": empty, "member_pop": dict(empty)}
     scores = _member_scores(model, data)
-    popularity = np.broadcast_to(data.member_activity[:, None], (data.n_train_members, model.n_items))
     return {"model": audience_metrics(scores, data.audience_bought, data.audience_items),
-            "member_pop": audience_metrics(popularity, data.audience_bought, data.audience_items)}
+            "member_pop": member_pop_audience(data)}
+
+
+def member_pop_audience(data: StoreData) -> dict:
+    """The audience baseline: members ranked by how many units they bought before the cut."""
+    if data.n_train_members == 0 or len(data.audience_items) == 0:
+        return {"auc": 0.0, f"recall@{AUDIENCE_K}": 0.0, "items": 0}
+    popularity = np.broadcast_to(data.member_activity[:, None], (data.n_train_members, data.items.n_items))
+    return audience_metrics(popularity, data.audience_bought, data.audience_items)

@@ -28,7 +28,7 @@ import torch
 from common import privacy
 from common.config import RunConfig, default_chain_dir
 from common.dataset import ExampleConfig, StoreData
-from common.evaluation import evaluate_audience, list_report, model_scores
+from common.evaluation import evaluate_audience, list_report, member_pop_audience, model_scores
 from common.ingest import prepare_store
 from common.metrics import topfreq_scores
 from common.model import ModelConfig, Recommender
@@ -99,18 +99,8 @@ def baseline_records(stores: list[StoreData]) -> dict[str, list[dict]]:
         out["store_pop"].append(_record(d, d.store_counts[None, :], None))
         out["p_topfreq"].append(_record(d, freq, None))
         out["member_pop"].append({"store": d.store_id, "train_members": d.n_train_members,
-                                  "audience": evaluate_audience_baseline(d)})
+                                  "audience": member_pop_audience(d)})
     return out
-
-
-def evaluate_audience_baseline(store: StoreData) -> dict:
-    """Audience figures of the member-popularity baseline (members ranked by units bought)."""
-    from common.audience import audience_metrics
-
-    if store.n_train_members == 0 or len(store.audience_items) == 0:
-        return {"auc": 0.0, "recall@100": 0.0, "items": 0}
-    activity = np.broadcast_to(store.member_activity[:, None], (store.n_train_members, store.items.n_items))
-    return audience_metrics(activity, store.audience_bought, store.audience_items)
 
 
 def centralized(stores: list[StoreData], cfg: RunConfig, seed: int) -> tuple[list[dict], dict]:
