@@ -33,5 +33,16 @@ def small_store(small_chain_dir):
 
 
 @pytest.fixture
+def task_identity():
+    """Messages need the task identity a SuperNode's runtime sets in its process (node 7)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

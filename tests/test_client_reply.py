@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import handle_evaluate, handle_train
 from common import wire
@@ -15,13 +14,7 @@ from common.model import Recommender
 from common.storefiles import read_catalog
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need the task identity a SuperNode's runtime sets in its process."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _context(chain_dir, node_config):

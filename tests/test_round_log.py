@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import wire
 from common.dataset import ItemIndex
 from common.model import Recommender
 from common.storefiles import read_catalog
 from server.strategy import make_strategy
-
-
-@pytest.fixture
-def task_identity():
-    """Messages need the task identity a SuperNode's runtime sets in its process."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _train_message(chain_dir, node_id: int) -> Message:

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import handle_train, refuse_when_unusable
 from common import wire
@@ -15,15 +14,6 @@ from common.config import RunConfig
 from common.dataset import ItemIndex
 from common.model import Recommender
 from common.storefiles import read_catalog
-
-
-@pytest.fixture
-def task_identity():
-    """Messages need the task identity a SuperNode's runtime sets in its process."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _train_message(chain_dir, node_id: int = 7) -> Message:

@@ -12,17 +12,6 @@ from common import update_codec, wire
 from common.config import RunConfig
 
 
-@pytest.fixture
-def task_identity():
-    """Messages need the task identity a SuperNode's runtime sets in its process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _model_like(rng):
     ref = {"w": rng.normal(0, 0.1, (50, 8)).astype(np.float32), "b": rng.normal(0, 0.1, 50).astype(np.float32)}
     new = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in ref.items()}
