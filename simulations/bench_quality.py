@@ -241,22 +241,14 @@ def write_plots(results: dict, out: Path) -> None:
     ax.plot([8.0], [ndcg["local_dp_eps8"]], "s", label="local-only, DP ε = 8")
     for name, style in (("centralized", "k--"), ("fed_nodp", "b:"), ("p_topfreq", "g-."), ("store_pop", "r:")):
         ax.axhline(ndcg[name], linestyle=style[1:], color=style[0], label=name.replace("_", " "))
-    ax.set_xlabel("ε per store (δ ≤ 1e-6)")
-    ax.set_ylabel("NDCG@10 (member-weighted)")
-    ax.set_title("Quality vs privacy")
-    ax.legend(fontsize=8)
-    _save(fig, out / "ndcg_vs_epsilon.png")
+    _save(fig, ax, "ε per store (δ ≤ 1e-6)", "NDCG@10 (member-weighted)", "Quality vs privacy", out / "ndcg_vs_epsilon.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in ("fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1"):
         rounds = [r for r in m[name]["per_round"] if r["ndcg@10"] is not None]
         ax.plot([r["round"] for r in rounds], [r["ndcg@10"] for r in rounds], "o-", label=name.replace("_", " "))
     ax.axhline(ndcg["p_topfreq"], linestyle="-.", color="g", label="p topfreq")
-    ax.set_xlabel("round")
-    ax.set_ylabel("NDCG@10 (federated evaluation)")
-    ax.set_title("NDCG@10 per round")
-    ax.legend(fontsize=8)
-    _save(fig, out / "ndcg_per_round.png")
+    _save(fig, ax, "round", "NDCG@10 (federated evaluation)", "NDCG@10 per round", out / "ndcg_per_round.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, marker in (("local_dp_eps8", "s"), ("fed_dp_eps8", "o")):
@@ -264,16 +256,18 @@ def write_plots(results: dict, out: Path) -> None:
         ax.scatter([r["train_members"] for r in rows], [r["all"]["ndcg@10"] for r in rows], marker=marker,
                    label=name.replace("_", " "))
     ax.set_xscale("log")
-    ax.set_xlabel("store size (training members)")
-    ax.set_ylabel("NDCG@10 at the store")
-    ax.set_title("Per store: local-only vs federated (both DP, ε = 8)")
-    ax.legend(fontsize=8)
-    _save(fig, out / "per_store_vs_size.png")
+    _save(fig, ax, "store size (training members)", "NDCG@10 at the store",
+          "Per store: local-only vs federated (both DP, ε = 8)", out / "per_store_vs_size.png")
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label the plot, then write it as a PNG atomically."""
     import matplotlib.pyplot as plt
 
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)

@@ -169,13 +169,18 @@ def _cmd_bench_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str, what: str) -> list[int]:
+    """``"20,100,500"`` → ``[20, 100, 500]``; anything else is a one-line usage error."""
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated {what}, got {text!r}") from None
+
+
 def _cmd_bench_dp(args: argparse.Namespace) -> int:
     from simulations.bench_dp import bench_dp, verdicts
 
-    try:
-        catalogs = [int(c) for c in args.catalog.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--catalog takes comma-separated sizes, got {args.catalog!r}") from None
+    catalogs = _int_list(args.catalog, "--catalog", "sizes")
     result = bench_dp(catalogs, quick=args.quick, threads=args.threads)
     if args.json:
         print(json.dumps(result))
@@ -196,10 +201,7 @@ def _cmd_bench_dp(args: argparse.Namespace) -> int:
 def _cmd_bench_sim(args: argparse.Namespace) -> int:
     from simulations.bench_sim import bench_sim, verdicts
 
-    try:
-        stores = [int(c) for c in args.stores.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--stores takes comma-separated counts, got {args.stores!r}") from None
+    stores = _int_list(args.stores, "--stores", "counts")
     extra = {"update-encoding": args.update_encoding} if args.update_encoding else None
     result = bench_sim(stores, rounds=args.rounds, members=args.members, workers=args.workers, quick=args.quick,
                        extra=extra)
