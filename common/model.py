@@ -87,10 +87,6 @@ class Recommender(nn.Module):
         """Copy the current item vectors into the history encoder's read-only table."""
         self.item_snapshot.copy_(self.item_vectors())
 
-    def member_vectors(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
-        """Member vectors ``u`` [B, d] from history (items, features, mask) and profile."""
-        return self._encode(hist_items, hist_feat, hist_mask, profile)[0]
-
     def _encode(self, hist_items, hist_feat, hist_mask, profile) -> tuple[torch.Tensor, torch.Tensor]:
         """(member vectors ``u`` [B, d], the encoder's hidden layer [B, hidden])."""
         weight = hist_feat[..., 0] * hist_mask

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.dataset import ExampleConfig, Examples, StoreData, sample_train_examples
+from common.dataset import ExampleConfig, Examples, StoreData, concat_examples, sample_train_examples
 from common.model import BasketLoss, Recommender
 
 
@@ -174,8 +174,6 @@ def train_pooled(model: Recommender, stores: list[StoreData], cfg: TrainConfig) 
     if every store's data were in one place. Each epoch draws one example per member per
     store, as federated training does, and shuffles them together.
     """
-    from common.dataset import concat_examples
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.train()
