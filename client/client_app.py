@@ -1,6 +1,6 @@
 """Flower ClientApp of a store: Flower messages in, calls of plain functions, replies out.
 
-What a reply may hold is fixed by :mod:`common.wire` (DESIGN §4.3). Training follows the
+What a reply may hold is fixed by :mod:`common.exchange.wire` (DESIGN §4.3). Training follows the
 privacy order of DESIGN §4.2: read the ledger, decline if the round would exceed the
 budget, train, write the event durably, and only then let the update leave.
 """
@@ -22,13 +22,15 @@ from flwr.clientapp import ClientApp
 
 from client.ledger import append_event, read_events
 from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
-from common import privacy, update_codec, wire
+from common.privacy import accountant as privacy
+from common.exchange import update_codec
+from common.exchange import wire
 from common.config import RunConfig
-from common.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
-from common.ledger import LedgerError, PrivacyEvent
-from common.storefiles import DataError
-from common.model import ModelConfig, Recommender
-from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+from common.evaluation.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
+from common.privacy.ledger import LedgerError, PrivacyEvent
+from common.data.storefiles import DataError
+from common.learning.model import ModelConfig, Recommender
+from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.ledger import LedgerError, PrivacyEvent, parse, render
-from common.storefiles import atomic_write_text
+from common.privacy.ledger import LedgerError, PrivacyEvent, parse, render
+from common.data.storefiles import atomic_write_text
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 

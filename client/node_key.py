@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.config import ConfigError
-from common.keyfiles import refuse_overwrite, write_private, write_public
+from common.privacy.keyfiles import refuse_overwrite, write_private, write_public
 
 
 def make_node_key(out: Path, name: str) -> tuple[Path, Path]:
     """Write ``out/<name>`` (private, 0600) and ``out/<name>.pub``; returns both paths.
 
     EC P-384, the curve Flower's documentation uses for SuperNode keys. Raises
-    common.storefiles.DataError when either file already exists, ConfigError for a bad name.
+    common.data.storefiles.DataError when either file already exists, ConfigError for a bad name.
     """
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"node key name {name!r}: use a plain file name such as the store id")

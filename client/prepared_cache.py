@@ -16,8 +16,8 @@ import pickle
 from pathlib import Path
 
 from common.config import cache_root
-from common.dataset import ExampleConfig, StoreData
-from common.storefiles import atomic_write_bytes
+from common.data.dataset import ExampleConfig, StoreData
+from common.data.storefiles import atomic_write_bytes
 
 _CODE = ("dataset.py", "ingest.py", "validation.py", "contract.py")
 

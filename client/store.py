@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from client import prepared_cache
-from common import privacy
+from common.privacy import accountant as privacy
 from common.config import DEFAULTS, RunConfig
-from common.dataset import ExampleConfig, StoreData
-from common.ingest import prepare_store
-from common.storefiles import DataError, read_store_meta, store_dirs
-from common.training import sample_rate_for, steps_per_epoch
+from common.data.dataset import ExampleConfig, StoreData
+from common.data.ingest import prepare_store
+from common.data.storefiles import DataError, read_store_meta, store_dirs
+from common.learning.training import sample_rate_for, steps_per_epoch
 
 
 @dataclass

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.keyfiles import refuse_overwrite, write_private, write_public
+from common.privacy.keyfiles import refuse_overwrite, write_private, write_public
 
 CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT = "ca.key", "ca.crt", "server.key", "server.pem"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -61,7 +61,7 @@ def make_dev_pki(out: Path, hosts: Iterable[str] = (), days: int = 365) -> dict[
     """Write a development CA and a SuperLink certificate for ``hosts`` (plus loopback).
 
     Returns the paths by role: ``ca_key``, ``ca_cert``, ``server_key``, ``server_cert``.
-    Raises common.storefiles.DataError when any of the files already exists.
+    Raises common.data.storefiles.DataError when any of the files already exists.
     """
     out = Path(out).expanduser().resolve()
     paths = {"ca_key": out / CA_KEY, "ca_cert": out / CA_CERT,

@@ -15,7 +15,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from common.storefiles import atomic_write_bytes
+from common.data.storefiles import atomic_write_bytes
 
 FORMAT = "storefed-checkpoint"
 VERSION = 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.wire import BASELINES
+from common.exchange.wire import BASELINES
 
 _FAILURES_SHOWN = 5
 SUMMARY_KEYS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20")

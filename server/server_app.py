@@ -16,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, cache_root
-from common.dataset import ItemIndex
-from common.model import ModelConfig, Recommender
-from common.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
-from common.synth import default_spec
+from common.data.dataset import ItemIndex
+from common.learning.model import ModelConfig, Recommender
+from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
+from common.data.synth import default_spec
 from server.report import build_results, summary_table
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.strategy import BudgetExhausted, make_strategy

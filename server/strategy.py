@@ -6,7 +6,7 @@ them and, each round:
 
 * records what each store reported (privacy, declines, failures) and prints one line;
 * rejects updates that do not fit the model, hold NaN/Inf or are far larger than the
-  round's others (:mod:`common.update_checks`), and skips the round when fewer than
+  round's others (:mod:`common.exchange.update_checks`), and skips the round when fewer than
   ``min_stores`` updates remain;
 * reduces each reply to what aggregation needs (arrays and example count), because Flower
   rejects a whole round when stores' metric keys differ;
@@ -25,8 +25,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
-from common import update_codec, wire
-from common.update_checks import check_updates
+from common.exchange import update_codec
+from common.exchange import wire
+from common.exchange.update_checks import check_updates
 
 STRATEGIES = {
     "fedavg": flower.FedAvg,

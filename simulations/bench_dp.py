@@ -4,7 +4,7 @@ For each catalog size: the real model, one realistic batch (256 members, 50 hist
 each), one optimizer step (forward, backward, Adam) after warm-up, median of repeats, for
 
 * ``plain``: no DP;
-* ``dp``: DP-SGD as stores run it (the one-pass book-keeping path, :mod:`common.dp_fast`);
+* ``dp``: DP-SGD as stores run it (the one-pass book-keeping path, :mod:`common.learning.dp_fast`);
 * ``opacus``: Opacus' ghost clipping, the previous path, for reference.
 
 Time: the three modes step in turn inside one process (plain, dp, opacus, plain, ...), so
@@ -40,7 +40,7 @@ def _rss_mb() -> float:
 
 
 def _batch(catalog: int, batch: int, history: int, seed: int = 0):
-    from common.dataset import HISTORY_FEATURES, PROFILE_DIM, Examples, ItemIndex
+    from common.data.dataset import HISTORY_FEATURES, PROFILE_DIM, Examples, ItemIndex
 
     rng = np.random.default_rng(seed)
     items = ItemIndex(item_ids=np.array([f"I{i}" for i in range(catalog)]), category=rng.integers(0, 40, catalog),
@@ -65,8 +65,8 @@ def _stepper(mode: str, items, ex, batch: int):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.model import BasketLoss, Recommender
-    from common.training import batch_tensors
+    from common.learning.model import BasketLoss, Recommender
+    from common.learning.training import batch_tensors
 
     torch.manual_seed(0)
     model = Recommender(items)
@@ -75,7 +75,7 @@ def _stepper(mode: str, items, ex, batch: int):
     loader = DataLoader(TensorDataset(torch.arange(batch)), batch_size=batch)
     *inputs, t_items, t_mask = batch_tensors(ex, np.arange(batch))
     if mode == "dp":
-        from common import dp_fast
+        from common.learning import dp_fast
 
         model, optimizer, criterion, _ = dp_fast.make_private(
             model, optimizer, criterion, loader, noise_multiplier=1.0, clip_norm=1.0,
@@ -169,7 +169,7 @@ def bench_dp(catalogs: list[int], quick: bool = False, threads: int = 1) -> dict
     return {"cases": cases,
             "targets": {"ratio": TARGET_RATIO, "memory_ratio": TARGET_MEMORY_RATIO, "at_catalog": TARGET_CATALOG},
             "batch": shape["batch"], "history": shape["history"], "threads": threads, "quick": quick,
-            "dp_path": "bookkeeping (common.dp_fast); opacus_* = Opacus ghost clipping"}
+            "dp_path": "bookkeeping (common.learning.dp_fast); opacus_* = Opacus ghost clipping"}
 
 
 def verdicts(result: dict) -> list[str]:

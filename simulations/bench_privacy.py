@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from common import privacy
+from common.privacy import accountant as privacy
 
 SETTINGS = [  # (σ, q, steps per round, rounds)
     (1.0, 0.01, 100, 10),

@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import privacy
+from common.privacy import accountant as privacy
 from common.config import RunConfig, default_chain_dir
-from common.dataset import ExampleConfig, StoreData
-from common.evaluation import evaluate_audience, list_report, member_pop_audience, model_scores
-from common.ingest import prepare_store
-from common.metrics import topfreq_scores
-from common.model import ModelConfig, Recommender
-from common.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
-from common.synth import default_spec
-from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local, train_pooled
+from common.data.dataset import ExampleConfig, StoreData
+from common.evaluation.evaluation import evaluate_audience, list_report, member_pop_audience, model_scores
+from common.data.ingest import prepare_store
+from common.evaluation.metrics import topfreq_scores
+from common.learning.model import ModelConfig, Recommender
+from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
+from common.data.synth import default_spec
+from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local, train_pooled
 from simulations import quality_report as qr
 
 QUICK = {"stores": 4, "rounds": 2}

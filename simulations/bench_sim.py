@@ -45,8 +45,8 @@ SIGMA = 1.0
 def chain_for(stores: int, members: int, seed: int = 0) -> Path:
     """The benchmark chain (generated once under the cache): ``stores`` × ``members``."""
     from common.config import cache_root
-    from common.storefiles import ensure_generated_chain
-    from common.synth import ChainSpec
+    from common.data.storefiles import ensure_generated_chain
+    from common.data.synth import ChainSpec
 
     path = cache_root() / "bench-sim" / f"chain-seed{seed}-stores{stores}-members{members}"
     ensure_generated_chain(path, ChainSpec(stores=stores, members=stores * members, seed=seed,
@@ -73,10 +73,10 @@ def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, d
     from client.client_app import training_seed
     from client.ledger import append_event, read_events
     from client.store import load_store, planned_noise, state_dir
-    from common import privacy
-    from common.ledger import PrivacyEvent
-    from common.model import ModelConfig, Recommender
-    from common.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+    from common.privacy import accountant as privacy
+    from common.privacy.ledger import PrivacyEvent
+    from common.learning.model import ModelConfig, Recommender
+    from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
 
     node_config = {"partition-id": part, "num-partitions": int(cfg["stores"])}
     node = load_store(node_config, cfg)
@@ -104,8 +104,8 @@ def _store_evaluate(part: int, state: dict, cfg) -> float:
 
     from client.client_app import _baselines
     from client.store import load_store
-    from common.evaluation import evaluate_audience, evaluate_model
-    from common.model import ModelConfig, Recommender
+    from common.evaluation.evaluation import evaluate_audience, evaluate_model
+    from common.learning.model import ModelConfig, Recommender
 
     node = load_store({"partition-id": part, "num-partitions": int(cfg["stores"])}, cfg)
     model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
@@ -139,9 +139,9 @@ def run_plain(config: dict, workers: int) -> dict:
     import torch
 
     from common.config import RunConfig
-    from common.dataset import ItemIndex
-    from common.model import ModelConfig, Recommender
-    from common.storefiles import read_catalog
+    from common.data.dataset import ItemIndex
+    from common.learning.model import ModelConfig, Recommender
+    from common.data.storefiles import read_catalog
 
     started = time.perf_counter()
     cfg = RunConfig.from_mapping(config)

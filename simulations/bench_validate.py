@@ -20,8 +20,8 @@ import pandas as pd
 
 def build_large_store(root: Path, lines: int, seed: int = 0) -> Path:
     """A chain directory with one store of about ``lines`` transaction lines."""
-    from common.storefiles import write_chain
-    from common.synth import ChainSpec, generate_chain
+    from common.data.storefiles import write_chain
+    from common.data.synth import ChainSpec, generate_chain
 
     chain = generate_chain(ChainSpec(stores=1, members=3000, seed=seed))
     write_chain(chain, root)
@@ -43,7 +43,7 @@ def build_large_store(root: Path, lines: int, seed: int = 0) -> Path:
 
 
 def _child(store: str, catalog: str) -> None:
-    from common.ingest import validate_store
+    from common.data.ingest import validate_store
 
     start = time.perf_counter()
     result = validate_store(Path(store), Path(catalog), keep_data=False)

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from common.config import ConfigError
-from common.ledger import LedgerError
+from common.privacy.ledger import LedgerError
 from server.checkpoint import CheckpointError
-from common.storefiles import DataError
+from common.data.storefiles import DataError
 
 EXIT_USAGE = 2
 # Kept in step with server.strategy.STRATEGIES (a test checks); not imported, to keep --help fast.
@@ -25,8 +25,8 @@ STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedi
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from common.storefiles import write_chain
-    from common.synth import MEMBERS_PER_STORE, ChainSpec, generate_chain
+    from common.data.storefiles import write_chain
+    from common.data.synth import MEMBERS_PER_STORE, ChainSpec, generate_chain
 
     members = args.members if args.members is not None else MEMBERS_PER_STORE * args.stores
     spec = ChainSpec(stores=args.stores, seed=args.seed, members=members, items=args.items)
@@ -59,8 +59,8 @@ def chain_summary(chain) -> dict:
 
 def preflight(data_dir: Path) -> int:
     """Check that every store of a chain directory can train; returns its number of stores."""
-    from common.ingest import validate_store
-    from common.storefiles import store_dirs
+    from common.data.ingest import validate_store
+    from common.data.storefiles import store_dirs
 
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found")
@@ -73,7 +73,7 @@ def preflight(data_dir: Path) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from common.ingest import validate_store
+    from common.data.ingest import validate_store
 
     store_dir = Path(args.store_dir).expanduser().resolve()
     catalog = Path(args.catalog).expanduser().resolve() if args.catalog else store_dir.parent.parent

@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from client.ledger import ledger_path, read_events
-from common import privacy
-from common.storefiles import DataError, read_store_meta
+from common.privacy import accountant as privacy
+from common.data.storefiles import DataError, read_store_meta
 
 DEFAULT_BUDGET = 8.0
 _MAX_ROUNDS_SHOWN = 1000

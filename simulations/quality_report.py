@@ -2,7 +2,7 @@
 
 Input is one record per (method, store), as :mod:`simulations.bench_quality` measures them:
 ``{"store", "train_members", "all": {...}, "explore": {...}, "audience": {...}}`` where
-``all``/``explore`` hold the list metrics of :func:`common.evaluation.list_report` (with
+``all``/``explore`` hold the list metrics of :func:`common.evaluation.evaluation.list_report` (with
 their ``members`` count) and ``audience`` the "goods find people" figures.
 """
 

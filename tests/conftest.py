@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.ingest import prepare_store
-from common.storefiles import write_chain
-from common.synth import ChainSpec, generate_chain
+from common.data.ingest import prepare_store
+from common.data.storefiles import write_chain
+from common.data.synth import ChainSpec, generate_chain
 
 torch.set_num_threads(2)
 

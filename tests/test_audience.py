@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.audience import audience_metrics, recall_at_k, roc_auc
+from common.evaluation.audience import audience_metrics, recall_at_k, roc_auc
 
 
 def test_auc_by_hand_with_a_tie():

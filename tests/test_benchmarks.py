@@ -40,9 +40,9 @@ def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     assert case["sim_s"] > 0 and case["plain_s"] > 0 and case["peak_rss_mb"] > 0
     assert abs(case["overhead"] - (case["sim_s"] / case["plain_s"] - 1)) < 0.01
     # A float32 reply holds every parameter: at least 4 bytes each of the generated catalog's model.
-    from common.dataset import ItemIndex
-    from common.model import Recommender
-    from common.storefiles import read_catalog
+    from common.data.dataset import ItemIndex
+    from common.learning.model import Recommender
+    from common.data.storefiles import read_catalog
     from simulations.bench_sim import QUICK, chain_for
 
     model = Recommender(ItemIndex.from_catalog(read_catalog(chain_for(QUICK["stores"][0], QUICK["members"]))))

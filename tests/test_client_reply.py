@@ -1,4 +1,4 @@
-"""What a store's replies actually contain: only the values DESIGN §4.3 lists (common.wire)."""
+"""What a store's replies actually contain: only the values DESIGN §4.3 lists (common.exchange.wire)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.client_app import handle_evaluate, handle_train
-from common import wire
+from common.exchange import wire
 from common.config import RunConfig
-from common.dataset import ItemIndex
-from common.model import Recommender
-from common.storefiles import read_catalog
+from common.data.dataset import ItemIndex
+from common.learning.model import Recommender
+from common.data.storefiles import read_catalog
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -95,7 +95,7 @@ def test_the_event_is_in_the_ledger_before_the_update_leaves(small_chain_dir, tm
 
 def test_a_corrupted_ledger_stops_training(small_chain_dir, tmp_path):
     from client.ledger import ledger_path
-    from common.ledger import LedgerError
+    from common.privacy.ledger import LedgerError
 
     ledger_path(tmp_path).write_text('{"format": "storefed-privacy-ledger", "version": 1, "store_id": "S003"}\n{"seq"')
     context = _deployed(small_chain_dir, tmp_path)

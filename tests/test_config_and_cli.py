@@ -13,7 +13,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from common import wire
+from common.exchange import wire
 from common.config import DEFAULTS, ConfigError, RunConfig
 from simulations.cli import main
 
@@ -61,7 +61,7 @@ def test_cli_runs_as_a_console_script_without_traceback(tmp_path):
 
 
 def test_designed_reply_values_are_the_ones_design_lists():
-    # DESIGN §4.3 lists these; a new key in common/wire.py must be added there first.
+    # DESIGN §4.3 lists these; a new key in common/exchange/wire.py must be added there first.
     assert set(wire.TRAIN_METRICS) == {"num-examples", "epsilon", "delta", "noise-multiplier",
                                        "rounds-trained", "epsilon-budget", "train-loss"}
     assert set(wire.TRAIN_CONFIG) == {"store-id", "accountant"}

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.dataset import ExampleConfig, sample_train_examples
-from common.ingest import prepare_store
+from common.data.dataset import ExampleConfig, sample_train_examples
+from common.data.ingest import prepare_store
 
 CATALOG = pd.DataFrame({
     "item_id": ["A", "B", "C", "D", "E", "F"],

@@ -31,9 +31,9 @@ import pytest
 
 from client.ledger import read_events
 from client.node_key import make_node_key
-from common import privacy
-from common.storefiles import write_chain
-from common.synth import ChainSpec, generate_chain
+from common.privacy import accountant as privacy
+from common.data.storefiles import write_chain
+from common.data.synth import ChainSpec, generate_chain
 from server.certs import make_dev_pki
 from simulations.cli import main
 from deploy_harness import BIN, Processes, free_port, wait_for

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.dataset import ExampleConfig, sample_train_examples
-from common.model import BasketLoss, Recommender
-from common.training import DPConfig, TrainConfig, batch_tensors, train_local
+from common.data.dataset import ExampleConfig, sample_train_examples
+from common.learning.model import BasketLoss, Recommender
+from common.learning.training import DPConfig, TrainConfig, batch_tensors, train_local
 
 DP_PATHS = ("bookkeeping", "opacus")
 
@@ -152,7 +152,7 @@ class _SequenceNet(torch.nn.Module):
 def test_per_member_norms_and_clipped_sums_match_torch_func():
     from torch.func import functional_call, grad, vmap
 
-    from common import dp_fast
+    from common.learning import dp_fast
 
     torch.manual_seed(0)
     net = _SequenceNet()
@@ -181,7 +181,7 @@ def test_per_member_norms_and_clipped_sums_match_torch_func():
 
 
 def test_one_pass_path_refuses_parameters_outside_linear_layers():
-    from common import dp_fast
+    from common.learning import dp_fast
 
     net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match="0.weight"):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import mean_metrics, per_member_metrics, top_k, topfreq_scores
+from common.evaluation.metrics import mean_metrics, per_member_metrics, top_k, topfreq_scores
 
 LOG2 = math.log2
 

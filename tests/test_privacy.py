@@ -7,8 +7,8 @@ import multiprocessing
 import pytest
 
 from client.ledger import append_event, ledger_path, read_events
-from common import privacy
-from common.ledger import LedgerError, PrivacyEvent
+from common.privacy import accountant as privacy
+from common.privacy.ledger import LedgerError, PrivacyEvent
 from simulations.bench_privacy import SETTINGS
 from simulations.bench_privacy import pld_epsilon as _pld
 

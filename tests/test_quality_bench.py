@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from common.dataset import Examples, ItemIndex, MemberLog, StoreData
-from common.evaluation import explore_view, list_report
+from common.data.dataset import Examples, ItemIndex, MemberLog, StoreData
+from common.evaluation.evaluation import explore_view, list_report
 from simulations.bench_quality import baseline_records
 from simulations.quality_report import evaluate_targets, median_store_difference, summarize
 

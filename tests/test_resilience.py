@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from common.storefiles import write_chain
-from common.synth import ChainSpec, generate_chain
+from common.data.storefiles import write_chain
+from common.data.synth import ChainSpec, generate_chain
 from server.checkpoint import FILE, CheckpointError, load_checkpoint
 from simulations.simulate import simulate
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 
-from common import wire
-from common.dataset import ItemIndex
-from common.model import Recommender
-from common.storefiles import read_catalog
+from common.exchange import wire
+from common.data.dataset import ItemIndex
+from common.learning.model import Recommender
+from common.data.storefiles import read_catalog
 from server.strategy import make_strategy
 
 

@@ -9,11 +9,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.client_app import handle_train, refuse_when_unusable
-from common import wire
+from common.exchange import wire
 from common.config import RunConfig
-from common.dataset import ItemIndex
-from common.model import Recommender
-from common.storefiles import read_catalog
+from common.data.dataset import ItemIndex
+from common.learning.model import Recommender
+from common.data.storefiles import read_catalog
 
 
 def _train_message(chain_dir, node_id: int = 7) -> Message:

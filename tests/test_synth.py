@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 
-from common import contract
-from common.storefiles import write_chain
-from common.synth import ChainSpec, generate_chain
+from common.data import contract
+from common.data.storefiles import write_chain
+from common.data.synth import ChainSpec, generate_chain
 
 
 def _files(root):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from common import update_codec, wire
+from common.exchange import update_codec
+from common.exchange import wire
 from common.config import RunConfig
 
 
@@ -90,9 +91,9 @@ def _context(chain_dir, node_config):
 def _message(chain_dir, kind):
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from common.dataset import ItemIndex
-    from common.model import Recommender
-    from common.storefiles import read_catalog
+    from common.data.dataset import ItemIndex
+    from common.learning.model import Recommender
+    from common.data.storefiles import read_catalog
 
     torch.manual_seed(0)
     model = Recommender(ItemIndex.from_catalog(read_catalog(chain_dir)))

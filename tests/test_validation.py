@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from common.ingest import validate_store
+from common.data.ingest import validate_store
 from simulations.cli import main
 
 NOW = pd.Timestamp("2025-06-01T00:00:00Z")

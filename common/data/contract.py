@@ -1,6 +1,6 @@
 """The data contract of DESIGN §3: file names, columns and their rules.
 
-Pure constants and small pure checks; reading files lives in :mod:`common.storefiles`.
+Pure constants and small pure checks; reading files lives in :mod:`common.data.storefiles`.
 """
 
 from __future__ import annotations

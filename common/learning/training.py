@@ -7,7 +7,7 @@ without materialising per-sample gradients). One example per member per epoch, s
 member's whole influence on a step is bounded by the clip.
 
 The privacy *accounting* is not done here: the function reports the mechanism it ran
-(σ, q, steps) and the caller records it (see :mod:`common.privacy`).
+(σ, q, steps) and the caller records it (see :mod:`common.privacy.accountant`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.dataset import ExampleConfig, Examples, StoreData, concat_examples, sample_train_examples
-from common.model import BasketLoss, Recommender
+from common.data.dataset import ExampleConfig, Examples, StoreData, concat_examples, sample_train_examples
+from common.learning.model import BasketLoss, Recommender
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class TrainConfig:
     optimizer: str = "adam"  # or "sgd" (plain steps; used to check DP-SGD's arithmetic)
     noise_seed: int | None = None  # None: derived from seed
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights
-    dp_path: str = "bookkeeping"  # DP-SGD arithmetic: "bookkeeping" (common.dp_fast) or "opacus" (ghost clipping)
+    dp_path: str = "bookkeeping"  # DP-SGD arithmetic: "bookkeeping" (common.learning.dp_fast) or "opacus" (ghost clipping)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def train_local(
     elif dp is not None:
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
 
-        # Opacus' own accountant is not used: the store's ledger is the record (common.privacy).
+        # Opacus' own accountant is not used: the store's ledger is the record (common.privacy.accountant).
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off: the noise is seeded so runs can be replayed.
             warnings.simplefilter("ignore")

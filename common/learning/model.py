@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.dataset import HISTORY_FEATURES, PROFILE_DIM, ItemIndex
+from common.data.dataset import HISTORY_FEATURES, PROFILE_DIM, ItemIndex
 
 
 @dataclass(frozen=True)

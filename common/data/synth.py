@@ -12,7 +12,7 @@ something real to find:
 * visits follow a weekly rhythm; ~10 % of members shop at a second store of the chain
   under the same card; some receipts are anonymous; a few lines are returns.
 
-Pure: no file I/O. :func:`generate_chain` returns frames; :mod:`common.storefiles` writes them.
+Pure: no file I/O. :func:`generate_chain` returns frames; :mod:`common.data.storefiles` writes them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from common.storefiles import DataError, atomic_write_bytes
+from common.data.storefiles import DataError, atomic_write_bytes
 
 
 def write_private(path: Path, data: bytes) -> None:

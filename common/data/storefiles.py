@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import contract
-from common.synth import ChainSpec, GeneratedChain
+from common.data import contract
+from common.data.synth import ChainSpec, GeneratedChain
 
 
 class DataError(Exception):
@@ -179,7 +179,7 @@ def ensure_generated_chain(out: Path, spec: ChainSpec) -> bool:
     """
     import fcntl
 
-    from common.synth import generate_chain
+    from common.data.synth import generate_chain
 
     out = Path(out)
     marker = out / ".complete"

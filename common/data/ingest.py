@@ -1,6 +1,6 @@
 """Reading a store's real files, validating them, and setting bad rows aside (DESIGN §3).
 
-The I/O edge around :mod:`common.validation`: sniffs encodings and delimiters, reads in
+The I/O edge around :mod:`common.data.validation`: sniffs encodings and delimiters, reads in
 chunks (bounded memory on stores of millions of lines), keeps accepted lines in a compact
 integer form, and writes quarantined rows to ``<state>/quarantine/<file>`` with a reason so
 an operator can fix and re-feed them. ``storefed validate`` and the ClientApp both call
@@ -18,9 +18,9 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from common import contract
-from common.storefiles import DataError, atomic_write_bytes, locate, read_catalog, read_store_meta
-from common.validation import (
+from common.data import contract
+from common.data.storefiles import DataError, atomic_write_bytes, locate, read_catalog, read_store_meta
+from common.data.validation import (
     MAX_PROBLEMS,
     FileReport,
     check_members,
@@ -304,7 +304,7 @@ def _compact_empty() -> pd.DataFrame:
 
 def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: Codes | None) -> pd.DataFrame:
     """Lines as integers and floats only: what bounded memory on large stores needs."""
-    from common.dataset import days_since_epoch
+    from common.data.dataset import days_since_epoch
 
     return pd.DataFrame({
         "member": (members.encode(lines["member"]) if members is not None else np.full(len(lines), -1)).astype(np.int32),
@@ -372,7 +372,7 @@ def prepare_store(store_dir: Path, catalog_dir: Path, cfg=None, *, now: pd.Times
 
     Raises DataError when the store cannot train, with every reason.
     """
-    from common.dataset import ExampleConfig, ItemIndex, build_store_data
+    from common.data.dataset import ExampleConfig, ItemIndex, build_store_data
 
     checked = validate_store(store_dir, catalog_dir, now=now, quarantine_dir=quarantine_dir,
                              assume_consent=assume_consent)

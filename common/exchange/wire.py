@@ -6,12 +6,12 @@ against them, so a new value cannot leave a store without a change here and in �
 
 from __future__ import annotations
 
-from common.metrics import METRIC_KEYS
+from common.evaluation.metrics import METRIC_KEYS
 
 # Train reply. "arrays": the model after local DP-SGD, (ε, δ)-DP per member, accounted —
 # or, with run config update-encoding float16/int8, its update against the global model in
 # that precision (int8 adds "<name>.scale" per row): post-processing, same (ε, δ); see
-# common.update_codec. Never a selection of rows.
+# common.exchange.update_codec. Never a selection of rows.
 TRAIN_ARRAYS = "arrays"
 TRAIN_METRICS = (
     "num-examples",  # NOT DP: training members (store size ±1); FedAvg weight

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from common import contract
+from common.data import contract
 
 _EPOCH = pd.Timestamp(0, tz="UTC")
 
@@ -154,7 +154,7 @@ def _profile_matrix(members: pd.DataFrame, ref_day: float) -> np.ndarray:
     gender = np.array([contract.GENDERS.index(g) if g in contract.GENDERS else len(contract.GENDERS) for g in gender_col])
     tier_col = members.get("tier", pd.Series([""] * n)).astype(str).str.strip().str.lower()
     tier = np.array([contract.TIERS.index(t) if t in contract.TIERS else len(contract.TIERS) for t in tier_col])
-    from common.validation import parse_timestamps
+    from common.data.validation import parse_timestamps
 
     join_day = days_since_epoch(parse_timestamps(members["join_date"].astype(str)))
     join = pd.Series(np.isnan(join_day), index=members.index)
@@ -288,7 +288,7 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
     ``lines``: accepted, consenting member purchase lines (member, item, day, qty, receipt)
     with returns already netted; ``anonymous``: anonymous purchases (item, day, qty), used
     for the assortment and popularity only; ``members``: accepted member rows (profiles).
-    See :func:`common.ingest.validate_store`, which produces all three.
+    See :func:`common.data.ingest.validate_store`, which produces all three.
     """
     all_days = np.concatenate([lines["day"].to_numpy(), anonymous["day"].to_numpy()])
     if len(all_days) == 0:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from common import contract
+from common.data import contract
 
 # Accepted timestamp spellings, tried in order: ISO-8601 (with T or space, optional
 # seconds, fraction, Z or ±hh:mm offset), then day-first dotted, then US slashes.

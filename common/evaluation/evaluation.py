@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.audience import AUDIENCE_K, audience_metrics
-from common.dataset import Examples, StoreData, history_arrays
-from common.metrics import (CUTOFFS, category_diversity, coverage, mean_metrics, popularity_scores, top_k,
+from common.evaluation.audience import AUDIENCE_K, audience_metrics
+from common.data.dataset import Examples, StoreData, history_arrays
+from common.evaluation.metrics import (CUTOFFS, category_diversity, coverage, mean_metrics, popularity_scores, top_k,
                             topfreq_scores)
-from common.model import Recommender
-from common.training import batch_tensors
+from common.learning.model import Recommender
+from common.learning.training import batch_tensors
 
 LIST_LENGTH = 20
 

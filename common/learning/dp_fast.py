@@ -20,7 +20,7 @@ needs a second full backward pass instead.
 
 The interface mirrors what ``PrivacyEngine.make_private`` returns (module with
 ``remove_hooks``, optimizer with ``params``/``original_optimizer``, a criterion whose
-result has ``backward``), so :func:`common.training.train_local` runs either path with the
+result has ``backward``), so :func:`common.learning.training.train_local` runs either path with the
 same loop. Sampling is Opacus' own ``DPDataLoader``; noise is drawn per parameter, in
 parameter order, with the given generator, as Opacus draws it.
 """

@@ -1,0 +1,1 @@
+"""The privacy room: the accountant (ε from a mechanism history), ledger events, key files."""
