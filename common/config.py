@@ -71,6 +71,12 @@ class Range:
     high_open: bool = False
     zero: bool = False  # 0 allowed besides [low, high] (noise-multiplier: 0 = calibrate)
     choices: tuple = ()
+    integer: bool = False  # only for the wording: the type check is DEFAULTS'
+
+    @classmethod
+    def whole(cls, low: int) -> "Range":
+        """Integers from ``low`` up."""
+        return cls(low=low, integer=True)
 
     def allows(self, value: Any) -> bool:
         if self.choices:
@@ -94,7 +100,7 @@ class Range:
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
         low = None if self.low is None else f"{'>' if self.low_open else '≥'} {self.low:g}"
         high = None if self.high is None else f"{'<' if self.high_open else '≤'} {self.high:g}"
-        span = "a finite number " + (" and ".join(p for p in (low, high) if p) or "")
+        span = ("an integer " if self.integer else "a finite number ") + " and ".join(p for p in (low, high) if p)
         return f"0, or {span}" if self.zero else span.strip()
 
 
@@ -102,18 +108,18 @@ class Range:
 NOISE_RANGE = Range(low=MIN_NOISE_MULTIPLIER, high=MAX_NOISE_MULTIPLIER, zero=True)
 
 RANGES: dict[str, Range] = {
-    "seed": Range(low=0),
-    "stores": Range(low=1),
-    "rounds": Range(low=1),
-    "local-epochs": Range(low=1),
-    "batch-size": Range(low=1),
+    "seed": Range.whole(0),
+    "stores": Range.whole(1),
+    "rounds": Range.whole(1),
+    "local-epochs": Range.whole(1),
+    "batch-size": Range.whole(1),
     "lr": Range(low=0, low_open=True),
     "dp-optimizer": Range(choices=("sgd", "adam")),
     "dp-lr": Range(low=0, low_open=True),
-    "dim": Range(low=1),
-    "hidden": Range(low=1),
-    "history-len": Range(low=1),
-    "test-days": Range(low=0),
+    "dim": Range.whole(1),
+    "hidden": Range.whole(1),
+    "history-len": Range.whole(1),
+    "test-days": Range.whole(0),
     "target-epsilon": Range(low=0, low_open=True),
     "epsilon-budget": Range(low=0, low_open=True),
     "noise-multiplier": NOISE_RANGE,
@@ -131,12 +137,12 @@ RANGES: dict[str, Range] = {
     "server-momentum": Range(low=0, high=1, high_open=True),
     "proximal-mu": Range(low=0),
     "trim-beta": Range(low=0, high=0.5, high_open=True),
-    "krum-malicious": Range(low=0),
-    "min-stores": Range(low=0),
+    "krum-malicious": Range.whole(0),
+    "min-stores": Range.whole(0),
     "update-norm-factor": Range(low=0),
-    "stop-after-round": Range(low=0),
+    "stop-after-round": Range.whole(0),
     "fault": Range(choices=("", "nan", "scale", "shape", "crash", "slow")),
-    "fault-stores": Range(low=0),
+    "fault-stores": Range.whole(0),
     "fault-slow-s": Range(low=0),
     "node-wait-s": Range(low=0),
     "round-timeout-s": Range(low=0, low_open=True),

@@ -77,7 +77,7 @@ WHO: dict[str, tuple[str, str]] = {
 # The keys of a train or evaluate message's "config" record that a store reads (Flower's
 # strategies write them); outside numbers like the run config's.
 MESSAGE_RANGES: dict[str, Range] = {
-    "server-round": Range(low=0),
+    "server-round": Range.whole(0),
     "proximal-mu": Range(low=0),
 }
 
