@@ -21,11 +21,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.ledger import append_event, read_events
+from client.policy import PolicyError
+from client.policy import enforce as store_policy_for
 from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
 from common.privacy import accountant as privacy
 from common.exchange import update_codec
 from common.exchange import wire
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.evaluation.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
 from common.privacy.ledger import LedgerError, PrivacyEvent
 from common.data.storefiles import DataError
@@ -79,6 +81,7 @@ def _proximal_mu(msg: Message) -> float:
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train the global model on this store's members with DP-SGD; reply per DESIGN §4.3."""
+    cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
     node = load_store(context.node_config, cfg)
     fault = injected_fault(node, context, cfg)
     if fault == "crash":
@@ -132,7 +135,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     q = sample_rate_for(n, batch)
     steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
     after = privacy.epsilon(history + [(sigma, q, steps)], delta, accountant)
-    if after > budget:
+    if not (after <= budget):  # NaN declines too
         spent = privacy.epsilon(history, delta, accountant)
         reason = (f"training this round would bring ε from {spent:.3f} to {after:.3f}, "
                   f"over the store's budget {budget:g}")
@@ -208,6 +211,7 @@ def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNod
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (and the baselines) on this store's test split."""
+    cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
     node = load_store(context.node_config, cfg)
     if not _allow_local_metrics(context, node):
         raise PermissionError(f"store {node.store_id} does not send evaluation metrics "
@@ -239,7 +243,8 @@ def _baselines(node: StoreNode) -> dict:
 
 
 def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], Message]) -> Message:
-    """``handler()``, or a refusal when the store's data or ledger cannot be used.
+    """``handler()``, or a refusal when the store's data or ledger cannot be used, or the run
+    asks for what the store's policy does not allow (client.policy).
 
     A store with missing or invalid files must not train, and must not take its daemon down
     either: it replies with the reason (wire.REFUSE_CODE), which the server logs with the
@@ -247,7 +252,7 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     """
     try:
         return handler()
-    except (DataError, LedgerError) as exc:
+    except (DataError, LedgerError, PolicyError, ConfigError) as exc:
         store = store_label(context.node_config)
         print(f"storefed: store {store} refuses {msg.metadata.message_type}: {exc}", file=sys.stderr, flush=True)
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, str(exc))), reply_to=msg)

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 from client import prepared_cache
 from common.privacy import accountant as privacy
-from common.config import DEFAULTS, RunConfig
+from common.privacy import store_policy
+from common.config import RunConfig
 from common.data.dataset import ExampleConfig, StoreData
 from common.data.ingest import prepare_store
 from common.data.storefiles import DataError, read_store_meta, store_dirs
@@ -34,9 +35,13 @@ class StoreNode:
     simulated: bool
 
     def delta(self, cfg: RunConfig) -> float:
-        """The store's δ: its own setting, else the run's default capped at 1/(10·members)."""
-        own = float(self.meta.get("delta", 0) or 0)
-        return own or privacy.store_delta(self.data.n_train_members, float(cfg["delta"]))
+        """The store's δ: the smallest of its own setting, the run's and 1/(10·members).
+
+        A run may only lower δ (a deployed store's node config δ is already in ``cfg``, see
+        client.policy); a deployed store with no δ of its own keeps the default 1e-6."""
+        own = store_policy.own_settings({}, self.meta, str(self.store_dir / "store.json"))
+        setting = store_policy.effective_delta(float(cfg["delta"]), own, deployed=not self.simulated)
+        return privacy.store_delta(self.data.n_train_members, setting)
 
 
 _CACHE: dict[tuple, tuple[StoreData, dict]] = {}
@@ -115,10 +120,11 @@ def state_dir(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConfig) -
 
 
 def state_dir_for(store_dir: Path, node_config: Mapping[str, Any], cfg: RunConfig, store_id: str) -> Path:
-    """Node config ``state-dir``, else the run's ``state-dir``/<store-id>, else <store-dir>/state."""
+    """Node config ``state-dir``, else (simulation only) the run's ``state-dir``/<store-id>,
+    else <store-dir>/state. A deployed store never keeps its ledger where a run says."""
     if node_config.get("state-dir"):
         return Path(str(node_config["state-dir"])).expanduser().resolve()
-    if str(cfg["state-dir"]):
+    if "store-dir" not in node_config and str(cfg["state-dir"]):
         return Path(str(cfg["state-dir"])).expanduser().resolve() / store_id
     return Path(store_dir) / "state"
 
@@ -130,15 +136,8 @@ def epsilon_budget(node: StoreNode, node_config: Mapping[str, Any], cfg: RunConf
     comes from the server, which may lower a store's budget but never raise it. A
     simulation takes the run config's value as given (experiments at other budgets).
     """
-    candidates = [float(cfg["epsilon-budget"])]
-    own = []
-    for source in (node_config, node.meta):
-        for key in ("epsilon-budget", "epsilon_budget"):
-            if source.get(key) not in (None, ""):
-                own.append(float(source[key]))
-    if not own and not node.simulated:
-        own.append(float(DEFAULTS["epsilon-budget"]))
-    return min(candidates + own)
+    own = store_policy.own_settings(node_config, node.meta, str(node.store_dir / "store.json"))
+    return store_policy.effective_budget(float(cfg["epsilon-budget"]), own, deployed=not node.simulated)
 
 
 def example_config(cfg: RunConfig) -> ExampleConfig:

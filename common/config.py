@@ -6,10 +6,13 @@ test checks it), so ``flwr run .`` and the Python entry start from the same defa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from common.privacy.accountant import MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -57,6 +60,103 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """What values a run-config number or name may take. Checked for every key, everywhere
+    (simulation, server, store): a NaN, an infinity or a negative clip norm is never a setting."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    zero: bool = False  # 0 allowed besides [low, high] (noise-multiplier: 0 = calibrate)
+    choices: tuple = ()
+    integer: bool = False  # only for the wording: the type check is DEFAULTS'
+
+    @classmethod
+    def whole(cls, low: int) -> "Range":
+        """Integers from ``low`` up."""
+        return cls(low=low, integer=True)
+
+    def allows(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # not a number: the type check decides
+        if self.zero and value == 0:
+            return True
+        # Written so that NaN fails every test.
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return True
+
+    def text(self) -> str:
+        """The range in words, for errors and the README."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
+        low = None if self.low is None else f"{'>' if self.low_open else '≥'} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '≤'} {self.high:g}"
+        span = ("an integer " if self.integer else "a finite number ") + " and ".join(p for p in (low, high) if p)
+        return f"0, or {span}" if self.zero else span.strip()
+
+
+# The noise multipliers a store accepts (common.privacy.accountant says why these bounds).
+NOISE_RANGE = Range(low=MIN_NOISE_MULTIPLIER, high=MAX_NOISE_MULTIPLIER, zero=True)
+
+RANGES: dict[str, Range] = {
+    "seed": Range.whole(0),
+    "stores": Range.whole(1),
+    "rounds": Range.whole(1),
+    "local-epochs": Range.whole(1),
+    "batch-size": Range.whole(1),
+    "lr": Range(low=0, low_open=True),
+    "dp-optimizer": Range(choices=("sgd", "adam")),
+    "dp-lr": Range(low=0, low_open=True),
+    "dim": Range.whole(1),
+    "hidden": Range.whole(1),
+    "history-len": Range.whole(1),
+    "test-days": Range.whole(0),
+    "target-epsilon": Range(low=0, low_open=True),
+    "epsilon-budget": Range(low=0, low_open=True),
+    "noise-multiplier": NOISE_RANGE,
+    # σ·C is the noise's standard deviation: C ≤ 0 would skip or flip the noise.
+    "clip-norm": Range(low=0, low_open=True, high=1e6),
+    "update-encoding": Range(choices=("float32", "float16", "int8")),
+    "dp-path": Range(choices=("bookkeeping", "opacus")),
+    "delta": Range(low=0, low_open=True, high=1, high_open=True),
+    "accountant": Range(choices=("prv", "rdp")),
+    "fraction-train": Range(low=0, low_open=True, high=1),
+    "fraction-evaluate": Range(low=0, high=1),
+    "strategy": Range(choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "fedmedian",
+                               "fedtrimmedavg", "krum", "multikrum")),
+    "server-lr": Range(low=0),
+    "server-momentum": Range(low=0, high=1, high_open=True),
+    "proximal-mu": Range(low=0),
+    "trim-beta": Range(low=0, high=0.5, high_open=True),
+    "krum-malicious": Range.whole(0),
+    "min-stores": Range.whole(0),
+    "update-norm-factor": Range(low=0),
+    "stop-after-round": Range.whole(0),
+    "fault": Range(choices=("", "nan", "scale", "shape", "crash", "slow")),
+    "fault-stores": Range.whole(0),
+    "fault-slow-s": Range(low=0),
+    "node-wait-s": Range(low=0),
+    "round-timeout-s": Range(low=0, low_open=True),
+}
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Raise ConfigError for the first value outside its key's range (see RANGES)."""
+    for key, value in values.items():
+        rule = RANGES.get(key)
+        if rule is not None and not rule.allows(value):
+            raise ConfigError(f"run config '{key}' must be {rule.text()}, got {value!r}")
+
+
 def cache_root() -> Path:
     """Where generated chains and run results go: $STOREFED_CACHE or ~/.cache/storefed."""
     env = os.environ.get("STOREFED_CACHE")
@@ -82,7 +182,8 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, given: Mapping[str, Any] | None = None) -> "RunConfig":
-        """Merge ``given`` over :data:`DEFAULTS`; unknown keys and wrong types are errors."""
+        """Merge ``given`` over :data:`DEFAULTS`; unknown keys, wrong types and values outside
+        :data:`RANGES` are errors."""
         merged = dict(DEFAULTS)
         for key, value in (given or {}).items():
             if key not in DEFAULTS:
@@ -93,6 +194,7 @@ class RunConfig:
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"run config '{key}' must be {want.__name__}, got {value!r}")
             merged[key] = value
+        check_values(merged)
         return cls(merged)
 
     def chain_dir(self) -> Path:

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig, cache_root
+from common.config import ConfigError, RunConfig, cache_root
 from common.data.dataset import ItemIndex
 from common.learning.model import ModelConfig, Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
@@ -183,7 +183,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        try:
+            cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        except ConfigError as exc:  # e.g. clip-norm=-1, epsilon-budget=nan: no store is asked
+            _say(f"storefed: run refused: {exc}")
+            raise
         run_chain(grid, cfg, run_name=f"run-{context.run_id}")
 
     return server_app

@@ -54,11 +54,12 @@ def decline_reason(info: dict) -> str:
     return DECLINE_PREFIX + json.dumps(info, sort_keys=True)
 
 
-# A store that cannot train at all (its data or ledger is missing or unusable) refuses with
-# this code and a reason "storefed-refuse {json}" whose keys are REFUSE_KEYS. The reason
-# names the store's file and the problem (a missing column, an unreadable ledger); the
-# messages it comes from describe files and columns (a parser error gives line and field
-# numbers), not member data.
+# A store that cannot train at all (its data or ledger is missing or unusable, or the run
+# asks for what the store's policy does not allow: client.policy) refuses with this code and
+# a reason "storefed-refuse {json}" whose keys are REFUSE_KEYS. The reason names the store's
+# file and the problem (a missing column, an unreadable ledger) or the run-config setting and
+# its allowed range; the messages it comes from describe files, columns and settings (a
+# parser error gives line and field numbers), not member data.
 REFUSE_CODE = 1002
 REFUSE_PREFIX = "storefed-refuse "
 REFUSE_KEYS = ("store-id", "reason")

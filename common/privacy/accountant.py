@@ -14,6 +14,13 @@ from typing import Iterable, Sequence
 
 ACCOUNTANTS = ("prv", "rdp")
 DEFAULT_DELTA = 1e-6
+# The noise multipliers storefed runs with, configured or calibrated. Below 0.3 Opacus' PRV
+# accountant's numerics need more memory than a store has (σ = 0.01, 20 steps at q = 0.5:
+# killed; σ = 0.1, 100 steps at q = 1: over 4 GB), so a run could take a store down by asking
+# for it, and such σ protect no one (σ = 0.3: ε 20.8 for one full-batch step). Above 100 a
+# PRV evaluation slows down (σ = 10⁶: 80 s) for an ε indistinguishable from 0.
+MIN_NOISE_MULTIPLIER = 0.3
+MAX_NOISE_MULTIPLIER = 100.0
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -91,11 +98,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     Bisection on σ with :func:`epsilon` itself, so calibration and reporting can never
     disagree. Raises ``ValueError`` when the prior history alone exceeds the target.
     """
-    if target_epsilon <= 0:
-        raise ValueError("target epsilon must be > 0")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):  # NaN fails it too
+        raise ValueError("target epsilon must be finite and > 0")
     if steps <= 0:
         return 0.0
-    if prior and epsilon(prior, delta, accountant) >= target_epsilon:
+    if prior and not (epsilon(prior, delta, accountant) < target_epsilon):
         raise ValueError("the budget is already spent by earlier training")
 
     def eps_at(sigma: float, kind: str = accountant) -> float:
@@ -103,15 +110,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
     # Bracket with RDP first: it is fast and never below PRV, so the RDP answer is a σ
     # that certainly meets the target; PRV then only refines downwards from there.
-    lo, hi = 0.1, 1.0
+    lo, hi = MIN_NOISE_MULTIPLIER, 1.0
     while eps_at(hi, "rdp") > target_epsilon:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e4:
-            raise ValueError("no noise level reaches that epsilon")
+        if hi >= MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches that epsilon")
+        lo, hi = hi, min(hi * 2.0, MAX_NOISE_MULTIPLIER)
     hi = _bisect(lambda s: eps_at(s, "rdp"), target_epsilon, lo, hi)
     if accountant == "rdp":
         return hi
-    lo = 0.5 * hi
+    lo = max(0.5 * hi, MIN_NOISE_MULTIPLIER)
     while eps_at(hi) > target_epsilon:  # PRV's upper estimate can sit just above RDP's
         lo, hi = hi, hi * 1.25
     return _bisect(eps_at, target_epsilon, lo, hi)
