@@ -316,7 +316,7 @@ def head_of(ledger: Ledger, epsilon: float | None, at: str) -> Head:
 
 def head_text(head: Head) -> str:
     body = {"format": HEAD_FORMAT, **asdict(head), "history": [list(m) for m in head.history]}
-    return json.dumps(body, sort_keys=True, indent=1) + "\n"
+    return json.dumps(body, sort_keys=True) + "\n"
 
 
 def parse_head(text: str, source: str) -> Head:
