@@ -195,6 +195,15 @@ def plan_repair(state_dir: Path, store_id: str, backup: Path | None = None) -> R
                           "the ledger or the head from backup (or, if the ledger is complete, "
                           "storefed privacy --accept-ledger)")
     source = Path(backup) if backup else ledger_path(state_dir)
+    if backup is None:
+        try:
+            with _locked(state_dir):
+                _load(state_dir, store_id)
+        except LedgerError:
+            pass
+        else:
+            raise LedgerError(f"{ledger_path(state_dir)}: verifies against {head_path(state_dir)}; "
+                              "nothing to repair")
     if source.exists():
         salvaged = parse(_read_text(source), str(source), salvage=True)
         if salvaged.store_id != head.store_id:
@@ -228,13 +237,20 @@ def apply_repair(state_dir: Path, plan: RepairPlan, epsilon_of: EpsilonOf | None
 
 
 def accept_ledger(state_dir: Path, store_id: str, epsilon_of: EpsilonOf | None = None) -> Ledger:
-    """Rebuild a missing head from a ledger whose own hash chain verifies: the operator
-    vouches that no records were lost. Refused when a head exists (use a repair)."""
+    """Rebuild a missing or unreadable head from a ledger whose own hash chain verifies: the
+    operator vouches that no records were lost. Refused when a readable head exists."""
     state_dir = Path(state_dir)
     with _locked(state_dir):
-        if head_path(state_dir).exists():
-            raise LedgerError(f"{head_path(state_dir)}: exists; --accept-ledger only rebuilds a missing "
-                              "head (for a damaged ledger use --repair)")
+        hpath = head_path(state_dir)
+        if hpath.exists():
+            try:
+                _read_head(state_dir)
+            except LedgerError:  # an unreadable head is as good as none; kept for inspection
+                atomic_write_text(hpath.with_name(f"{hpath.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"),
+                                  hpath.read_text(encoding="utf-8", errors="replace"))
+            else:
+                raise LedgerError(f"{hpath}: exists; --accept-ledger only rebuilds a missing or unreadable "
+                                  "head (for a damaged ledger use --repair)")
         path = ledger_path(state_dir)
         if not path.exists():
             raise LedgerError(f"{path}: missing; nothing to accept")

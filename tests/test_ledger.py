@@ -279,6 +279,8 @@ def test_a_lost_head_is_refused_until_the_operator_accepts_the_ledger(tmp_path, 
     assert "is rebuilt from" in capsys.readouterr().out
     assert len(read_events(state, "S003")) == 3
     assert main(argv) == 2  # a head exists now: nothing to accept
+    assert main(["privacy", "--store-dir", str(store), "--state-dir", str(state), "--repair", "--yes"]) == 2
+    assert "nothing to repair" in capsys.readouterr().err
 
 
 def test_the_ledger_one_write_ahead_of_its_head_reads_as_it_is(tmp_path):
