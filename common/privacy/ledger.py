@@ -27,12 +27,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Sequence
 
+from common.privacy.accountant import Mechanism, merge_history
+
 FORMAT = "storefed-privacy-ledger"
 HEAD_FORMAT = "storefed-privacy-ledger-head"
 VERSION = 2
 LOST_SPEND_RUN = "lost-spend"
-
-Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as in accountant
 
 
 class LedgerError(Exception):
@@ -189,50 +189,69 @@ def parse(text: str, source: str, *, salvage: bool = False) -> Ledger:
         return _parse_v1(lines, store_id, source, salvage)
     if header.get("version") != VERSION:
         raise LedgerError(f"{source}: ledger version {header.get('version')} is not supported")
-    ledger = Ledger(store_id, VERSION, lines=(lines[0],), hashes=(_digest(lines[0]),))
+    built = _Builder(Ledger(store_id, VERSION, lines=(lines[0],), hashes=(_digest(lines[0]),)))
     for i, line in enumerate(lines[1:], start=2):
         try:
-            ledger = _add(ledger, _verified(line, ledger, f"{source}: line {i}"), line)
+            built.add(_verified(line, built.seq, built.hashes[-1], f"{source}: line {i}"), line, f"{source}: line {i}")
         except LedgerError:
             if salvage:
                 break
             raise
-    return ledger
+    return built.build()
 
 
-def _verified(line: str, ledger: Ledger, where: str) -> dict:
+def _verified(line: str, seq: int, last_hash: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         raise LedgerError(f"{where} is not valid JSON; the ledger was altered or damaged") from None
-    if not isinstance(record, dict) or record.get("seq") != ledger.seq + 1 \
-            or record.get("prev_hash") != ledger.last_hash:
+    if not isinstance(record, dict) or record.get("seq") != seq + 1 or record.get("prev_hash") != last_hash:
         raise LedgerError(f"{where} does not follow the record before it (lines edited, reordered "
                           "or lost); the ledger was altered")
-    if record.get("hash") != record_hash(record, ledger.last_hash):
+    try:
+        expected = record_hash(record, last_hash)
+    except ValueError:  # NaN or infinity in a field: canonical JSON refuses them
+        raise LedgerError(f"{where} holds a non-finite number; the ledger was altered") from None
+    if record.get("hash") != expected:
         raise LedgerError(f"{where}: its hash does not match its content; the ledger was altered")
     return record
 
 
-def _add(ledger: Ledger, record: dict, line: str) -> Ledger:
-    """``ledger`` with the verified ``record`` (its text ``line``) taken into account."""
-    where = f"record {record['seq']}"
-    kind = record.get("type")
-    events, open_, latest = ledger.events, ledger.open, ledger.latest
-    if kind == "event":
-        latest = _event_of(record, where)
-        events = events + (latest,)
-        rid = str(record.get("reservation", ""))
-        open_ = tuple(r for r in open_ if r.id != rid) if rid else open_
-    elif kind == "reservation":
-        latest = _event_of(record, where)
-        open_ = open_ + (Reservation(str(record.get("id", "")), latest),)
-    elif kind == "release":
-        open_ = tuple(r for r in open_ if r.id != str(record.get("reservation", "")))
-    else:
-        raise LedgerError(f"{where} has an unknown type {kind!r}")
-    return replace(ledger, events=events, open=open_, latest=latest, lines=ledger.lines + (line,),
-                   hashes=ledger.hashes + (record["hash"],))
+class _Builder:
+    """Records taken into account one by one (lists, so that reading n records is O(n))."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.events, self.open = list(ledger.events), list(ledger.open)
+        self.lines, self.hashes = list(ledger.lines or ()), list(ledger.hashes)
+        self.latest = ledger.latest
+
+    @property
+    def seq(self) -> int:
+        return len(self.hashes) - 1
+
+    def add(self, record: dict, line: str, where: str) -> None:
+        """Take the verified ``record`` (its text ``line``) into account."""
+        kind = record.get("type")
+        if kind == "event":
+            self.latest = _event_of(record, where)
+            self.events.append(self.latest)
+            rid = str(record.get("reservation", ""))
+            if rid:
+                self.open = [r for r in self.open if r.id != rid]
+        elif kind == "reservation":
+            self.latest = _event_of(record, where)
+            self.open.append(Reservation(str(record.get("id", "")), self.latest))
+        elif kind == "release":
+            self.open = [r for r in self.open if r.id != str(record.get("reservation", ""))]
+        else:
+            raise LedgerError(f"{where} has an unknown record type {kind!r}; the ledger was altered")
+        self.lines.append(line)
+        self.hashes.append(record["hash"])
+
+    def build(self) -> Ledger:
+        return replace(self.ledger, events=tuple(self.events), open=tuple(self.open), latest=self.latest,
+                       lines=tuple(self.lines), hashes=tuple(self.hashes))
 
 
 def _parse_v1(lines: list[str], store_id: str, source: str, salvage: bool) -> Ledger:
@@ -288,7 +307,9 @@ def append(ledger: Ledger, body: dict) -> Ledger:
     ledger = migrated(ledger)
     record = {**body, "seq": ledger.seq + 1, "prev_hash": ledger.last_hash}
     record["hash"] = record_hash(record, ledger.last_hash)
-    return _add(ledger, record, json.dumps(record, sort_keys=True))
+    built = _Builder(ledger)
+    built.add(record, json.dumps(record, sort_keys=True), f"new record {record['seq']}")
+    return built.build()
 
 
 def render(ledger: Ledger) -> str:
@@ -300,10 +321,7 @@ def render(ledger: Ledger) -> str:
 
 def merged(history: Iterable[Mechanism]) -> tuple[Mechanism, ...]:
     """Steps summed per (σ, q), in first-seen order (composition is commutative)."""
-    steps: dict[tuple[float, float], int] = {}
-    for s, q, t in history:
-        steps[(float(s), float(q))] = steps.get((float(s), float(q)), 0) + int(t)
-    return tuple((s, q, t) for (s, q), t in steps.items() if t > 0)
+    return tuple(merge_history(history))
 
 
 def head_of(ledger: Ledger, epsilon: float | None, at: str) -> Head:
