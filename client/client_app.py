@@ -1,8 +1,9 @@
 """Flower ClientApp of a store: Flower messages in, calls of plain functions, replies out.
 
 What a reply may hold is fixed by :mod:`common.exchange.wire` (DESIGN §4.3). Training follows the
-privacy order of DESIGN §4.2: read the ledger, decline if the round would exceed the
-budget, train, write the event durably, and only then let the update leave.
+privacy order of DESIGN §4.2: under the store's ledger lock, check the budget (open
+reservations count as spent) and reserve the round, or decline; train; commit the event
+durably (or release the reservation if training failed); only then let the update leave.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 import warnings
 import zlib
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
@@ -20,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import append_event, read_events
+from client import ledger
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
@@ -29,7 +31,7 @@ from common.exchange import update_codec
 from common.exchange import wire
 from common.config import ConfigError, RunConfig
 from common.evaluation.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
-from common.privacy.ledger import LedgerError, PrivacyEvent
+from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
 from common.data.storefiles import DataError
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
@@ -127,43 +129,57 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     delta = node.delta(cfg)
     budget = epsilon_budget(node, context.node_config, cfg)
     ledger_dir = state_dir(node, context.node_config, cfg)
-    events = read_events(ledger_dir, node.store_id)  # a bad ledger stops here, loudly
-    history = [e.mechanism() for e in events]
 
     n, batch = node.data.n_train_members, int(cfg["batch-size"])
     sigma = planned_noise(node, cfg)
     q = sample_rate_for(n, batch)
     steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
-    after = privacy.epsilon(history + [(sigma, q, steps)], delta, accountant)
-    if not (after <= budget):  # NaN declines too
-        spent = privacy.epsilon(history, delta, accountant)
-        reason = (f"training this round would bring ε from {spent:.3f} to {after:.3f}, "
-                  f"over the store's budget {budget:g}")
-        info = {"store-id": node.store_id, "epsilon": spent, "epsilon-after": after,
-                "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
-        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg)
-
-    model = _model(node, cfg, msg)
     server_round = _server_round(msg)
-    train_cfg = TrainConfig(
-        local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
-        optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
-        proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
-    )
-    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
-    event = PrivacyEvent(
+
+    # --- reserve → train → commit (DESIGN §4.2): check and reservation are one step under
+    # the store's lock; a bad ledger stops here, loudly (LedgerError → refusal).
+    def epsilon_of(history: list) -> float:
+        return privacy.epsilon(history, delta, accountant)
+
+    planned = PrivacyEvent(
         run_id=str(context.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
-        steps=result.steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
+        steps=steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=delta,
     )
+    decision, reservation = ledger.reserve(
+        ledger_dir, node.store_id, planned,
+        lambda history, reserved, new: budget_decision(history, reserved, new, budget, epsilon_of), epsilon_of)
+    if reservation is None:
+        reason = (f"training this round would bring ε from {decision.spent:.3f} to {decision.after:.3f}, "
+                  f"over the store's budget {budget:g}")
+        info = {"store-id": node.store_id, "epsilon": decision.spent, "epsilon-after": decision.after,
+                "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
+        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg)
+    try:
+        model = _model(node, cfg, msg)
+        train_cfg = TrainConfig(
+            local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
+            optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
+            proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
+        )
+        result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
+    except BaseException as exc:
+        # Nothing was built from this round's noise, so nothing leaves: give the budget back.
+        try:
+            ledger.release(ledger_dir, node.store_id, reservation.id,
+                           f"training failed ({exc.__class__.__name__})", epsilon_of)
+        except LedgerError as release_error:  # the reservation then stays counted as spent
+            print(f"storefed: store {node.store_id}: {release_error}", file=sys.stderr, flush=True)
+        raise
+    event = replace(planned, steps=result.steps, at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # Durable before the update leaves: a crash from here on over-counts, never under-counts.
-    events = append_event(ledger_dir, node.store_id, event)
+    committed = ledger.commit(ledger_dir, node.store_id, reservation.id, event, epsilon_of)
+    events = committed.events
+    # --- end of reserve → train → commit
     metrics = {
         "num-examples": result.examples,
-        # The ledger now holds exactly the mechanism the budget check assumed, unless the
-        # steps differ; then ε is recomputed from the ledger itself.
-        "epsilon": after if result.steps == steps else privacy.epsilon([e.mechanism() for e in events], delta,
-                                                                          accountant),
+        # Everything the store counts as spent now (open reservations of other runs included).
+        "epsilon": epsilon_of(committed.counted()),
         "delta": delta,
         "noise-multiplier": sigma,
         "rounds-trained": sum(1 for e in events if e.run_id == str(context.run_id)),

@@ -148,9 +148,38 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm_with(args: argparse.Namespace):
+    """Ask on the terminal unless --yes; no terminal answer (EOF) means no."""
+    def confirm(question: str) -> bool:
+        print(question)
+        if args.yes:
+            return True
+        try:
+            return input("[y/N] ").strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+    return confirm
+
+
 def _cmd_privacy(args: argparse.Namespace) -> int:
+    from simulations import privacy_report as pr
     from simulations.privacy_report import privacy_report, render_privacy
 
+    state = Path(args.state_dir) if args.state_dir else None
+    if args.from_backup and not args.repair:
+        raise ConfigError("--from-backup goes with --repair")
+    action = None
+    if args.clear_reservation:
+        action = lambda c: pr.clear_reservation(Path(args.store_dir), state, args.clear_reservation, c, args.accountant)
+    elif args.repair:
+        action = lambda c: pr.repair(Path(args.store_dir), state, c,
+                                     Path(args.from_backup) if args.from_backup else None, args.accountant)
+    elif args.accept_ledger:
+        action = lambda c: pr.accept_ledger(Path(args.store_dir), state, c, args.accountant)
+    if action is not None:
+        done, what = action(_confirm_with(args))
+        print(what)
+        return 0 if done else 1
     report = privacy_report(Path(args.store_dir), Path(args.state_dir) if args.state_dir else None,
                             accountant=args.accountant, budget=args.budget)
     print(json.dumps(report) if args.json else render_privacy(report))
@@ -408,12 +437,27 @@ def build_parser() -> argparse.ArgumentParser:
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "
                           "run) and prints ε spent, δ, the budget, rounds left at the current settings "
-                          "and the events. Exit 2 when the ledger is unreadable.")
+                          "and the events, and lists open reservations. Exit 2 when the ledger is unreadable, cut "
+                          "short, altered or missing (the message names the file); --repair, "
+                          "--accept-ledger and --clear-reservation are the operator's answers.")
     priv.add_argument("--store-dir", required=True, help="the store's data directory")
     priv.add_argument("--state-dir", help="the store's state directory (default: <store-dir>/state)")
     priv.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     priv.add_argument("--budget", type=float, help="ε_max (default: store.json epsilon_budget, else 8)")
     priv.add_argument("--json", action="store_true", help="print one JSON object")
+    act = priv.add_mutually_exclusive_group()
+    act.add_argument("--clear-reservation", metavar="ID",
+                     help="release the open reservation ID left by a run that crashed (it counts as spent "
+                     "until then); prints what it releases and how the spend changes")
+    act.add_argument("--repair", action="store_true",
+                     help="rewrite a ledger that is cut short, altered or missing from its intact records, "
+                     "adding lost-spend events so the spend stays at least what its head recorded")
+    act.add_argument("--accept-ledger", action="store_true",
+                     help="rebuild a missing head file from the ledger as it stands (only if you know no "
+                     "records were lost)")
+    priv.add_argument("--from-backup", metavar="FILE",
+                      help="with --repair: take the intact records from this copy of the ledger instead")
+    priv.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     priv.set_defaults(func=_cmd_privacy)
     return parser
 
