@@ -40,7 +40,7 @@ def bucket(n: int) -> int:
     exponent = 1
     while True:
         for mantissa in R10:
-            value = int(round(mantissa * 10**exponent))
+            value = math.ceil(round(mantissa * 10**exponent, 6))  # 12.5 → 13: never below the grid
             if value >= n:
                 return value
         exponent += 1
