@@ -176,3 +176,26 @@ def test_member_privacy_composes_each_members_ledgers(small_chain_dir, tmp_path,
     assert both["max_epsilon"] == pytest.approx(privacy.epsilon(history, delta), rel=1e-12)
     assert both["max_epsilon"] == pytest.approx(pld_epsilon(history, delta), rel=0.05)
     assert both["max_epsilon"] > max(eps.values())
+
+
+def test_validate_reports_the_published_size_and_warns_without_one(small_chain_dir, tmp_path):
+    from common.data.ingest import validate_store
+
+    shutil.copytree(small_chain_dir / "stores" / "S001", tmp_path / "S001")
+    checked = validate_store(tmp_path / "S001", small_chain_dir, keep_data=True)
+    size = checked.as_dict()["size"]
+    home = checked.members.set_index("member_id")["home_store"]
+    trainable = pd.unique(checked.lines["member"])
+    expected = int((home.reindex(trainable) == "S001").sum())
+    assert size["members_who_can_train"] == expected > 0
+    assert size["published_size"] == json.loads((tmp_path / "S001" / "store.json").read_text())["published_size"]
+    assert size["suggested_published_size"] == bucket(expected)
+    assert not any("published_size" in w or "home_store" in w for w in checked.warnings)
+
+    (tmp_path / "S001" / "store.json").write_text(json.dumps({"store_id": "S001"}))
+    path = tmp_path / "S001" / "members.csv"
+    pd.read_csv(path, dtype=str, keep_default_na=False).drop(columns="home_store").to_csv(path, index=False)
+    checked = validate_store(tmp_path / "S001", small_chain_dir, keep_data=False)
+    assert any("no 'published_size'" in w and f'"published_size": {bucket(checked.size["members_who_can_train"])}' in w
+               for w in checked.warnings)
+    assert any("no 'home_store' column" in w for w in checked.warnings)
