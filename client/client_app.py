@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from client import ledger
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
-from client.store import StoreNode, epsilon_budget, load_store, planned_noise, state_dir, store_label
+from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
 from common.privacy import accountant as privacy
 from common.exchange import update_codec
 from common.exchange import wire
@@ -34,7 +34,8 @@ from common.evaluation.evaluation import evaluate_audience, evaluate_baselines, 
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
 from common.data.storefiles import DataError
 from common.learning.model import ModelConfig, Recommender
-from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+from common.learning.training import DPConfig, TrainConfig, train_local
+from common.privacy.published_size import size_warning
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it
@@ -126,14 +127,13 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     if not cfg["dp"]:
         return _train_without_dp(msg, context, cfg, node)
     accountant = str(cfg["accountant"])
-    delta = node.delta(cfg)
+    plan = dp_plan(node, cfg)  # from the published size only: the exact count stays here
+    warn_size(node, plan.published_size)
+    delta = plan.delta
     budget = epsilon_budget(node, context.node_config, cfg)
     ledger_dir = state_dir(node, context.node_config, cfg)
 
-    n, batch = node.data.n_train_members, int(cfg["batch-size"])
-    sigma = planned_noise(node, cfg)
-    q = sample_rate_for(n, batch)
-    steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
+    sigma, q, steps, batch = plan.noise_multiplier, plan.sample_rate, plan.steps, int(cfg["batch-size"])
     server_round = _server_round(msg)
 
     # --- reserve → train → commit (DESIGN §4.2): check and reservation are one step under
@@ -162,7 +162,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
             optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
             proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
         )
-        result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
+        result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
     except BaseException as exc:
         # Nothing was built from this round's noise, so nothing leaves: give the budget back.
         try:
@@ -177,7 +177,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     events = committed.events
     # --- end of reserve → train → commit
     metrics = {
-        "num-examples": result.examples,
+        "num-examples": plan.weight,  # the published size, never the exact count
         # Everything the store counts as spent now (open reservations of other runs included).
         "epsilon": epsilon_of(committed.counted()),
         "delta": delta,
@@ -190,6 +190,18 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     return _train_reply(msg, model, metrics, node, accountant, cfg, train_cfg.seed)
 
 
+_SIZE_WARNED: set[str] = set()
+
+
+def warn_size(node: StoreNode, published: int) -> None:
+    """Say once per process, in the store's own log, when its real size is far from the
+    published one (the message holds the exact count: it never goes into a reply)."""
+    text = size_warning(node.data.n_train_members, published)
+    if text and node.store_id not in _SIZE_WARNED:
+        _SIZE_WARNED.add(node.store_id)
+        print(f"storefed: store {node.store_id}: {text}", file=sys.stderr, flush=True)
+
+
 def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
     """Non-private training, for reference runs only: ε is reported as infinite."""
     model = _model(node, cfg, msg)
@@ -198,7 +210,8 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
                             lr=float(cfg["lr"]), seed=training_seed(node, cfg, server_round),
                             proximal_mu=_proximal_mu(msg))
     result = train_local(model, node.data, train_cfg, None)
-    metrics = {"num-examples": result.examples, "epsilon": float("inf"), "delta": 0.0,
+    # Without DP nothing is private; the weight is still the published size where there is one.
+    metrics = {"num-examples": node.published or result.examples, "epsilon": float("inf"), "delta": 0.0,
                "noise-multiplier": 0.0, "rounds-trained": server_round,
                "epsilon-budget": float("inf")}
     if _allow_local_metrics(context, node):

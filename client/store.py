@@ -17,11 +17,12 @@ from typing import Any, Mapping
 from client import prepared_cache
 from common.privacy import accountant as privacy
 from common.privacy import store_policy
+from common.privacy.published_size import bucket, declared_size
 from common.config import RunConfig
 from common.data.dataset import ExampleConfig, StoreData
 from common.data.ingest import prepare_store
 from common.data.storefiles import DataError, read_store_meta, store_dirs
-from common.learning.training import sample_rate_for, steps_per_epoch
+from common.learning.training import expected_batch, sample_rate_for, steps_per_epoch
 
 
 @dataclass
@@ -33,15 +34,30 @@ class StoreNode:
     data: StoreData
     meta: dict
     simulated: bool
+    # The size the store publishes (DESIGN §4.1): q, steps, divisor, σ, δ and the FedAvg
+    # weight follow it, never the exact count. None: a deployed store that declares none.
+    published: int | None = None
+    published_source: str = ""
+
+    def published_size(self) -> int:
+        """The published size; a deployed store without one cannot train (DataError)."""
+        if self.published is None:
+            # No count in this message: a refusal's reason leaves the store.
+            raise DataError(f"{self.store_dir / 'store.json'}: no 'published_size'. A store trains with DP only "
+                            "at a size it publishes (it sets the sampling rate, the steps, the noise and the "
+                            "FedAvg weight, so that none of them follows the exact member count). Add "
+                            "\"published_size\": N to store.json, or published-size to the node config; "
+                            "'storefed validate' suggests N")
+        return self.published
 
     def delta(self, cfg: RunConfig) -> float:
-        """The store's δ: the smallest of its own setting, the run's and 1/(10·members).
+        """The store's δ: the smallest of its own setting, the run's and 1/(10·published size).
 
         A run may only lower δ (a deployed store's node config δ is already in ``cfg``, see
         client.policy); a deployed store with no δ of its own keeps the default 1e-6."""
         own = store_policy.own_settings({}, self.meta, str(self.store_dir / "store.json"))
         setting = store_policy.effective_delta(float(cfg["delta"]), own, deployed=not self.simulated)
-        return privacy.store_delta(self.data.n_train_members, setting)
+        return privacy.store_delta(self.published_size(), setting)
 
 
 _CACHE: dict[tuple, tuple[StoreData, dict]] = {}
@@ -103,7 +119,21 @@ def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
         _CACHE[key] = (data, meta)
     # Only the data is cached: how this node was addressed is decided per call.
     data, meta = _CACHE[key]
-    return StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated)
+    published, source = published_size_of(store_dir, meta, node_config, data, simulated)
+    return StoreNode(str(meta["store_id"]), store_dir, data, meta, simulated, published, source)
+
+
+def published_size_of(store_dir: Path, meta: dict, node_config: Mapping[str, Any], data: StoreData,
+                      simulated: bool) -> tuple[int | None, str]:
+    """The store's declared size; a simulated store that declares none gets its exact count
+    rounded up to the R10 grid (a simulation protects no one; see published_size)."""
+    try:
+        size, source = declared_size(meta, node_config)
+    except ValueError as exc:
+        raise DataError(f"{store_dir}: {exc}") from None
+    if size is None and simulated:
+        return bucket(data.n_train_members), "simulation fallback: the exact count rounded up to the R10 grid"
+    return size, source
 
 
 def _assume_consent(node_config: Mapping[str, Any], meta: dict) -> bool:
@@ -149,10 +179,33 @@ def planned_noise(node: StoreNode, cfg: RunConfig) -> float:
     alone end at the run's ε target (the budget then caps the total over all runs)."""
     if float(cfg["noise-multiplier"]) > 0:
         return float(cfg["noise-multiplier"])
-    n = node.data.n_train_members
+    n = node.published_size()  # never the exact count
     q = sample_rate_for(n, int(cfg["batch-size"]))
     steps = int(cfg["rounds"]) * int(cfg["local-epochs"]) * steps_per_epoch(n, int(cfg["batch-size"]))
     return _calibrated(float(cfg["target-epsilon"]), node.delta(cfg), q, steps, str(cfg["accountant"]))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """Everything of one round's DP mechanism that is seen outside the store, and what sets
+    it: all of it follows the published size and the run's settings, none the exact count."""
+
+    published_size: int
+    sample_rate: float
+    steps: int  # this round's steps (local epochs × steps per epoch)
+    noise_multiplier: float
+    divisor: int  # the expected batch that divides the noised sum
+    delta: float
+    weight: int  # the FedAvg weight sent in the train reply ("num-examples")
+
+
+def dp_plan(node: StoreNode, cfg: RunConfig) -> DPPlan:
+    """The round's mechanism at this store (raises DataError when it publishes no size)."""
+    size, batch = node.published_size(), int(cfg["batch-size"])
+    q = sample_rate_for(size, batch)
+    return DPPlan(published_size=size, sample_rate=q, steps=int(cfg["local-epochs"]) * steps_per_epoch(size, batch),
+                  noise_multiplier=planned_noise(node, cfg), divisor=expected_batch(size, q),
+                  delta=node.delta(cfg), weight=size)
 
 
 _SIGMA_CACHE: dict[tuple, float] = {}

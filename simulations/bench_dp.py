@@ -77,8 +77,8 @@ def _stepper(mode: str, items, ex, batch: int):
     if mode == "dp":
         from common.learning import dp_fast
 
-        model, optimizer, criterion, _ = dp_fast.make_private(
-            model, optimizer, criterion, loader, noise_multiplier=1.0, clip_norm=1.0,
+        model, optimizer, criterion = dp_fast.make_private(
+            model, optimizer, criterion, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=batch,
             noise_generator=torch.Generator().manual_seed(1))
     elif mode == "opacus":
         from opacus import PrivacyEngine

@@ -19,14 +19,19 @@ SETTINGS = [  # (σ, q, steps per round, rounds)
 ]
 
 
-def pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε of the composed history by dp-accounting's PLD accountant (the outside reference)."""
+def pld_epsilon(history: list[tuple[float, float, int]], delta: float, relation: str = "add_remove") -> float:
+    """ε of the composed history by dp-accounting's PLD accountant (the outside reference),
+    under add/remove of one member (``"add_remove"``, what stores promise) or under
+    replacing one member by another (``"replace_one"``)."""
     try:
         import dp_accounting as dpa
     except ImportError as exc:
         raise SystemExit("storefed bench privacy needs dp-accounting: pip install -e \".[test]\"") from exc
+    kinds = {"add_remove": dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+             "replace_one": dpa.NeighboringRelation.REPLACE_ONE}
     events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t) for s, q, t in history]
-    return dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(delta)
+    accountant = dpa.pld.PLDAccountant(neighboring_relation=kinds[relation])
+    return accountant.compose(dpa.ComposedDpEvent(events)).get_epsilon(delta)
 
 
 def bench_privacy(delta: float = 1e-6) -> list[dict]:

@@ -72,30 +72,29 @@ def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, d
 
     from client.client_app import training_seed
     from client.ledger import append_event, read_events
-    from client.store import load_store, planned_noise, state_dir
+    from client.store import dp_plan, load_store, state_dir
     from common.privacy import accountant as privacy
     from common.privacy.ledger import PrivacyEvent
     from common.learning.model import ModelConfig, Recommender
-    from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+    from common.learning.training import DPConfig, TrainConfig, train_local
 
     node_config = {"partition-id": part, "num-partitions": int(cfg["stores"])}
     node = load_store(node_config, cfg)
     ledger = state_dir(node, node_config, cfg)
     history = [e.mechanism() for e in read_events(ledger, node.store_id)]
-    n, batch = node.data.n_train_members, int(cfg["batch-size"])
-    sigma, q = planned_noise(node, cfg), sample_rate_for(n, batch)
-    steps = int(cfg["local-epochs"]) * steps_per_epoch(n, batch)
+    plan, batch = dp_plan(node, cfg), int(cfg["batch-size"])
+    sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
     privacy.epsilon(history + [(sigma, q, steps)], node.delta(cfg), str(cfg["accountant"]))
     model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
                             seed=training_seed(node, cfg, server_round), dp_path=str(cfg["dp-path"]))
-    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"])))
+    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
     append_event(ledger, node.store_id, PrivacyEvent(
         run_id="plain", round=server_round, noise_multiplier=sigma, sample_rate=q, steps=result.steps,
         clip_norm=float(cfg["clip-norm"]), accountant=str(cfg["accountant"]),
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=node.delta(cfg)))
-    return result.examples, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return plan.weight, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def _store_evaluate(part: int, state: dict, cfg) -> float:

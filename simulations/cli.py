@@ -101,6 +101,11 @@ def render_validation(report: dict) -> str:
         lines.append(f"  {name}: {f['rows_in']} rows in = {f['accepted']} accepted + "
                      f"{sum(f['excluded'].values())} excluded ({excluded}) + "
                      f"{sum(f['quarantined'].values())} quarantined ({quarantined})")
+    size = report.get("size") or {}
+    if size.get("members_who_can_train") is not None:
+        lines.append(f"  size: published {size['published_size'] if size['published_size'] is not None else 'none'}"
+                     f" · members who can train here {size['members_who_can_train']} (stays at the store) · "
+                     f"suggested published_size {size['suggested_published_size']}")
     for warning in report["warnings"]:
         lines.append(f"  warning: {warning}")
     if report["problems"]:

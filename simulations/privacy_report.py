@@ -17,6 +17,7 @@ from client import ledger as store_ledger
 from client.ledger import head_path, ledger_path
 from common.privacy import accountant as privacy
 from common.data.storefiles import DataError, read_store_meta
+from common.privacy.published_size import declared_size
 
 DEFAULT_BUDGET = 8.0
 _MAX_ROUNDS_SHOWN = 1000
@@ -59,6 +60,10 @@ def privacy_report(store_dir: Path, state_dir: Path | None = None, *, accountant
         budget = float(meta.get("epsilon_budget", DEFAULT_BUDGET) or DEFAULT_BUDGET)
     # Open reservations count as spent (a run is training them, or crashed while it did).
     spent = privacy.epsilon(ledger.counted(), delta, accountant)
+    try:
+        published, _ = declared_size(meta, {})
+    except ValueError as exc:
+        raise DataError(f"{store_dir / 'store.json'}: {exc}") from None
     last = events[-1].mechanism() if events else None
     return {
         "store_id": store_id,
@@ -73,6 +78,8 @@ def privacy_report(store_dir: Path, state_dir: Path | None = None, *, accountant
         "budget": budget,
         "accountant": accountant,
         "remaining_rounds": remaining_rounds(ledger.counted(), last, delta, budget, accountant),
+        # What sets q, steps, σ, δ and the FedAvg weight; None: the store cannot train with DP.
+        "published_size": published,
         "events": [{k: v for k, v in asdict(e).items() if k != "accountant"} for e in events],
         "ledger": str(ledger_path(state)),
         "head": str(head_path(state)),
@@ -86,6 +93,10 @@ def render_privacy(report: dict) -> str:
         f"store {report['store_id']}: ε = {report['epsilon']:.3f} spent of budget {report['budget']:g} "
         f"(δ = {report['delta']:.0e}, {report['accountant']} accountant, member-level)",
         f"rounds left at the last round's settings: {report['remaining_rounds']}",
+        (f"published size: {report['published_size']} (sets q, steps, σ, δ and the FedAvg weight; the exact count "
+         "never leaves; 'storefed validate' compares the two)" if report["published_size"] is not None else
+         "published size: none declared in store.json — a deployed store does not train with DP until it declares "
+         "one ('storefed validate' suggests a value)"),
         f"ledger: {report['ledger']} · {len(report['events'])} events in {len(report['runs'])} runs",
     ]
     if report["reservations"]:

@@ -77,4 +77,42 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     )
     if not out.exists():
         raise RuntimeError("the simulation ended without results; rerun with --verbose to see Flower's log")
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    results["member_privacy"] = chain_member_privacy(cfg)
+    from common.data.storefiles import atomic_write_text
+
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def chain_member_privacy(cfg: RunConfig) -> dict:
+    """`member_privacy`: each person's ε over every store they trained at, from the stores'
+    ledgers (all runs) and their training members — what only a simulation, which sees
+    every store, can compute (see common.privacy.member_privacy)."""
+    from client.ledger import read_events
+    from client.store import epsilon_budget, load_store, state_dir
+    from common.data import contract
+    from common.data.storefiles import DataError, locate, read_table, store_dirs
+    from common.privacy.member_privacy import member_privacy
+
+    dirs = store_dirs(cfg.chain_dir())[: int(cfg["stores"])]
+    histories, deltas, trained, registered, budgets = {}, {}, {}, {}, []
+    for part, store_dir in enumerate(dirs):
+        members_file = locate(store_dir, contract.MEMBERS_FILE)
+        if members_file is not None:
+            registered[store_dir.name] = read_table(members_file, ("member_id",))["member_id"].str.strip().tolist()
+        try:
+            node = load_store({"partition-id": part, "num-partitions": len(dirs)}, cfg)
+        except DataError:
+            continue  # a store that cannot load its data trained no one
+        events = read_events(state_dir(node, {}, cfg), node.store_id)
+        registered[node.store_id] = registered.pop(store_dir.name, [])
+        histories[node.store_id] = [e.mechanism() for e in events]
+        deltas[node.store_id] = min((e.delta for e in events), default=1.0)
+        trained[node.store_id] = [str(m) for m in node.data.member_ids] if events else []
+        budgets.append(epsilon_budget(node, {}, cfg))
+    result = member_privacy(histories, deltas, trained, registered, max(budgets, default=float(cfg["epsilon-budget"])),
+                            str(cfg["accountant"]))
+    if not cfg["dp"]:
+        result["max_epsilon"] = None  # trained without noise: unbounded (JSON has no infinity)
+    return result

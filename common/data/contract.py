@@ -26,7 +26,7 @@ TRANSACTION_COLUMNS = (
 )
 TRANSACTION_REQUIRED = ("receipt_id", "ts", "member_id", "item_id", "quantity", "unit_price")
 
-MEMBER_COLUMNS = ("member_id", "join_date", "birth_year", "gender", "tier", "consent_training")
+MEMBER_COLUMNS = ("member_id", "join_date", "birth_year", "gender", "tier", "consent_training", "home_store")
 MEMBER_REQUIRED = ("member_id", "join_date")
 
 # Profile vocabularies are fixed chain-wide so every store builds the same feature layout.
@@ -40,6 +40,14 @@ BIRTH_YEAR_RANGE = (1900, 2015)
 
 TRUE_WORDS = frozenset({"true", "yes", "1", "y", "t"})
 FALSE_WORDS = frozenset({"false", "no", "0", "n", "f"})
+
+
+def trains_here(home_store: object, store_id: str) -> bool:
+    """Whether a member trains (with DP) at ``store_id``: their ``home_store`` is this store,
+    or is not given (the store knows of no other home for them). A member is one person
+    across the chain and trains at one store only (DESIGN §4.1)."""
+    home = "" if home_store is None else str(home_store).strip()
+    return home in ("", str(store_id))
 
 
 def parse_consent(value: object) -> bool | None:

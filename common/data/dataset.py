@@ -118,7 +118,7 @@ class StoreData:
     store_id: str
     items: ItemIndex
     cut_day: float
-    member_ids: np.ndarray  # consenting members with training history, [M]
+    member_ids: np.ndarray  # consenting members homed here with training history, [M]: the DP-trained ones
     train_log: MemberLog  # their receipts before the cut
     profile: np.ndarray  # [M, PROFILE_DIM]
     eval_member_ids: np.ndarray  # consenting members with a basket after the cut, [E]
@@ -310,6 +310,14 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
     member_frame = members.assign(member_id=members["member_id"].astype(str).str.strip())
     member_frame = member_frame.drop_duplicates("member_id", keep=False).set_index("member_id", drop=False)
     train_ids = np.array(sorted(train["member"].unique()), dtype=object)
+    # DP training only for members whose home store is this one: a member who shops at
+    # several stores is one person and spends privacy at one store. Their receipts here
+    # still count for the assortment, popularity and evaluation, which never enter the update.
+    not_home = 0
+    if "home_store" in member_frame.columns and len(train_ids):
+        here = np.array([contract.trains_here(h, store_id) for h in member_frame["home_store"].reindex(train_ids)],
+                        dtype=bool)
+        not_home, train_ids = int((~here).sum()), train_ids[here]
     train_log = _member_log(train, train_ids)
     profile = _profile_matrix(member_frame.loc[train_ids], cut_day) if len(train_ids) else np.zeros((0, PROFILE_DIM), np.float32)
 
@@ -323,7 +331,8 @@ def build_store_data(store_id: str, lines: pd.DataFrame, anonymous: pd.DataFrame
     t_items, t_mask, t_full = _targets(test_log, first_test_receipt, cfg.target_len)
     eval_profile = _profile_matrix(member_frame.loc[eval_ids], cut_day) if len(eval_ids) else np.zeros((0, PROFILE_DIM), np.float32)
     eval_hist = [_item_counts(hist_log, m) for m in range(len(eval_ids))]
-    accounting = dict(accounting or {}, train_members=int(len(train_ids)), eval_members=int(len(eval_ids)))
+    accounting = dict(accounting or {}, train_members=int(len(train_ids)), eval_members=int(len(eval_ids)),
+                      members_homed_elsewhere=not_home)
     audience_items, audience_bought, member_activity = _audience(train, test, anonymous, cut_day, train_ids,
                                                                  items.n_items)
     return StoreData(

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from common.data import contract
+from common.privacy.published_size import bucket, declared_size, size_warning
 from common.data.storefiles import DataError, atomic_write_bytes, locate, read_catalog, read_store_meta
 from common.data.validation import (
     MAX_PROBLEMS,
@@ -166,11 +167,12 @@ class StoreValidation:
     anonymous: pd.DataFrame | None = None  # anonymous purchases: item, day, qty
     members: pd.DataFrame | None = None  # accepted member rows (original columns)
     consent: pd.Series | None = None  # member_id → consent, accepted members
+    size: dict | None = None  # published size against the members who can train (local only)
 
     def as_dict(self) -> dict:
         return {"store_id": self.store_id, "usable": self.usable,
                 "files": {k: v.as_dict() for k, v in self.files.items()},
-                "problems": self.problems, "warnings": self.warnings, "fatal": self.fatal}
+                "problems": self.problems, "warnings": self.warnings, "fatal": self.fatal, "size": self.size}
 
 
 def _write_quarantine(directory: Path | None, name: str, frames: list[pd.DataFrame]) -> None:
@@ -250,6 +252,11 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
             if "consent_training" not in members_frame.columns and not assume_consent:
                 fatal.append(f"{msource.path}: no 'consent_training' column, so no member may train; add the "
                              "column, or set assume_consent = true in store.json if consent is given otherwise")
+            if "home_store" not in members_frame.columns:
+                warnings.append(f"{msource.path}: no 'home_store' column, so every member with receipts here "
+                                "trains here; a member who also trains at other stores then spends the sum of "
+                                "their ε (add the store where each card was registered, from the chain's "
+                                "membership system)")
             if members_result.report.rows_in == 0:
                 fatal.append(f"{msource.path}: no member rows (header only)")
 
@@ -286,14 +293,43 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
             fatal.append(f"{tsource.path}: no accepted member transactions, nothing to train on")
         if not tx_report.balanced():
             raise AssertionError(f"row accounting does not balance: {tx_report.as_dict()}")
+    size = _size_report(store_dir, meta, lines if transactions_read else None, members_codes, members_result,
+                        store_id, warnings, fatal)
     usable = not fatal
-    validation = StoreValidation(store_id, usable, files, problems[:MAX_PROBLEMS], warnings, fatal)
+    validation = StoreValidation(store_id, usable, files, problems[:MAX_PROBLEMS], warnings, fatal, size=size)
     if keep_data and usable:
         validation.lines = lines.assign(member=members_codes.index.to_numpy()[lines["member"].to_numpy()])
         validation.anonymous = anonymous
         validation.members = members_result.profiles
         validation.consent = members_result.consent
     return validation
+
+
+def _size_report(store_dir: Path, meta: dict, lines: pd.DataFrame | None, members_codes: Codes, members_result,
+                 store_id: str, warnings: list[str], fatal: list[str]) -> dict:
+    """The store's published size next to its members who can train (consenting, homed here,
+    with accepted purchases): for the operator's eyes, never sent (DESIGN §4.1)."""
+    try:
+        published, source = declared_size(meta, {})
+    except ValueError as exc:
+        fatal.append(f"{store_dir / contract.STORE_JSON}: {exc}")
+        return {}
+    trainable = None
+    if lines is not None and members_result is not None:
+        ids = pd.unique(members_codes.index.to_numpy()[lines["member"].to_numpy()]) if len(lines) else []
+        profiles = members_result.profiles
+        home = (profiles.assign(_id=profiles["member_id"].str.strip()).set_index("_id")["home_store"]
+                if "home_store" in profiles.columns else pd.Series(dtype=object))
+        trainable = int(sum(contract.trains_here(home.get(m, ""), store_id) for m in ids))
+    report = {"published_size": published, "source": source, "members_who_can_train": trainable,
+              "suggested_published_size": bucket(trainable) if trainable else None}
+    if published is None:
+        warnings.append(f"{store_dir / contract.STORE_JSON}: no 'published_size': a deployed store will not train "
+                        "with DP until it declares one (the size that sets the sampling rate, the noise and the "
+                        f"FedAvg weight); suggested: \"published_size\": {report['suggested_published_size']}")
+    elif trainable is not None and size_warning(trainable, published):
+        warnings.append(f"{store_dir / contract.STORE_JSON}: {size_warning(trainable, published)}")
+    return report
 
 
 def _compact_empty() -> pd.DataFrame:

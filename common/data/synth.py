@@ -10,7 +10,9 @@ something real to find:
 * every member has a few *staples* they re-buy (repeat purchases) and otherwise picks items
   from their taste distribution over the store's assortment;
 * visits follow a weekly rhythm; ~10 % of members shop at a second store of the chain
-  under the same card; some receipts are anonymous; a few lines are returns.
+  under the same card (members.csv's ``home_store`` names the store they registered at);
+  some receipts are anonymous; a few lines are returns;
+* each store.json declares a ``published_size`` (DESIGN §4.1).
 
 Pure: no file I/O. :func:`generate_chain` returns frames; :mod:`common.data.storefiles` writes them.
 """
@@ -22,6 +24,8 @@ from datetime import date, datetime, timedelta
 
 import numpy as np
 import pandas as pd
+
+from common.privacy.published_size import bucket
 
 CATEGORY_NAMES = (
     "dairy", "bakery", "produce", "meat", "seafood", "frozen", "snacks", "beverages",
@@ -285,12 +289,17 @@ def generate_chain(spec: ChainSpec | None = None) -> GeneratedChain:
         transactions = _transactions_frame(spec, rng, store_ids[s], tx, person_ids, catalog)
         members = profiles.iloc[people].copy()
         members.insert(0, "member_id", person_ids[people])
+        # The chain's loyalty system knows where each card was registered: the home store.
+        members["home_store"] = np.array(store_ids, dtype=object)[home[people]]
         members = members.sort_values("member_id", kind="stable").reset_index(drop=True)
         meta = {
             "store_id": store_ids[s],
             "name": f"Store {s + 1} ({REGIONS[region_of_store[s]]})",
             "region": REGIONS[region_of_store[s]],
             "opened": (spec.start - timedelta(days=int(rng.integers(400, 5000)))).isoformat(),
+            # The size the store publishes (DESIGN §4.1): its registered home members rounded
+            # up to the R10 grid, declared once as a setting (see common.privacy.published_size).
+            "published_size": bucket(int((home == s).sum())),
         }
         stores.append(GeneratedStore(store_ids[s], meta, transactions, members))
     return GeneratedChain(spec=spec, catalog=catalog, stores=stores)

@@ -14,8 +14,8 @@ from common.evaluation.metrics import METRIC_KEYS
 # common.exchange.update_codec. Never a selection of rows.
 TRAIN_ARRAYS = "arrays"
 TRAIN_METRICS = (
-    "num-examples",  # NOT DP: training members (store size ±1); FedAvg weight
-    "epsilon",  # function of public settings (σ, q, steps, δ), not of member data
+    "num-examples",  # FedAvg weight: the store's published size, a setting; never the exact member count
+    "epsilon",  # function of public settings (σ, q, steps, δ: all set by the published size), not of member data
     "delta",
     "noise-multiplier",
     "rounds-trained",
@@ -30,7 +30,7 @@ BASELINES = ("store_pop", "p_topfreq")
 AUDIENCE_METRICS = ("audience.auc", "audience.recall@100", "audience_pop.auc", "audience_pop.recall@100")
 # Evaluate reply: NOT DP, sent only when the node allows local metrics (on in simulation).
 EVAL_METRICS = (
-    "num-examples",
+    "num-examples",  # NOT DP: the exact number of members evaluated (weights the member-weighted means)
     *METRIC_KEYS,
     *(f"{b}.{k}" for b in BASELINES for k in METRIC_KEYS),
     *AUDIENCE_METRICS,

@@ -21,8 +21,8 @@ needs a second full backward pass instead.
 The interface mirrors what ``PrivacyEngine.make_private`` returns (module with
 ``remove_hooks``, optimizer with ``params``/``original_optimizer``, a criterion whose
 result has ``backward``), so :func:`common.learning.training.train_local` runs either path with the
-same loop. Sampling is Opacus' own ``DPDataLoader``; noise is drawn per parameter, in
-parameter order, with the given generator, as Opacus draws it.
+same loop. Sampling is Opacus' Poisson sampler (drawn by the caller); noise is drawn per
+parameter, in parameter order, with the given generator, as Opacus draws it.
 """
 
 from __future__ import annotations
@@ -203,19 +203,15 @@ class NoisyOptimizer:
         self.original_optimizer.step()
 
 
-def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                 data_loader: torch.utils.data.DataLoader, *, noise_multiplier: float, clip_norm: float,
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
+                 noise_multiplier: float, clip_norm: float, expected_batch_size: int,
                  noise_generator: torch.Generator | None = None):
-    """``(module, optimizer, criterion, loader)`` for DP-SGD with the one-pass path.
+    """``(module, optimizer, criterion)`` for DP-SGD with the one-pass path.
 
-    The loader is Opacus' Poisson ``DPDataLoader`` over ``data_loader`` (same sampler and
-    generator as ``PrivacyEngine.make_private(poisson_sampling=True)``); the expected batch
-    size is Opacus' ``int(N · q)``.
+    The caller draws the Poisson batches (:class:`common.learning.training.PoissonBatches`,
+    Opacus' sampler) and gives the divisor of the noised sum, ``expected_batch_size``:
+    Opacus' ``int(N · q)`` with N the store's published size, not its exact count.
     """
-    from opacus.data_loader import DPDataLoader
-
-    loader = DPDataLoader.from_data_loader(data_loader)
-    expected = int(len(data_loader.dataset) * loader.sample_rate)
     tapped = TappedModule(module)
-    return (tapped, NoisyOptimizer(optimizer, noise_multiplier, clip_norm, expected, noise_generator),
-            ClippingCriterion(criterion, tapped, clip_norm), loader)
+    return (tapped, NoisyOptimizer(optimizer, noise_multiplier, clip_norm, expected_batch_size, noise_generator),
+            ClippingCriterion(criterion, tapped, clip_norm))

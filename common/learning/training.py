@@ -1,10 +1,13 @@
 """Local training of the recommender at one store: plain, or DP-SGD with Opacus.
 
-DP-SGD (``dp`` given): Opacus ``PrivacyEngine.make_private`` with Poisson sampling of
-members (sample rate q = batch_size / members), per-member clipping to ``clip_norm`` and
-Gaussian noise ``noise_multiplier × clip_norm``, using ghost clipping (per-sample norms
-without materialising per-sample gradients). One example per member per epoch, so one
-member's whole influence on a step is bounded by the clip.
+DP-SGD (``dp`` given): Opacus' mechanism with Poisson sampling of members (sample rate
+q = batch_size / published size), per-member clipping to ``clip_norm``, Gaussian noise
+``noise_multiplier × clip_norm`` on the sum, divided by the expected batch; one-pass
+book-keeping (:mod:`common.learning.dp_fast`) or Opacus' ghost clipping. One example per
+member per epoch, so one member's whole influence on a step is bounded by the clip.
+q, the steps and the divisor come from the store's *published* size
+(:mod:`common.privacy.published_size`), never from its exact member count, so that they
+are the same for a store and its add/remove neighbour.
 
 The privacy *accounting* is not done here: the function reports the mechanism it ran
 (σ, q, steps) and the caller records it (see :mod:`common.privacy.accountant`).
@@ -40,6 +43,9 @@ class TrainConfig:
 class DPConfig:
     noise_multiplier: float
     clip_norm: float = 1.0
+    # The store's published size, which sets q, the steps and the divisor. 0: the exact
+    # member count (tests and benchmarks on bare data only; a store always passes its own).
+    published_size: int = 0
 
 
 @dataclass
@@ -60,6 +66,27 @@ def steps_per_epoch(n_members: int, batch_size: int) -> int:
 def sample_rate_for(n_members: int, batch_size: int) -> float:
     """The Poisson sample rate Opacus uses: 1 / steps per epoch (≤ batch_size / members)."""
     return 1.0 / steps_per_epoch(n_members, batch_size)
+
+
+def expected_batch(published_size: int, sample_rate: float) -> int:
+    """The divisor of the noised sum: Opacus' ``int(N · q)``, with N the published size."""
+    return max(1, int(published_size * sample_rate))
+
+
+class PoissonBatches:
+    """``steps`` Poisson batches of member indices: each of ``n`` members in each batch with
+    probability ``sample_rate``, independently (Opacus' ``UniformWithReplacementSampler``,
+    same draws from the same generator). The step count is given, not derived from ``n``."""
+
+    def __init__(self, n: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        self.n, self.sample_rate, self.steps, self.generator = n, sample_rate, steps, generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield (torch.nonzero(torch.rand(self.n, generator=self.generator) < self.sample_rate).reshape(-1),)
 
 
 def batch_tensors(ex: Examples, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -84,7 +111,8 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place on the store's members for ``cfg.local_epochs`` epochs."""
     n = data.n_train_members
-    q = sample_rate_for(n, cfg.batch_size)
+    published = (dp.published_size or n) if dp is not None else n
+    q = sample_rate_for(published, cfg.batch_size)
     if n == 0:
         return TrainResult(0.0, 0, 0, q, dp.noise_multiplier if dp else 0.0, dp.clip_norm if dp else 0.0)
     torch.manual_seed(cfg.seed)
@@ -96,18 +124,23 @@ def train_local(
     opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
     optimizer = opt_class(model.parameters(), lr=cfg.lr)
     criterion = BasketLoss()
-    # The loader yields member indices; features are gathered per batch from the epoch's examples.
-    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
     if dp is not None and cfg.dp_path not in ("bookkeeping", "opacus"):
         raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")
+    # The loader yields member indices; features are gathered per batch from the epoch's examples.
+    shuffled = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+    loader = shuffled
+    if dp is not None:
+        # Poisson batches at q for the published size's steps; nothing here reads n but the draw.
+        loader = PoissonBatches(n, q, steps_per_epoch(published, cfg.batch_size), torch.Generator().manual_seed(cfg.seed))
+        divisor = expected_batch(published, q)
     noise_generator = torch.Generator().manual_seed(cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1)
     if dp is not None and cfg.dp_path == "bookkeeping":
         from common.learning import dp_fast  # the same mechanism in one backward pass (see its docstring)
 
-        model, optimizer, criterion, loader = dp_fast.make_private(
-            model, optimizer, criterion, loader, noise_multiplier=dp.noise_multiplier,
-            clip_norm=dp.clip_norm, noise_generator=noise_generator)
+        model, optimizer, criterion = dp_fast.make_private(
+            model, optimizer, criterion, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
+            expected_batch_size=divisor, noise_generator=noise_generator)
     elif dp is not None:
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
 
@@ -116,21 +149,20 @@ def train_local(
             # Opacus warns that secure_mode is off: the noise is seeded so runs can be replayed.
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="prv", secure_mode=False)
-            model, optimizer, criterion, loader = engine.make_private(
+            # Opacus would derive q and the divisor from the loader's exact length: it gets the
+            # plain loader, and the Poisson batches and the divisor are set from the published size.
+            model, optimizer, criterion, _ = engine.make_private(
                 module=model,
                 optimizer=optimizer,
-                data_loader=loader,
+                data_loader=shuffled,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.clip_norm,
-                poisson_sampling=True,
+                poisson_sampling=False,
                 grad_sample_mode="ghost",
                 criterion=criterion,
                 noise_generator=noise_generator,
             )
-    if dp is not None:
-        # The ledger records the mechanism that ran: it must be Opacus' own sample rate.
-        if not math.isclose(loader.sample_rate, q, rel_tol=1e-12):
-            raise AssertionError(f"Opacus samples at {loader.sample_rate}, planned {q}")
+            optimizer.expected_batch_size = divisor
     if cfg.proximal_mu > 0:
         _add_proximal_term(optimizer, model, cfg.proximal_mu)
     losses: list[float] = []
