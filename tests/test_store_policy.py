@@ -223,3 +223,13 @@ def test_calibration_never_goes_below_the_smallest_noise_the_accountant_handles(
     assert privacy.calibrate_noise(1e6, 1e-6, 0.1, 10) == privacy.MIN_NOISE_MULTIPLIER
     with pytest.raises(ValueError, match="finite"):
         privacy.calibrate_noise(math.nan, 1e-6, 0.1, 10)
+
+
+@pytest.mark.parametrize("key,value", [("clip-norm", -1.0), ("clip-norm", math.inf), ("epsilon-budget", math.nan),
+                                       ("epsilon-budget", 0.0), ("delta", 1.0), ("delta", 0.0),
+                                       ("target-epsilon", -math.inf), ("trim-beta", 0.5), ("fraction-train", 0.0),
+                                       ("server-momentum", math.nan), ("batch-size", 0), ("accountant", "none")])
+def test_the_run_config_itself_rejects_numbers_out_of_range_for_the_server_too(key, value):
+    from common.config import ConfigError
+    with pytest.raises(ConfigError, match=rf"^run config '{key}' must be "):
+        RunConfig.from_mapping({key: value})
