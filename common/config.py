@@ -107,6 +107,8 @@ class Range:
 # The noise multipliers a store accepts (common.privacy.accountant says why these bounds).
 NOISE_RANGE = Range(low=MIN_NOISE_MULTIPLIER, high=MAX_NOISE_MULTIPLIER, zero=True)
 
+DELTA_RANGE = Range(low=1e-30, high=1, high_open=True)
+
 RANGES: dict[str, Range] = {
     "seed": Range.whole(0),
     "stores": Range.whole(1),
@@ -127,7 +129,8 @@ RANGES: dict[str, Range] = {
     "clip-norm": Range(low=0, low_open=True, high=1e6),
     "update-encoding": Range(choices=("float32", "float16", "int8")),
     "dp-path": Range(choices=("bookkeeping", "opacus")),
-    "delta": Range(low=0, low_open=True, high=1, high_open=True),
+    # Below 1e-30 the accountants' arithmetic fails (5e-324: a division by zero).
+    "delta": DELTA_RANGE,
     "accountant": Range(choices=("prv", "rdp")),
     "fraction-train": Range(low=0, low_open=True, high=1),
     "fraction-evaluate": Range(low=0, high=1),

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from common.config import Range
+from common.config import DELTA_RANGE, Range
 from common.privacy.accountant import ACCOUNTANTS, DEFAULT_DELTA
 
 STORE, TIGHTEN, RUN, SIMULATION, SERVER = "store", "tighten", "run", "simulation", "server"
@@ -84,7 +84,7 @@ MESSAGE_RANGES: dict[str, Range] = {
 STORE_DEFAULT_BUDGET = 8.0
 STORE_DEFAULT_ACCOUNTANT = "prv"
 _BUDGET = Range(low=0, low_open=True)
-_DELTA = Range(low=0, low_open=True, high=1, high_open=True)
+_DELTA = DELTA_RANGE
 
 
 class PolicyError(ValueError):
