@@ -22,14 +22,20 @@ The interface mirrors what ``PrivacyEngine.make_private`` returns (module with
 ``remove_hooks``, optimizer with ``params``/``original_optimizer``, a criterion whose
 result has ``backward``), so :func:`common.learning.training.train_local` runs either path with the
 same loop. Sampling is Opacus' own ``DPDataLoader``; noise is drawn per parameter, in
-parameter order, with the given generator, as Opacus draws it.
+parameter order, with the given generator, as Opacus draws it. With a
+:class:`~common.privacy.secure_noise.SecureRandom` instead (deployed stores), both the
+Poisson batches and the noise come from its ChaCha20 stream (:class:`SecurePoissonLoader`;
+noise as the sum of four normals, Opacus' secure-mode mitigation).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from common.privacy.secure_noise import SecureRandom
 
 # Opacus' clip factor: C / (‖g‖ + 1e-6), at most 1.
 _NORM_EPS = 1e-6
@@ -175,7 +181,7 @@ class NoisyOptimizer:
     size, then the wrapped optimizer's step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, noise_multiplier: float, clip_norm: float,
-                 expected_batch_size: int, generator: torch.Generator | None = None) -> None:
+                 expected_batch_size: int, generator: torch.Generator | SecureRandom | None = None) -> None:
         self.original_optimizer = optimizer
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
@@ -195,26 +201,58 @@ class NoisyOptimizer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if std > 0:
-                p.grad.add_(torch.normal(0.0, std, size=p.shape, generator=self.generator))
+                p.grad.add_(self._noise(std, p))
             p.grad.div_(self.expected_batch_size)
+
+    def _noise(self, std: float, p: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.generator, SecureRandom):
+            drawn = self.generator.gaussian(p.numel(), std)
+            return torch.from_numpy(drawn).to(p.dtype).reshape(p.shape)
+        return torch.normal(0.0, std, size=p.shape, generator=self.generator)
 
     def step(self) -> None:
         self.add_noise()
         self.original_optimizer.step()
 
 
+class SecurePoissonLoader:
+    """Poisson batches of member indices drawn from a :class:`SecureRandom` stream.
+
+    What Opacus' ``DPDataLoader`` yields over ``TensorDataset(arange(n))`` (one tensor of
+    indices per batch, possibly empty; ``int(1 / q)`` batches an epoch, as Opacus' sampler
+    counts them), with each member's inclusion drawn from the secure stream.
+    """
+
+    def __init__(self, n: int, sample_rate: float, source: SecureRandom) -> None:
+        self.n = n
+        self.sample_rate = sample_rate
+        self.source = source
+        self.steps = int(1 / sample_rate)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield (torch.from_numpy(self.source.poisson_batch(self.n, self.sample_rate).astype(np.int64)),)
+
+
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                  data_loader: torch.utils.data.DataLoader, *, noise_multiplier: float, clip_norm: float,
-                 noise_generator: torch.Generator | None = None):
+                 noise_generator: torch.Generator | SecureRandom | None = None):
     """``(module, optimizer, criterion, loader)`` for DP-SGD with the one-pass path.
 
     The loader is Opacus' Poisson ``DPDataLoader`` over ``data_loader`` (same sampler and
     generator as ``PrivacyEngine.make_private(poisson_sampling=True)``); the expected batch
-    size is Opacus' ``int(N · q)``.
+    size is Opacus' ``int(N · q)``. A :class:`SecureRandom` as ``noise_generator`` draws the
+    batches too (:class:`SecurePoissonLoader`, same q and number of batches); the data
+    loader's own generator is then not used.
     """
     from opacus.data_loader import DPDataLoader
 
     loader = DPDataLoader.from_data_loader(data_loader)
+    if isinstance(noise_generator, SecureRandom):
+        loader = SecurePoissonLoader(len(data_loader.dataset), loader.sample_rate, noise_generator)
     expected = int(len(data_loader.dataset) * loader.sample_rate)
     tapped = TappedModule(module)
     return (tapped, NoisyOptimizer(optimizer, noise_multiplier, clip_norm, expected, noise_generator),

@@ -34,6 +34,9 @@ class TrainConfig:
     noise_seed: int | None = None  # None: derived from seed
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights
     dp_path: str = "bookkeeping"  # DP-SGD arithmetic: "bookkeeping" (common.learning.dp_fast) or "opacus" (ghost clipping)
+    # Poisson batches and noise from a ChaCha20 stream keyed by os.urandom (deployed stores;
+    # common.privacy.secure_noise), not from the seeded torch generators (simulation, replayable).
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,16 @@ def train_local(
     if dp is not None and cfg.dp_path not in ("bookkeeping", "opacus"):
         raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")
     noise_generator = torch.Generator().manual_seed(cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1)
+    if dp is not None and cfg.secure_noise:
+        if cfg.dp_path != "bookkeeping":
+            # Opacus' own secure mode needs torchcsprng, which no longer builds with torch 2.
+            raise ValueError(f"dp path '{cfg.dp_path}' has no secure noise source here; "
+                             "a deployed store trains with dp-path = \"bookkeeping\"")
+        from common.privacy.secure_noise import SecureRandom
+
+        noise_generator = SecureRandom()
     if dp is not None and cfg.dp_path == "bookkeeping":
-        from common import dp_fast  # the same mechanism in one backward pass (see its docstring)
+        from common.learning import dp_fast  # the same mechanism in one backward pass (see its docstring)
 
         model, optimizer, criterion, loader = dp_fast.make_private(
             model, optimizer, criterion, loader, noise_multiplier=dp.noise_multiplier,
