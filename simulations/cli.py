@@ -186,13 +186,14 @@ def _cmd_bench_dp(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"batch {result['batch']} members × {result['history']} history items, {result['threads']} thread(s); "
-          f"DP = one-pass book-keeping path, Opacus = ghost clipping (reference)")
+          f"DP = one-pass book-keeping path, Opacus = ghost clipping (reference), "
+          f"secure = DP with ChaCha20 noise (deployed stores)")
     print(f"{'catalog':>8} {'plain ms':>9} {'DP ms':>8} {'ratio':>6} {'plain MB':>9} {'DP MB':>8} {'mem ratio':>9} "
-          f"{'Opacus ms':>10} {'ratio':>6}")
+          f"{'Opacus ms':>10} {'ratio':>6} {'secure ms':>10} {'ratio':>6}")
     for c in result["cases"]:
         print(f"{c['catalog']:>8} {c['plain_step_ms']:9.1f} {c['dp_step_ms']:8.1f} {c['ratio']:6.2f} "
               f"{c['plain_peak_mb']:9.1f} {c['dp_peak_mb']:8.1f} {c['memory_ratio']:9.2f} "
-              f"{c['opacus_step_ms']:10.1f} {c['opacus_ratio']:6.2f}")
+              f"{c['opacus_step_ms']:10.1f} {c['opacus_ratio']:6.2f} {c['secure_step_ms']:10.1f} {c['secure_ratio']:6.2f}")
     for line in verdicts(result):
         print(line)
     return 0
