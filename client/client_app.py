@@ -161,6 +161,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
             local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
             optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
             proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
+            secure_noise=not node.simulated,  # deployed: ChaCha20 noise and sampling (common.privacy.secure_noise)
         )
         result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
     except BaseException as exc:

@@ -4,10 +4,13 @@ For each catalog size: the real model, one realistic batch (256 members, 50 hist
 each), one optimizer step (forward, backward, Adam) after warm-up, median of repeats, for
 
 * ``plain``: no DP;
-* ``dp``: DP-SGD as stores run it (the one-pass book-keeping path, :mod:`common.learning.dp_fast`);
+* ``dp``: DP-SGD as simulated stores run it (the one-pass book-keeping path, :mod:`common.learning.dp_fast`,
+  noise from the seeded torch generator);
+* ``secure``: the same path as deployed stores run it, noise from the ChaCha20 stream
+  (:mod:`common.privacy.secure_noise`: four Box–Muller normals summed per coordinate);
 * ``opacus``: Opacus' ghost clipping, the previous path, for reference.
 
-Time: the three modes step in turn inside one process (plain, dp, opacus, plain, ...), so
+Time: the modes step in turn inside one process (plain, dp, opacus, plain, ...), so
 load from other processes on a shared machine hits them alike. Memory: each (catalog,
 mode) runs alone in its own process; its peak is the growth of resident memory from just
 before the first step to the process' peak (with glibc's mmap threshold fixed, see below).
@@ -29,7 +32,7 @@ import numpy as np
 TARGET_RATIO = 1.5
 TARGET_MEMORY_RATIO = 1.3
 TARGET_CATALOG = 10_000
-MODES = ("plain", "dp", "opacus")
+MODES = ("plain", "dp", "secure", "opacus")
 FULL = dict(batch=256, history=50, repeats=15, warmup=3)
 QUICK = dict(batch=32, history=10, repeats=3, warmup=1)
 
@@ -74,12 +77,13 @@ def _stepper(mode: str, items, ex, batch: int):
     criterion = BasketLoss()
     loader = DataLoader(TensorDataset(torch.arange(batch)), batch_size=batch)
     *inputs, t_items, t_mask = batch_tensors(ex, np.arange(batch))
-    if mode == "dp":
+    if mode in ("dp", "secure"):
         from common.learning import dp_fast
+        from common.privacy.secure_noise import SecureRandom
 
         model, optimizer, criterion = dp_fast.make_private(
             model, optimizer, criterion, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=batch,
-            noise_generator=torch.Generator().manual_seed(1))
+            noise_generator=torch.Generator().manual_seed(1) if mode == "dp" else SecureRandom())
     elif mode == "opacus":
         from opacus import PrivacyEngine
 
@@ -165,11 +169,13 @@ def bench_dp(catalogs: list[int], quick: bool = False, threads: int = 1) -> dict
             "plain_peak_mb": round(mb["plain"], 1), "dp_peak_mb": round(mb["dp"], 1),
             "memory_ratio": round(mb["dp"] / max(mb["plain"], 1e-9), 3),
             "opacus_step_ms": round(ms["opacus"], 2), "opacus_ratio": round(ms["opacus"] / ms["plain"], 3),
+            "secure_step_ms": round(ms["secure"], 2), "secure_ratio": round(ms["secure"] / ms["plain"], 3),
         })
     return {"cases": cases,
             "targets": {"ratio": TARGET_RATIO, "memory_ratio": TARGET_MEMORY_RATIO, "at_catalog": TARGET_CATALOG},
             "batch": shape["batch"], "history": shape["history"], "threads": threads, "quick": quick,
-            "dp_path": "bookkeeping (common.learning.dp_fast); opacus_* = Opacus ghost clipping"}
+            "dp_path": "bookkeeping (common.learning.dp_fast); secure_* = the same with ChaCha20 noise "
+                       "(deployed stores); opacus_* = Opacus ghost clipping"}
 
 
 def verdicts(result: dict) -> list[str]:

@@ -220,13 +220,14 @@ def _cmd_bench_dp(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"batch {result['batch']} members × {result['history']} history items, {result['threads']} thread(s); "
-          f"DP = one-pass book-keeping path, Opacus = ghost clipping (reference)")
+          f"DP = one-pass book-keeping path, Opacus = ghost clipping (reference), "
+          f"secure = DP with ChaCha20 noise (deployed stores)")
     print(f"{'catalog':>8} {'plain ms':>9} {'DP ms':>8} {'ratio':>6} {'plain MB':>9} {'DP MB':>8} {'mem ratio':>9} "
-          f"{'Opacus ms':>10} {'ratio':>6}")
+          f"{'Opacus ms':>10} {'ratio':>6} {'secure ms':>10} {'ratio':>6}")
     for c in result["cases"]:
         print(f"{c['catalog']:>8} {c['plain_step_ms']:9.1f} {c['dp_step_ms']:8.1f} {c['ratio']:6.2f} "
               f"{c['plain_peak_mb']:9.1f} {c['dp_peak_mb']:8.1f} {c['memory_ratio']:9.2f} "
-              f"{c['opacus_step_ms']:10.1f} {c['opacus_ratio']:6.2f}")
+              f"{c['opacus_step_ms']:10.1f} {c['opacus_ratio']:6.2f} {c['secure_step_ms']:10.1f} {c['secure_ratio']:6.2f}")
     for line in verdicts(result):
         print(line)
     return 0
@@ -295,6 +296,33 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     for t in results["targets"].values():
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['description']}: {t['value']:.4f} (threshold {t['threshold']:.4f})")
     print(f"\nreport: {out / 'report.md'} · results: {out / 'results.json'} · {results['elapsed_s']:.0f} s")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.audit import AuditSettings, run_audit
+
+    for flag, value, low in (("--stores", args.stores, 1), ("--canaries", args.canaries, 2), ("--rounds", args.rounds, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if not args.no_dp and not (args.epsilon > 0 and args.epsilon < float("inf")):
+        raise ConfigError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
+    settings = AuditSettings(stores=args.stores, canaries=args.canaries, epsilon=None if args.no_dp else args.epsilon,
+                             rounds=args.rounds, seed=args.seed)
+    result = run_audit(settings)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        eps = "∞ (no DP)" if result["epsilon"] is None else f"{result['epsilon']:.3f}"
+        print(f"store {result['audited_store']}: {result['canaries']} canaries ({result['canaries_in']} in), "
+              f"{result['rounds']} rounds, σ {result['noise_multiplier']:.3f}, δ {result['delta']:g}")
+        print(f"ledger ε {eps}; audit lower bound ε ≥ {result['epsilon_lower_bound']:.3f} at "
+              f"{result['confidence']:.0%} ({result['correct_guesses']}/{result['guesses']} guesses right); "
+              f"loss-threshold MIA AUC on the global model {result['mia_auc']:.3f}")
+    if result["bound_within_epsilon"] is False:
+        print("storefed: the audit's lower bound exceeds the ledger's ε: the mechanism or its accounting is wrong",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -421,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--out", help="output directory (default: a new temporary directory)")
     bq.add_argument("--json", action="store_true", help="print the results object")
     bq.set_defaults(func=_cmd_bench_quality)
+    aud = sub.add_parser("audit", help="an empirical lower bound on a store's ε (one-run canary audit) and a MIA",
+                         description="Inserts canary members at one store of a generated chain (each in with "
+                         "probability ½), trains as stores do, and runs the one-run audit of Steinke, Nasr and "
+                         "Jagielski (NeurIPS 2023) on the store's updates, plus a loss-threshold membership-inference "
+                         "attack on the global model. Exit 1 if the lower bound exceeds the ledger's ε.")
+    aud.add_argument("--stores", type=int, default=3, help="stores of the generated chain")
+    aud.add_argument("--canaries", type=int, default=1000, help="canary members at the audited store")
+    aud.add_argument("--epsilon", type=float, default=8.0, help="target ε of the run (sets σ)")
+    aud.add_argument("--no-dp", action="store_true", help="train without DP (shows that the audit can fail)")
+    aud.add_argument("--rounds", type=int, default=5)
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--json", action="store_true", help="print one JSON object")
+    aud.set_defaults(func=_cmd_audit)
+
     certs = sub.add_parser("certs", help="a development CA and the SuperLink's TLS certificate",
                            description="Writes ca.key, ca.crt, server.key and server.pem into --out, for trying "
                            "the deployment. In production the chain's own PKI issues the SuperLink's certificate.")

@@ -6,7 +6,8 @@ import json
 
 from simulations.cli import main
 
-DP_KEYS = {"catalog", "plain_step_ms", "dp_step_ms", "ratio", "plain_peak_mb", "dp_peak_mb", "memory_ratio"}
+DP_KEYS = {"catalog", "plain_step_ms", "dp_step_ms", "ratio", "plain_peak_mb", "dp_peak_mb", "memory_ratio",
+           "secure_step_ms", "secure_ratio"}
 
 
 def test_bench_dp_quick_reports_every_key(capsys):

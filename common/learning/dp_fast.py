@@ -22,14 +22,20 @@ The interface mirrors what ``PrivacyEngine.make_private`` returns (module with
 ``remove_hooks``, optimizer with ``params``/``original_optimizer``, a criterion whose
 result has ``backward``), so :func:`common.learning.training.train_local` runs either path with the
 same loop. Sampling is Opacus' Poisson sampler (drawn by the caller); noise is drawn per
-parameter, in parameter order, with the given generator, as Opacus draws it.
+parameter, in parameter order, with the given generator, as Opacus draws it. With a
+:class:`~common.privacy.secure_noise.SecureRandom` instead (deployed stores), the noise comes
+from its ChaCha20 stream as the sum of four normals (Opacus' secure-mode mitigation), and
+the caller draws the Poisson batches from the same stream.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from common.privacy.secure_noise import SecureRandom
 
 # Opacus' clip factor: C / (‖g‖ + 1e-6), at most 1.
 _NORM_EPS = 1e-6
@@ -175,7 +181,7 @@ class NoisyOptimizer:
     size, then the wrapped optimizer's step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, noise_multiplier: float, clip_norm: float,
-                 expected_batch_size: int, generator: torch.Generator | None = None) -> None:
+                 expected_batch_size: int, generator: torch.Generator | SecureRandom | None = None) -> None:
         self.original_optimizer = optimizer
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
@@ -195,8 +201,14 @@ class NoisyOptimizer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if std > 0:
-                p.grad.add_(torch.normal(0.0, std, size=p.shape, generator=self.generator))
+                p.grad.add_(self._noise(std, p))
             p.grad.div_(self.expected_batch_size)
+
+    def _noise(self, std: float, p: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.generator, SecureRandom):
+            drawn = self.generator.gaussian(p.numel(), std)
+            return torch.from_numpy(drawn).to(p.dtype).reshape(p.shape)
+        return torch.normal(0.0, std, size=p.shape, generator=self.generator)
 
     def step(self) -> None:
         self.add_noise()
@@ -205,7 +217,7 @@ class NoisyOptimizer:
 
 def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
                  noise_multiplier: float, clip_norm: float, expected_batch_size: int,
-                 noise_generator: torch.Generator | None = None):
+                 noise_generator: torch.Generator | SecureRandom | None = None):
     """``(module, optimizer, criterion)`` for DP-SGD with the one-pass path.
 
     The caller draws the Poisson batches (:class:`common.learning.training.PoissonBatches`,

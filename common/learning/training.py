@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.dataset import ExampleConfig, Examples, StoreData, concat_examples, sample_train_examples
 from common.learning.model import BasketLoss, Recommender
+
+if TYPE_CHECKING:
+    from common.privacy.secure_noise import SecureRandom
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class TrainConfig:
     noise_seed: int | None = None  # None: derived from seed
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global weights
     dp_path: str = "bookkeeping"  # DP-SGD arithmetic: "bookkeeping" (common.learning.dp_fast) or "opacus" (ghost clipping)
+    # Poisson batches and noise from a ChaCha20 stream keyed by os.urandom (deployed stores;
+    # common.privacy.secure_noise), not from the seeded torch generators (simulation, replayable).
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class PoissonBatches:
     probability ``sample_rate``, independently (Opacus' ``UniformWithReplacementSampler``,
     same draws from the same generator). The step count is given, not derived from ``n``."""
 
-    def __init__(self, n: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+    def __init__(self, n: int, sample_rate: float, steps: int, generator: "torch.Generator | SecureRandom") -> None:
         self.n, self.sample_rate, self.steps, self.generator = n, sample_rate, steps, generator
 
     def __len__(self) -> int:
@@ -86,7 +93,11 @@ class PoissonBatches:
 
     def __iter__(self):
         for _ in range(self.steps):
-            yield (torch.nonzero(torch.rand(self.n, generator=self.generator) < self.sample_rate).reshape(-1),)
+            if isinstance(self.generator, torch.Generator):
+                yield (torch.nonzero(torch.rand(self.n, generator=self.generator) < self.sample_rate).reshape(-1),)
+            else:  # a deployed store's ChaCha20 stream (common.privacy.secure_noise)
+                drawn = self.generator.poisson_batch(self.n, self.sample_rate).astype(np.int64)
+                yield (torch.from_numpy(drawn),)
 
 
 def batch_tensors(ex: Examples, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -135,6 +146,17 @@ def train_local(
         loader = PoissonBatches(n, q, steps_per_epoch(published, cfg.batch_size), torch.Generator().manual_seed(cfg.seed))
         divisor = expected_batch(published, q)
     noise_generator = torch.Generator().manual_seed(cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1)
+    if dp is not None and cfg.secure_noise:
+        if cfg.dp_path != "bookkeeping":
+            # Opacus' own secure mode needs torchcsprng, which no longer builds with torch 2.
+            raise ValueError(f"dp path '{cfg.dp_path}' has no secure noise source here; "
+                             "a deployed store trains with dp-path = \"bookkeeping\"")
+        from common.privacy.secure_noise import SecureRandom
+
+        # One stream for both: the Poisson batches and the noise (DESIGN §4: unpredictable
+        # to the server, which knows every seed of the run config).
+        noise_generator = SecureRandom()
+        loader = PoissonBatches(n, q, steps_per_epoch(published, cfg.batch_size), noise_generator)
     if dp is not None and cfg.dp_path == "bookkeeping":
         from common.learning import dp_fast  # the same mechanism in one backward pass (see its docstring)
 

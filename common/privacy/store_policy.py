@@ -43,7 +43,7 @@ WHO: dict[str, tuple[str, str]] = {
     "local-epochs": (RUN, "sets steps, recorded in the ledger"),
     "dp-lr": (RUN, "step size of DP-SGD (post-processing)"),
     "dp-optimizer": (RUN, "post-processing of the noised gradient"),
-    "dp-path": (RUN, "two exact implementations of the same mechanism"),
+    "dp-path": (RUN, "two exact implementations of the same mechanism; a deployed store refuses opacus (no secure noise there)"),
     "update-encoding": (RUN, "post-processing of the DP output"),
     "dim": (RUN, "model shape; must match the server's model"),
     "hidden": (RUN, "model shape; must match the server's model"),
@@ -172,6 +172,12 @@ def refusals(values: Mapping[str, Any]) -> list[str]:
         reasons.append(f"run config state-dir={values['state-dir']!r}: a deployed store keeps its ledger "
                        "in its own state directory (node config state-dir or <store-dir>/state); "
                        "remove state-dir from the run config")
+    if str(values.get("dp-path", "bookkeeping")) != "bookkeeping":
+        # Only the book-keeping path draws from the secure stream (common.privacy.secure_noise);
+        # Opacus' secure mode needs torchcsprng, which does not build with torch 2.
+        reasons.append(f"run config dp-path={values['dp-path']!r}: a deployed store draws its noise from a "
+                       "cryptographically secure stream, which only the book-keeping path has; "
+                       "remove dp-path from the run config")
     return reasons
 
 
