@@ -309,6 +309,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
     settings = AuditSettings(stores=args.stores, canaries=args.canaries, epsilon=None if args.no_dp else args.epsilon,
                              rounds=args.rounds, seed=args.seed)
+    if settings.canaries > settings.items:
+        raise ConfigError(f"--canaries must be at most {settings.items}: each canary gets a catalog item of its own")
     result = run_audit(settings)
     if args.json:
         print(json.dumps(result))
