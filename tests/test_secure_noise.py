@@ -100,8 +100,10 @@ def test_noisy_optimizer_adds_secure_noise_of_std_sigma_c_over_batch():
     _check_standard_normal(noise / (sigma * clip / batch))
 
 
-def test_secure_poisson_loader_has_opacus_batch_count_and_rate():
-    loader = dp_fast.SecurePoissonLoader(5000, 0.1, SecureRandom(KEY, NONCE))
+def test_secure_poisson_batches_have_the_given_count_and_rate():
+    from common.learning.training import PoissonBatches
+
+    loader = PoissonBatches(5000, 0.1, 10, SecureRandom(KEY, NONCE))
     sizes = [len(idx) for (idx,) in loader]
     assert len(sizes) == len(loader) == 10
     # 10 batches of Binomial(5000, 0.1): total ~ N(5000, 4500).
