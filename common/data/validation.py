@@ -80,7 +80,8 @@ def parse_timestamps(values: pd.Series, tz: str = "UTC") -> pd.Series:
 def _localize(naive: pd.Series, tz: str) -> pd.Series:
     if len(naive) == 0:
         return pd.Series(pd.NaT, index=naive.index, dtype="datetime64[ns, UTC]")
-    naive = naive.astype("datetime64[ns]")
+    # Years beyond pandas' nanosecond range (after 2262) are not timestamps a till writes.
+    naive = naive.where((naive >= pd.Timestamp.min) & (naive <= pd.Timestamp.max)).astype("datetime64[ns]")
     return naive.dt.tz_localize(tz, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC")
 
 
