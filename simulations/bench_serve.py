@@ -49,7 +49,7 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     from common.data.synth import ChainSpec, generate_chain
     from common.learning.model import ModelConfig, Recommender
 
-    spec = ChainSpec(stores=1, members=members, items=items, categories=max(10, items // 50),
+    spec = ChainSpec(stores=1, members=members, items=items, categories=min(40, max(2, items // 50)),
                      brands=max(20, items // 10), seed=0, min_store_members=10)
     write_chain(generate_chain(spec), out / "chain")
     store = out / "chain" / "stores" / "S001"
