@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.exchange import wire
@@ -23,7 +24,7 @@ def deliver_model(grid: Grid, state: Mapping[str, object], *, run_id: str, serve
     ``{"hash", "round", "delivered": [store ids], "failed": [{"node", "reason"}]}``."""
     def content() -> RecordDict:
         return RecordDict({
-            wire.TRAIN_ARRAYS: ArrayRecord(dict(state)),
+            wire.TRAIN_ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
             "config": ConfigRecord({"run-id": str(run_id), "server-round": int(server_round), "hash": digest}),
         })
 
