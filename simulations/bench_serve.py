@@ -125,7 +125,10 @@ def _run_case(port: int, server_pid: int, paths: list[str], concurrency: int, du
             "rps": float(len(lat) / res["wall_s"]),
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)),
-            "server_cpu_pct": 100.0 * server_cpu / wall, "load_cpu_pct": 100.0 * res["cpu_s"] / res["wall_s"]}
+            "server_cpu_pct": 100.0 * server_cpu / wall, "load_cpu_pct": 100.0 * res["cpu_s"] / res["wall_s"],
+            # CPU the server spent per answer: what bounds requests/s on a machine of its own
+            # (one worker process: at most 1000 / this per second).
+            "server_cpu_ms_per_request": 1000.0 * server_cpu / max(len(lat), 1)}
 
 
 def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[int] | None = None,
@@ -190,11 +193,11 @@ def render(result: dict) -> str:
              f"({result['consenting_members']} consenting), {result['items']} items, {result['cores']} cores; "
              f"{result['duration_s']:g} s per case; server ready in {result['server_startup_s']:.1f} s",
              f"{'endpoint':<16} {'conc':>4} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
-             f"{'server CPU':>10} {'load CPU':>9}"]
+             f"{'server CPU':>10} {'CPU ms/req':>10} {'load CPU':>9}"]
     for c in result["cases"]:
         lines.append(f"{c['endpoint']:<16} {c['concurrency']:>4} {c['rps']:7.0f} {c['p50_ms']:7.2f} "
                      f"{c['p95_ms']:7.2f} {c['p99_ms']:7.2f} {c['errors']:>6} {c['server_cpu_pct']:9.0f}% "
-                     f"{c['load_cpu_pct']:8.0f}%")
+                     f"{c.get('server_cpu_ms_per_request', float('nan')):10.2f} {c['load_cpu_pct']:8.0f}%")
     for t in result["targets"]:
         if t["met"] is None:
             continue
