@@ -26,6 +26,7 @@ from client import ledger
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
+from client.model_store import keep_model, read_info
 from common.privacy import accountant as privacy
 from common.exchange import update_codec
 from common.exchange import wire
@@ -36,6 +37,7 @@ from common.data.storefiles import DataError
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
 from common.privacy.published_size import size_warning
+from common.learning.weights import ModelFileError, check_weights, weights_digest
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it
@@ -91,6 +93,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise RuntimeError(f"injected fault: store {node.store_id} crashed")
     if fault == "slow":
         time.sleep(float(cfg["fault-slow-s"]))
+    keep_model_if_none(msg, context, cfg, node, final=False)
     reply = _train(msg, context, cfg, node)
     return send(misbehave(reply, fault) if fault in ("nan", "scale", "shape") else reply)
 
@@ -246,6 +249,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if not _allow_local_metrics(context, node):
         raise PermissionError(f"store {node.store_id} does not send evaluation metrics "
                               "(node config allow-local-metrics = false)")
+    keep_model_if_none(msg, context, cfg, node, final=False)
     model = _model(node, cfg, msg)
     metrics = {"num-examples": len(node.data.eval_member_ids), **evaluate_model(model, node.data)}
     for name, values in _baselines(node).items():
@@ -258,6 +262,59 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "metrics": MetricRecord(metrics),
         "store": ConfigRecord({"store-id": node.store_id}),
     })
+    return send(Message(content=content, reply_to=msg))
+
+
+def _spent_epsilon(node: StoreNode, context: Context, cfg: RunConfig) -> float | None:
+    """The store's ε over its whole ledger now (None when unbounded: a non-DP event)."""
+    events = read_events(state_dir(node, context.node_config, cfg), node.store_id)
+    eps = privacy.epsilon([e.mechanism() for e in events], node.delta(cfg), str(cfg["accountant"]))
+    return eps if np.isfinite(eps) else None
+
+
+def _checked_global(msg: Message, node: StoreNode, cfg: RunConfig) -> dict:
+    """The message's global weights, checked against this store's catalog (untrusted input)."""
+    expected = {k: tuple(v.shape) for k, v in Recommender(
+        node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"]))).state_dict().items()}
+    state = {k: v.numpy() for k, v in msg.content[wire.TRAIN_ARRAYS].items()}
+    return check_weights(state, expected)
+
+
+def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: StoreNode, *, final: bool) -> None:
+    """A store without a model keeps the global model a train or evaluate message carries.
+
+    This is how a store that was offline when a run ended gets a model at its next contact.
+    A train message of round 1 carries the run's initial (untrained) model: not kept.
+    """
+    if _server_round(msg) < 2 and msg.metadata.message_type.startswith("train"):
+        return
+    where = state_dir(node, context.node_config, cfg)
+    if read_info(where) is not None:
+        return
+    try:
+        weights = _checked_global(msg, node, cfg)
+    except ModelFileError:
+        return  # training checks the same arrays and reports the problem
+    keep_model(where, weights, run_id=str(context.run_id), server_round=_server_round(msg),
+               epsilon=_spent_epsilon(node, context, cfg), final=final)
+
+
+def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Keep the run's final global model for serving; answer with the hash kept."""
+    node = load_store(context.node_config, cfg)
+    conf = msg.content["config"]
+    claimed = str(conf.get("hash", ""))
+    try:
+        weights = _checked_global(msg, node, cfg)
+    except ModelFileError as exc:
+        raise ValueError(f"store {node.store_id} refuses the final model: {exc}") from None
+    if weights_digest(weights) != claimed:
+        raise ValueError(f"store {node.store_id} refuses the final model: its hash differs from the one announced")
+    server_round = int(conf.get("server-round", 0))
+    info = keep_model(state_dir(node, context.node_config, cfg), weights, run_id=str(conf.get("run-id", "")),
+                      server_round=server_round if server_round >= 0 else 0,
+                      epsilon=_spent_epsilon(node, context, cfg), final=True)
+    content = RecordDict({"store": ConfigRecord({"store-id": node.store_id, "model-hash": info["hash"]})})
     return send(Message(content=content, reply_to=msg))
 
 
@@ -302,6 +359,10 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return refuse_when_unusable(msg, context, lambda: handle_evaluate(msg, context, config(context)))
+
+    @client_app.query(wire.MODEL_MESSAGE.split(".")[1])
+    def model(msg: Message, context: Context) -> Message:
+        return refuse_when_unusable(msg, context, lambda: handle_model(msg, context, config(context)))
 
     return client_app
 

@@ -20,6 +20,8 @@ from common.data.dataset import ItemIndex
 from common.learning.model import ModelConfig, Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
 from common.data.synth import default_spec
+from common.learning.weights import weights_digest
+from server.delivery import deliver_model
 from server.report import build_results, summary_table
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.strategy import BudgetExhausted, make_strategy
@@ -138,6 +140,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         # A node that fails before it replies again is still named by its store.
         strategy.stores_by_node.update(resumed.get("stores_by_node", {}))
     stopped = None
+    interrupted = False
     try:
         if num_rounds > done:
             strategy.start(
@@ -154,6 +157,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
             _say("to simulate again from a fresh privacy account, pass a new --state-dir "
                  "(storefed simulate) or run-config state-dir")
     except RunInterrupted as exc:
+        interrupted = True  # to be resumed: the stores get the model of the finished run
         stopped = str(exc)
         _say(f"stopped: {stopped}")
     evaluated = [r for r in strategy.rounds if "metrics" in r]
@@ -171,6 +175,15 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(out_dir / "model.pt", buf.getvalue())
+    if not interrupted:
+        # Every store still connected keeps the final model for serving (DESIGN §5.2).
+        final_round = max([int(r["round"]) for r in strategy.rounds] + [done])
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        results["delivery"] = deliver_model(grid, state, run_id=run_name, server_round=final_round,
+                                            digest=weights_digest(state), timeout=float(cfg["round-timeout-s"]))
+        delivery = results["delivery"]
+        _say(f"final model (hash {delivery['hash'][:12]}…) kept by {len(delivery['delivered'])} stores"
+             + (f"; {len(delivery['failed'])} did not take it" if delivery["failed"] else ""))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     _say(summary_table(results))
     _say(f"results: {out_dir / 'results.json'}")

@@ -132,3 +132,49 @@ def test_a_deployed_store_never_repeats_its_noise_but_a_simulation_reproduces(sm
     c = _trained_weights(small_chain_dir, {**sim, "state-dir": str(tmp_path / "c")})
     d = _trained_weights(small_chain_dir, {**sim, "state-dir": str(tmp_path / "d")})
     assert torch.allclose(c, d, rtol=0, atol=1e-6)
+
+
+def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path):
+    """query.model: the store keeps checked weights and answers only its id and the hash."""
+    from client.client_app import handle_model, keep_model_if_none
+    from client.model_store import read_info
+    from client.store import load_store
+    from common.learning.weights import weights_digest
+
+    node_config = {"store-dir": str(small_chain_dir / "stores" / "S001"), "catalog": str(small_chain_dir),
+                   "state-dir": str(tmp_path)}
+    context = _context(small_chain_dir, node_config)
+    cfg = RunConfig.from_mapping(context.run_config)
+    msg = _message(small_chain_dir, wire.MODEL_MESSAGE)
+    digest = weights_digest(msg.content[wire.TRAIN_ARRAYS].to_torch_state_dict())
+    msg.content["config"] = ConfigRecord({"run-id": "run-9", "server-round": 4, "hash": digest})
+    reply = handle_model(msg, context, cfg)
+    arrays, metrics, configs = _keys(reply)
+    assert arrays == set() and metrics == set() and configs == set(wire.MODEL_ACK_CONFIG)
+    assert reply.content["store"]["model-hash"] == digest
+    info = read_info(tmp_path)
+    assert (info["run_id"], info["round"], info["hash"], info["epsilon"], info["final"]) == ("run-9", 4, digest, 0.0, True)
+    # A wrong announced hash, or weights of another shape, are refused and nothing changes.
+    msg.content["config"] = ConfigRecord({"run-id": "run-10", "server-round": 5, "hash": "0" * 64})
+    with pytest.raises(ValueError, match="hash differs"):
+        handle_model(msg, context, cfg)
+    bad = _message(small_chain_dir, wire.MODEL_MESSAGE)
+    state = bad.content[wire.TRAIN_ARRAYS].to_torch_state_dict()
+    state["item_out.bias"] = state["item_out.bias"][:-1]
+    bad.content[wire.TRAIN_ARRAYS] = ArrayRecord(state)
+    bad.content["config"] = ConfigRecord({"run-id": "run-11", "server-round": 5, "hash": weights_digest(state)})
+    with pytest.raises(ValueError, match="shape"):
+        handle_model(bad, context, cfg)
+    assert read_info(tmp_path)["run_id"] == "run-9"
+    # A store with a model keeps it when a later run's messages arrive; one without takes
+    # the first trained global model (round ≥ 2), not a run's untrained initial model.
+    node = load_store(node_config, cfg)
+    other = tmp_path / "other"
+    context2 = _context(small_chain_dir, {**node_config, "state-dir": str(other)})
+    first = _message(small_chain_dir, MessageType.TRAIN)
+    keep_model_if_none(first, context2, cfg, node, final=False)
+    assert read_info(other) is None
+    second = _message(small_chain_dir, MessageType.TRAIN)
+    second.content["config"] = ConfigRecord({"server-round": 2})
+    keep_model_if_none(second, context2, cfg, node, final=False)
+    assert read_info(other)["final"] is False and read_info(other)["round"] == 2

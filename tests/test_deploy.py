@@ -250,3 +250,19 @@ def test_storefed_privacy_reads_each_store_s_ledger(deployment, capsys):
         assert 0 < report["epsilon"] <= 8.0
     # What the server last heard from S001 is what S001's own ledger says.
     assert deployment["runs"][1]["privacy"]["S001"]["epsilon"] == pytest.approx(reports["S001"]["epsilon"], rel=1e-6)
+
+
+def test_the_final_model_reaches_every_store_daemon_that_can_take_it(deployment):
+    import torch
+
+    from client.model_store import read_info
+    from common.learning.weights import weights_digest
+
+    run1, run2 = deployment["runs"]
+    assert "delivery" not in run1  # stopped to be resumed: no final model yet
+    digest = weights_digest(torch.load(deployment["root"] / "run2" / "model.pt", weights_only=True))
+    assert run2["delivery"]["hash"] == digest and run2["delivery"]["delivered"] == ["S001", "S002", "S003"]
+    assert len(run2["delivery"]["failed"]) == 1  # S004 cannot read its data, so it refuses
+    for store in ("S001", "S002", "S003"):
+        info = read_info(deployment["chain"] / "stores" / store / "state")
+        assert info["hash"] == digest and info["round"] == 3 and info["final"] is True

@@ -102,3 +102,26 @@ def test_two_runs_on_one_state_dir_compose_and_an_outsider_can_recompute(tmp_pat
                                       e["steps"]) for e in report["events"]]
     reference = dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent(events)).get_epsilon(report["delta"])
     assert 0.99 * reference <= report["epsilon"] <= 1.10 * reference
+
+
+def test_every_store_keeps_the_final_model(run):
+    """Model delivery (DESIGN §5.2): each store's state holds the server's final weights."""
+    import torch
+
+    from client.model_store import read_info
+    from common.learning.weights import weights_digest
+
+    results, base = run
+    server_hash = weights_digest(torch.load(base / "out" / "model.pt", weights_only=True))
+    assert results["delivery"]["hash"] == server_hash
+    assert results["delivery"]["delivered"] == ["S001", "S002", "S003"] and results["delivery"]["failed"] == []
+    for store in ("S001", "S002", "S003"):
+        state = base / "chain" / "stores" / store / "state"
+        info = read_info(state)
+        assert info["hash"] == server_hash and info["round"] == 2 and info["final"] is True
+        assert weights_digest(torch.load(state / "model.pt", weights_only=True)) == server_hash
+        assert info["epsilon"] == pytest.approx(results["privacy"][store]["epsilon"], rel=1e-9)
+        # The first message with a trained global model (round 1's evaluation or round 2's
+        # training) was kept, and is now the previous model.
+        prev = json.loads((state / "model.prev.json").read_text())
+        assert prev["round"] in (1, 2) and prev["final"] is False and prev["hash"] != server_hash

@@ -47,3 +47,16 @@ def test_the_supernode_unit_runs_with_tls_its_key_and_its_store():
     assert parse_config_args([args.node_config]) == {"store-dir": "/srv/storefed/stores/S001"}
     # The ledger directory the daemon may write is the one under its store directory.
     assert "ReadWritePaths=/var/lib/storefed/%i /srv/storefed/stores/%i/state" in unit.read_text()
+
+
+def test_the_serve_unit_runs_storefed_serve_on_loopback_for_its_store():
+    from simulations.cli import build_parser
+
+    unit = ROOT / "client" / "deploy" / "storefed-serve@.service"
+    argv = _exec_start(unit, "S001")
+    assert argv[0].endswith("/storefed")
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.store_dir == "/srv/storefed/stores/S001"
+    assert args.host == "127.0.0.1" and args.port == 8080
+    # It writes only the state directory (the receipts journal).
+    assert "ReadWritePaths=/srv/storefed/stores/%i/state" in unit.read_text()

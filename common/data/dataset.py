@@ -374,3 +374,8 @@ def _audience(train: pd.DataFrame, test: pd.DataFrame, anonymous: pd.DataFrame, 
     bought[row[keep], col[keep]] = True
     activity = train.groupby("member")["qty"].sum().reindex(members).fillna(0.0).to_numpy(dtype=float)
     return best.astype(np.int64), bought, activity
+
+
+# Public names for the serving API (client.serving), which builds the same features at the store.
+profile_matrix = _profile_matrix
+member_log = _member_log

@@ -72,7 +72,61 @@ def sniff(path: Path) -> TableSource:
         delimiter = ","
     if delimiter != ",":
         warnings.append(f"{path}: columns separated by {delimiter!r} rather than ','")
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        if fh.read(1) not in (b"\n", b"\r"):
+            warnings.append(f"{path}: the last line has no line end, so the file may have been cut short; "
+                            "check that its last row is complete (export it again if not)")
     return TableSource(path, "csv", encoding, delimiter, warnings)
+
+
+_SCAN_BYTES = 16 * 1024 * 1024
+FIELDS_COLUMN = "_fields"  # per row: "", "too_few_fields" or "too_many_fields"
+
+
+def field_counts(source: TableSource) -> np.ndarray:
+    """The number of fields of every data row of a CSV (header and blank lines left out).
+
+    pandas fills a row cut short with empty cells, so the count comes from the bytes: a
+    vectorised scan of delimiters per line, in blocks (bounded memory), for files without
+    quotes; the csv module, row by row, for files with quotes (a quoted field may hold a
+    delimiter or a line end).
+    """
+    delim = ord(source.delimiter)
+    counts: list[np.ndarray] = []
+    with open(source.path, "rb") as fh:
+        fh.readline()
+        carry = b""
+        while True:
+            block = fh.read(_SCAN_BYTES)
+            if b'"' in block:
+                return _field_counts_quoted(source)
+            if not block:
+                block, carry = carry, b""
+                if not block:
+                    break
+                block += b"\n"
+            else:
+                block = carry + block
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    carry = block
+                    continue
+                block, carry = block[:cut + 1], block[cut + 1:]
+            arr = np.frombuffer(block, dtype=np.uint8)
+            ends = np.flatnonzero(arr == 10)
+            starts = np.r_[0, ends[:-1] + 1]
+            delims = np.flatnonzero(arr == delim)  # memory ~ the block, not 8× it as a cumsum would be
+            n_delims = np.searchsorted(delims, ends) - np.searchsorted(delims, starts)
+            length = ends - starts - (arr[np.maximum(ends - 1, 0)] == 13)
+            counts.append((n_delims + 1)[length > 0])
+    return np.concatenate(counts) if counts else np.empty(0, np.int64)
+
+
+def _field_counts_quoted(source: TableSource) -> np.ndarray:
+    with open(source.path, encoding=source.encoding, newline="") as fh:
+        fh.readline()
+        return np.array([len(row) for row in csv.reader(fh, delimiter=source.delimiter) if row], dtype=np.int64)
 
 
 _ARROW_KINDS = {
@@ -126,15 +180,39 @@ def read_chunks(source: TableSource, chunk_rows: int = CHUNK_ROWS) -> Iterator[p
             frame.columns = [str(c).strip().lower() for c in frame.columns]
             yield frame
         return
+    header = read_header(source)
+    counts = field_counts(source)
+    # Read every row, however many fields it has (extra names catch extra fields), then
+    # mark the rows whose field count differs from the header's: they are quarantined.
+    names = _unique(header) + [f"_extra{i}" for i in range(_EXTRA_FIELDS)]
     try:
         reader = pd.read_csv(source.path, dtype=str, keep_default_na=False, encoding=source.encoding,
-                             sep=source.delimiter, chunksize=chunk_rows, skipinitialspace=False)
+                             sep=source.delimiter, chunksize=chunk_rows, skipinitialspace=False,
+                             header=None, skiprows=1, names=names)
+        offset = 0
         for frame in reader:
-            frame.columns = [str(c).strip().lower() for c in frame.columns]
+            frame = frame.iloc[:, :len(header)].copy()
+            n = counts[offset:offset + len(frame)]
+            offset += len(frame)
+            if len(n) == len(frame) and (n != len(header)).any():
+                frame[FIELDS_COLUMN] = np.where(n > len(header), "too_many_fields",
+                                                np.where(n < len(header), "too_few_fields", ""))
             yield frame
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{source.path}: cannot be parsed as CSV ({str(exc).splitlines()[0]}); check quoting and "
                         "the delimiter") from None
+
+
+_EXTRA_FIELDS = 16  # a row with more extra fields than this makes the file unreadable (named)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        out.append(name if name not in seen else f"{name}.{seen[name]}")
+        seen[name] = seen.get(name, 0) + 1
+    return out
 
 
 class Codes:
@@ -192,8 +270,14 @@ def _write_quarantine(directory: Path | None, name: str, frames: list[pd.DataFra
 
 def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | None = None,
                    assume_consent: bool | None = None, quarantine_dir: Path | None = None,
-                   keep_data: bool = True, chunk_rows: int = CHUNK_ROWS) -> StoreValidation:
+                   keep_data: bool = True, chunk_rows: int = CHUNK_ROWS,
+                   journal: Path | None = None) -> StoreValidation:
     """Validate a store directory against the contract; see the module docstring.
+
+    ``journal``: the store's receipts journal (receipts taken by `storefed serve`), a CSV
+    with the transaction columns; when it exists its rows are read as more transaction rows,
+    under the same rules, and counted in the transactions report (its rows are numbered on
+    from the last row of the transactions file).
 
     A file that cannot be used at all makes the store unusable (``fatal`` says why); row
     problems only set rows aside. ``keep_data`` keeps the accepted lines for training.
@@ -265,16 +349,26 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
     lines_parts, anon_parts, quarantine_parts = [], [], []
     members_codes, receipts = Codes(), Codes()
     item_pos = pd.Index(catalog_ids)
+    segments: list[tuple[TableSource, int]] = []  # (source, number of rows before it)
     if tsource is not None:
         offset = 0
         try:
-            for chunk in read_chunks(tsource, chunk_rows):
-                result = check_transaction_chunk(chunk, catalog_ids, now, str(tsource.path), tx_report, offset, tz)
-                offset += len(chunk)
-                quarantine_parts.append(result.quarantine)
-                problems.extend(result.problems[: max(0, MAX_PROBLEMS - len(problems))])
-                lines_parts.append(_compact(result.lines, item_pos, receipts, members_codes))
-                anon_parts.append(_compact(result.anonymous, item_pos, receipts, None))
+            sources = [tsource]
+            if journal is not None and Path(journal).is_file() and Path(journal).stat().st_size:
+                jsource = sniff(Path(journal))
+                warnings.extend(jsource.warnings)
+                sources.append(jsource)
+            for source in sources:
+                segments.append((source, offset))
+                for chunk in read_chunks(source, chunk_rows):
+                    result = check_transaction_chunk(chunk, catalog_ids, now, str(source.path), tx_report, offset, tz)
+                    offset += len(chunk)
+                    for p in result.problems:
+                        p["row"] -= segments[-1][1]  # a problem names the row of its own file
+                    quarantine_parts.append(result.quarantine)
+                    problems.extend(result.problems[: max(0, MAX_PROBLEMS - len(problems))])
+                    lines_parts.append(_compact(result.lines, item_pos, receipts, members_codes))
+                    anon_parts.append(_compact(result.anonymous, item_pos, receipts, None))
         except DataError as exc:
             fatal.append(str(exc))
         files["transactions"] = tx_report
@@ -287,7 +381,7 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
         str(tsource.path) in reason for reason in fatal)
     if transactions_read:
         lines, anonymous = _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, tx_report,
-                                            tsource, quarantine_parts, problems, chunk_rows)
+                                            segments, quarantine_parts, problems, chunk_rows)
         _write_quarantine(quarantine_dir, tsource.path.name, quarantine_parts)
         if tx_report.accepted == 0 and not fatal:
             fatal.append(f"{tsource.path}: no accepted member transactions, nothing to train on")
@@ -352,7 +446,7 @@ def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: 
     })
 
 
-def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, report, source, quarantine_parts,
+def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, report, segments, quarantine_parts,
                      problems, chunk_rows):
     """Receipts with two timestamps (quarantined), members unknown or without consent
     (quarantined / excluded), anonymous lines (excluded), returns (netted, excluded)."""
@@ -363,14 +457,14 @@ def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, 
                                         anonymous.loc[anonymous["receipt"].isin(conflicts), "row"].to_numpy()])
         lines = lines[~lines["receipt"].isin(conflicts)]
         anonymous = anonymous[~anonymous["receipt"].isin(conflicts)]
-        _quarantine_rows(source, conflict_rows, "receipt_ts_conflict", "ts", report, quarantine_parts, problems,
+        _quarantine_rows(segments, conflict_rows, "receipt_ts_conflict", "ts", report, quarantine_parts, problems,
                          chunk_rows)
     report.add(report.excluded, "anonymous", len(anonymous))
     member_ids = members_codes.index.to_numpy()[lines["member"].to_numpy()] if len(lines) else np.array([], dtype=object)
     consent = members_result.consent if members_result is not None else pd.Series(dtype=bool)
     known = pd.Index(consent.index).get_indexer(member_ids) >= 0
     if (~known).any():
-        _quarantine_rows(source, lines.loc[~known, "row"].to_numpy(), "unknown_member", "member_id", report,
+        _quarantine_rows(segments, lines.loc[~known, "row"].to_numpy(), "unknown_member", "member_id", report,
                          quarantine_parts, problems, chunk_rows)
     consenting = np.zeros(len(lines), dtype=bool)
     consenting[known] = consent.reindex(member_ids[known]).to_numpy(dtype=bool)
@@ -385,25 +479,28 @@ def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, 
     return lines, anonymous
 
 
-def _quarantine_rows(source, rows, reason, column, report, quarantine_parts, problems, chunk_rows):
+def _quarantine_rows(segments, rows, reason, column, report, quarantine_parts, problems, chunk_rows):
     """Set aside rows found bad only after all rows were read: fetch their cells again."""
     wanted = set(int(r) for r in rows)
     report.add(report.quarantined, reason, len(wanted))
-    offset = 0
-    for chunk in read_chunks(source, chunk_rows):
-        numbers = np.arange(offset + 1, offset + len(chunk) + 1)
-        hit = np.isin(numbers, list(wanted))
-        if hit.any():
-            part = chunk[hit].assign(reason=reason, column=column, row=numbers[hit])
-            quarantine_parts.append(part)
-            for _, r in part.head(max(0, MAX_PROBLEMS - len(problems))).iterrows():
-                problems.append({"file": str(source.path), "row": int(r["row"]), "column": column,
-                                 "value": str(r.get(column, "")), "reason": reason})
-        offset += len(chunk)
+    for source, offset in segments:
+        first = offset
+        for chunk in read_chunks(source, chunk_rows):
+            numbers = np.arange(offset + 1, offset + len(chunk) + 1)
+            hit = np.isin(numbers, list(wanted))
+            if hit.any():
+                part = chunk[hit].drop(columns=[FIELDS_COLUMN], errors="ignore")
+                part = part.assign(reason=reason, column=column, row=numbers[hit])
+                quarantine_parts.append(part)
+                for _, r in part.head(max(0, MAX_PROBLEMS - len(problems))).iterrows():
+                    problems.append({"file": str(source.path), "row": int(r["row"]) - first, "column": column,
+                                     "value": str(r.get(column, "")), "reason": reason})
+            offset += len(chunk)
 
 
 def prepare_store(store_dir: Path, catalog_dir: Path, cfg=None, *, now: pd.Timestamp | None = None,
-                  quarantine_dir: Path | None = None, assume_consent: bool | None = None):
+                  quarantine_dir: Path | None = None, assume_consent: bool | None = None,
+                  journal: Path | None = None):
     """Validate a store and build its training data: ``(StoreData, StoreValidation)``.
 
     Raises DataError when the store cannot train, with every reason.
@@ -411,7 +508,7 @@ def prepare_store(store_dir: Path, catalog_dir: Path, cfg=None, *, now: pd.Times
     from common.data.dataset import ExampleConfig, ItemIndex, build_store_data
 
     checked = validate_store(store_dir, catalog_dir, now=now, quarantine_dir=quarantine_dir,
-                             assume_consent=assume_consent)
+                             assume_consent=assume_consent, journal=journal)
     if not checked.usable:
         raise DataError(f"store {checked.store_id} cannot train: " + "; ".join(checked.fatal))
     items = ItemIndex.from_catalog(read_catalog(catalog_dir))

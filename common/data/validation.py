@@ -80,7 +80,8 @@ def parse_timestamps(values: pd.Series, tz: str = "UTC") -> pd.Series:
 def _localize(naive: pd.Series, tz: str) -> pd.Series:
     if len(naive) == 0:
         return pd.Series(pd.NaT, index=naive.index, dtype="datetime64[ns, UTC]")
-    naive = naive.astype("datetime64[ns]")
+    # Years beyond pandas' nanosecond range (after 2262) are not timestamps a till writes.
+    naive = naive.where((naive >= pd.Timestamp.min) & (naive <= pd.Timestamp.max)).astype("datetime64[ns]")
     return naive.dt.tz_localize(tz, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC")
 
 
@@ -152,6 +153,22 @@ class Quarantine:
         return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame()
 
 
+FIELDS_COLUMN = "_fields"  # set by the CSV reader on rows whose field count differs from the header's
+FIELD_REASONS = ["too_few_fields", "too_many_fields"]
+
+
+def _field_failures(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(frame without the reader's field-count column, failures of rows with a wrong count)."""
+    if FIELDS_COLUMN not in frame.columns:
+        return frame, pd.DataFrame({"index": pd.Series(dtype=np.int64), "column": pd.Series(dtype=str),
+                                    "reason": pd.Series(dtype=str)})
+    marks = frame[FIELDS_COLUMN].astype(str)
+    bad = marks != ""
+    failures = pd.DataFrame({"index": frame.index[bad].to_numpy(dtype=np.int64), "column": "",
+                             "reason": marks[bad].to_numpy()})
+    return frame.drop(columns=[FIELDS_COLUMN]), failures
+
+
 def _first_reason(failures: pd.DataFrame, index: pd.Index, order: list[str]) -> pd.DataFrame:
     """For each failing row, the reason that comes first in ``order`` (and its column)."""
     if failures.empty:
@@ -176,15 +193,17 @@ class MembersResult:
 def check_members(members: pd.DataFrame, source: str, assume_consent: bool) -> MembersResult:
     """Members: rules per row, then unique ids; consent parsed (true/false/yes/no/1/0)."""
     report = FileReport(rows_in=len(members))
-    frame = members.astype("string").fillna("")
+    frame, field_failures = _field_failures(members.astype("string").fillna(""))
     birth_raw = frame["birth_year"] if "birth_year" in frame else pd.Series("", index=frame.index, dtype="string")
     parsed = frame.assign(
         _join=parse_timestamps(frame["join_date"]),
         _birth=_numbers(birth_raw.where(birth_raw.str.strip() != "", None)).astype("float64"),
         _birth_raw=birth_raw,
     )
-    failures = _first_reason(_schema_failures(parsed, member_schema(), {"join_date": "bad_join_date"}), frame.index,
-                             ["missing_value", "missing_member_id", "bad_join_date", "bad_birth_year"])
+    failures = _first_reason(pd.concat([field_failures, _schema_failures(parsed, member_schema(),
+                                                                         {"join_date": "bad_join_date"})]),
+                             frame.index,
+                             FIELD_REASONS + ["missing_value", "missing_member_id", "bad_join_date", "bad_birth_year"])
     if "consent_training" in frame:
         consent = frame["consent_training"].map(contract.parse_consent)
         bad_consent = consent.isna() & ~frame.index.isin(failures["index"])
@@ -242,13 +261,14 @@ class TransactionChunk:
 def check_transaction_chunk(chunk: pd.DataFrame, catalog_ids: pd.Index, now: pd.Timestamp, source: str,
                             report: FileReport, row_offset: int, tz: str = "UTC") -> TransactionChunk:
     """Row rules on one chunk (rows ``row_offset+1 …``); counts go into ``report``."""
-    frame = chunk.astype("string").fillna("")
+    frame, field_failures = _field_failures(chunk.astype("string").fillna(""))
     report.rows_in += len(frame)
     parsed = frame.assign(_ts=parse_timestamps(frame["ts"], tz), _qty=_numbers(frame["quantity"]).astype("float64"),
                           _price=_numbers(frame["unit_price"]).astype("float64"))
     nulls = {"ts": "bad_timestamp", "quantity": "bad_quantity", "unit_price": "bad_unit_price"}
-    failures = _first_reason(_schema_failures(parsed, transaction_schema(catalog_ids, now), nulls), frame.index,
-                             TX_REASON_ORDER)
+    failures = _first_reason(pd.concat([field_failures, _schema_failures(parsed, transaction_schema(catalog_ids, now),
+                                                                         nulls)]),
+                             frame.index, FIELD_REASONS + TX_REASON_ORDER)
     quarantine, problems = _set_aside(frame, failures, source, report, row_offset)
     ok = ~frame.index.isin(failures["index"])
     good = parsed[ok]

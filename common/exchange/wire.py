@@ -24,6 +24,12 @@ TRAIN_METRICS = (
 )
 TRAIN_CONFIG = ("store-id", "accountant")
 
+# The final global model, server → store, at the end of a run (server.delivery). The
+# store's answer holds only its id and the content hash it kept (a function of the public
+# global model): MODEL_ACK_CONFIG.
+MODEL_MESSAGE = "query.model"
+MODEL_ACK_CONFIG = ("store-id", "model-hash")
+
 BASELINES = ("store_pop", "p_topfreq")
 # Audience ("goods find people"): mean ROC-AUC and recall@100 of ranking the store's members
 # for its best sellers, by the model and by member popularity. Aggregates only, never lists.

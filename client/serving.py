@@ -1,0 +1,332 @@
+"""What `storefed serve` knows about its store: members, histories, the model, the journal.
+
+The HTTP layer (:mod:`client.serve_api`) only calls :class:`StoreServing`. Loading does the
+costly work once (DESIGN §5.2): the store's files are validated as `storefed validate` does
+(the receipts journal included), every consenting member's history features are built, and
+with a model the member states (:class:`common.learning.recommend.MemberState`) of all of
+them are precomputed, so a request is one matrix-vector product and a top-k.
+
+* A receipt taken through the API is validated with the contract's row rules, appended to
+  the journal (fsync) and then folded into that member's history and state at once.
+* A newly delivered model (``model.json`` changed) is loaded by a watcher thread, built
+  completely aside and swapped in as one reference: requests never see half a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from client.model_store import INFO_FILE, read_model
+from client.receipts_journal import append_receipt, journal_path
+from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, days_since_epoch, history_arrays, member_log, \
+    profile_matrix
+from common.data.ingest import validate_store
+from common.data.storefiles import DataError, read_catalog, read_store_meta
+from common.data.validation import FileReport, check_transaction_chunk
+from common.learning import recommend
+from common.learning.model import ModelConfig, Recommender
+from common.learning.weights import ModelFileError
+
+ASSORTMENT_FILE = "assortment.csv"  # optional: item_id per row, the store's current assortment
+_ENCODE_BATCH = 512  # members per batch when states are built (bounds a [batch, n_items] matrix)
+
+
+class ReceiptRejected(Exception):
+    """A receipt that breaks the data contract; ``reasons`` lists each problem."""
+
+    def __init__(self, reasons: list[dict]) -> None:
+        super().__init__("; ".join(f"{r.get('field', '')}: {r['reason']}" for r in reasons))
+        self.reasons = reasons
+
+
+@dataclass
+class Bundle:
+    """One model and everything precomputed from it; replaced as a whole on a new model."""
+
+    info: dict
+    side: recommend.ItemSide
+    states: recommend.MemberState  # one row per consenting member
+    cand_v: np.ndarray
+    cand_b: np.ndarray
+
+
+class StoreServing:
+    """A store's serving state; see the module docstring."""
+
+    def __init__(self, store_dir: Path, catalog: Path | None = None, state_dir: Path | None = None) -> None:
+        self.store_dir = Path(store_dir).resolve()
+        self.catalog_path = Path(catalog).resolve() if catalog else self.store_dir.parent.parent
+        self.meta = read_store_meta(self.store_dir)
+        self.store_id = str(self.meta["store_id"])
+        self.state_dir = Path(state_dir).resolve() if state_dir else self.store_dir / "state"
+        self.tz = str(self.meta.get("timezone", "UTC"))
+        self.cfg = ExampleConfig()
+        self._lock = threading.Lock()  # receipts and model swaps; reads take no lock
+        self._load_data()
+        self.bundle: Bundle | None = None
+        self._model_stamp: tuple | None = None
+        self.model_error: str | None = None
+        self.reload_model()
+
+    # -- data ---------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        checked = validate_store(self.store_dir, self.catalog_path, keep_data=True,
+                                 journal=journal_path(self.state_dir))
+        if not checked.usable:
+            raise DataError(f"store {self.store_id} cannot be served: " + "; ".join(checked.fatal))
+        catalog = read_catalog(self.catalog_path)
+        self.items = ItemIndex.from_catalog(catalog)
+        self.catalog_ids = pd.Index(catalog["item_id"].astype(str).str.strip())
+        self.item_pos = {item: i for i, item in enumerate(self.items.item_ids)}
+        members = checked.members.assign(member_id=checked.members["member_id"].astype(str).str.strip())
+        self.member_frame = members.drop_duplicates("member_id").set_index("member_id", drop=False)
+        consent = checked.consent
+        self.consenting = set(consent.index[consent.to_numpy(dtype=bool)])
+        self.known_members = set(self.member_frame.index)
+        lines, anon = checked.lines, checked.anonymous
+        self.counts = np.bincount(np.concatenate([lines["item"].to_numpy(), anon["item"].to_numpy()]).astype(np.int64),
+                                  weights=np.concatenate([lines["qty"].to_numpy(), anon["qty"].to_numpy()]),
+                                  minlength=self.items.n_items)
+        sold = self.counts > 0
+        listed = self._listed_assortment()
+        self.cold = listed & ~sold  # listed but never sold here: scored by category and brand
+        self.candidates = np.flatnonzero(sold | listed)
+        self.cand_pos = np.full(self.items.n_items, -1, dtype=np.int64)
+        self.cand_pos[self.candidates] = np.arange(len(self.candidates))
+        days = np.concatenate([lines["day"].to_numpy(), anon["day"].to_numpy()])
+        # Features are seen at the store's last day of data (the same clock for every member).
+        self.now_day = float(np.floor(np.nanmax(days)) + 1) if len(days) else 0.0
+        self.member_ids = np.array(sorted(self.consenting), dtype=object)
+        self.member_row = {m: i for i, m in enumerate(self.member_ids)}
+        self.lines = lines[["member", "item", "day", "qty", "receipt"]]
+        log = member_log(self.lines, self.member_ids)
+        self.hist_items, self.hist_feat, self.hist_mask = history_arrays(
+            log, log.n_receipts(), np.full(len(self.member_ids), self.now_day), self.cfg)
+        self.profile = profile_matrix(self.member_frame.loc[self.member_ids], self.now_day) \
+            if len(self.member_ids) else np.zeros((0, 0), np.float32)
+        self.bought = {m: set(g.tolist()) for m, g in self.lines.groupby("member")["item"]}
+        self.extra: dict[str, list[dict]] = {}  # receipts taken since loading, per member
+        self.receipt_ids = self._journal_receipts()
+        self._refresh_popular()
+
+    def _listed_assortment(self) -> np.ndarray:
+        listed = np.zeros(self.items.n_items, dtype=bool)
+        path = self.store_dir / ASSORTMENT_FILE
+        if path.exists():
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if "item_id" not in frame.columns:
+                raise DataError(f"{path}: no 'item_id' column; list the store's items one per row under item_id")
+            pos = self.catalog_ids.get_indexer(frame["item_id"].str.strip())
+            listed[pos[pos >= 0]] = True
+        return listed
+
+    def _journal_receipts(self) -> dict[str, str]:
+        path = journal_path(self.state_dir)
+        if not path.exists():
+            return {}
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip")
+        return dict(zip(frame["receipt_id"], frame["member_id"])) if "receipt_id" in frame else {}
+
+    def _refresh_popular(self) -> None:
+        counts = self.counts[self.candidates]
+        order = np.lexsort((self.candidates, -counts))
+        self.popular = self.candidates[order]
+        self.popular_share = counts[order] / max(float(counts.sum()), 1e-12)
+
+    # -- model --------------------------------------------------------------------------
+    def _expected_shapes(self, weights_dims: tuple[int, int]) -> dict:
+        dim, hidden = weights_dims
+        return {k: tuple(v.shape) for k, v in Recommender(self.items, ModelConfig(dim=dim, hidden=hidden))
+                .state_dict().items()}
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = (self.state_dir / INFO_FILE).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_model(self) -> bool:
+        """Load the store's model when it changed; True when a new one is in use."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._model_stamp:
+            return False
+        try:
+            dims = _dims_of(self.state_dir)
+            weights, info = read_model(self.state_dir, self._expected_shapes(dims))
+        except ModelFileError as exc:
+            self.model_error = str(exc)  # keep serving with the model in use; retried later
+            return False
+        with self._lock:
+            side = recommend.item_side({k: v.numpy() for k, v in weights.items()}, self.items.category,
+                                       self.items.brand)
+            states = self._encode_all(side)
+            # Requests compute in float32 (half the memory traffic; scores are ranked, and
+            # float32 keeps their differences to ~1e-6); states are built in float64.
+            states.u, states.log_z = states.u.astype(np.float32), states.log_z.astype(np.float32)
+            states.gate, states.rep_prob = states.gate.astype(np.float32), states.rep_prob.astype(np.float32)
+            cand_v = np.where(self.cold[self.candidates, None], side.cat_brand[self.candidates],
+                              side.V[self.candidates]).astype(np.float32)
+            cand_b = np.where(self.cold[self.candidates], float(side.b.mean()),
+                              side.b[self.candidates]).astype(np.float32)
+            self.bundle = Bundle(info, side, states, cand_v, cand_b)
+            self._model_stamp = stamp
+            self.model_error = None
+        return True
+
+    def _encode_all(self, side: recommend.ItemSide) -> recommend.MemberState:
+        parts = [recommend.encode_members(side, self.hist_items[a:a + _ENCODE_BATCH],
+                                          self.hist_feat[a:a + _ENCODE_BATCH], self.hist_mask[a:a + _ENCODE_BATCH],
+                                          self.profile[a:a + _ENCODE_BATCH])
+                 for a in range(0, len(self.member_ids), _ENCODE_BATCH)]
+        if not parts:
+            d = side.V.shape[1]
+            return recommend.MemberState(np.zeros((0, d)), np.zeros(0), np.zeros(0),
+                                         np.zeros((0, self.cfg.history_len), np.int64),
+                                         np.zeros((0, self.cfg.history_len)))
+        return recommend.MemberState(*(np.concatenate([getattr(p, f) for p in parts])
+                                       for f in ("u", "log_z", "gate", "rep_items", "rep_prob")))
+
+    def model_info(self) -> dict | None:
+        b = self.bundle
+        if b is None:
+            return None
+        return {"run_id": b.info.get("run_id"), "round": b.info.get("round"), "hash": b.info.get("hash"),
+                "epsilon": b.info.get("epsilon")}
+
+    # -- answers ------------------------------------------------------------------------
+    def recommendations(self, member_id: str, k: int) -> list[dict] | None:
+        """Top-k items for a member (None: unknown member)."""
+        if member_id not in self.known_members:
+            return None
+        bundle = self.bundle
+        row = self.member_row.get(member_id)
+        if bundle is None or row is None:  # no model yet, or no consent: the store's best sellers
+            top = self.popular[:k]
+            return [{"item_id": str(self.items.item_ids[i]), "score": float(s), "reason": "popular_here"}
+                    for i, s in zip(top, self.popular_share[:k])]
+        scores = recommend.scores_for_member(bundle.states, row, bundle.cand_v, bundle.cand_b, self.cand_pos)
+        bought = self.bought.get(member_id, set())
+        out = []
+        for pos in recommend.top_k(scores, k):
+            item = int(self.candidates[pos])
+            out.append({"item_id": str(self.items.item_ids[item]), "score": float(scores[pos]),
+                        "reason": recommend.reason_for(item, bought, True)})
+        return out
+
+    def audience(self, item_id: str, k: int) -> list[dict] | None:
+        """The k consenting members most likely to buy the item (None: not in the catalog)."""
+        item = self.item_pos.get(item_id)
+        if item is None:
+            return None
+        bundle = self.bundle
+        if bundle is None or len(self.member_ids) == 0:
+            return []
+        side = bundle.side
+        cold = bool(self.cold[item])
+        v = (side.cat_brand[item] if cold else side.V[item]).astype(np.float32)
+        b = float(side.b.mean()) if cold else float(side.b[item])
+        scores = recommend.scores_for_item(bundle.states, v, b, item)
+        return [{"member_id": str(self.member_ids[m]), "score": float(scores[m])} for m in recommend.top_k(scores, k)]
+
+    # -- receipts -----------------------------------------------------------------------
+    def check_receipt(self, body: object) -> dict:
+        """The receipt, normalised; :class:`ReceiptRejected` with every reason otherwise."""
+        reasons: list[dict] = []
+        if not isinstance(body, dict):
+            raise ReceiptRejected([{"field": "", "reason": "the body must be a JSON object"}])
+        for key in ("receipt_id", "ts", "member_id"):
+            if not isinstance(body.get(key), str):
+                reasons.append({"field": key, "reason": "missing or not a string"})
+        lines = body.get("lines")
+        if not isinstance(lines, list) or not lines:
+            reasons.append({"field": "lines", "reason": "must be a non-empty list"})
+        elif len(lines) > 1000:
+            reasons.append({"field": "lines", "reason": "more than 1000 lines in one receipt"})
+        else:
+            for n, line in enumerate(lines, 1):
+                if not isinstance(line, dict) or not isinstance(line.get("item_id"), str):
+                    reasons.append({"field": f"lines[{n}].item_id", "reason": "missing or not a string"})
+                    continue
+                for key in ("quantity", "unit_price"):
+                    value = line.get(key)
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                        reasons.append({"field": f"lines[{n}].{key}", "reason": "missing or not a finite number"})
+        if reasons:
+            raise ReceiptRejected(reasons)
+        member = body["member_id"].strip()
+        if member and member not in self.known_members:
+            reasons.append({"field": "member_id", "reason": "unknown_member"})
+        frame = pd.DataFrame({
+            "receipt_id": body["receipt_id"], "ts": body["ts"], "member_id": member,
+            "item_id": [str(line["item_id"]) for line in lines],
+            "quantity": [repr(float(line["quantity"])) for line in lines],
+            "unit_price": [repr(float(line["unit_price"])) for line in lines],
+        })
+        result = check_transaction_chunk(frame, self.catalog_ids, pd.Timestamp.now(tz="UTC"), "receipt",
+                                         FileReport(), 0, self.tz)
+        for p in result.problems:
+            reasons.append({"field": f"lines[{p['row']}].{p['column']}", "value": p["value"], "reason": p["reason"]})
+        if reasons:
+            raise ReceiptRejected(reasons)
+        return {"receipt_id": body["receipt_id"].strip(), "ts": body["ts"].strip(), "member_id": member,
+                "lines": [{"item_id": str(line["item_id"]).strip(), "quantity": float(line["quantity"]),
+                           "unit_price": float(line["unit_price"])} for line in lines],
+                "_day": float(days_since_epoch(result.lines["ts"] if len(result.lines) else result.anonymous["ts"])[0])}
+
+    def take_receipt(self, body: object) -> tuple[dict, bool]:
+        """Validate, journal durably, then reflect; returns (receipt, newly recorded)."""
+        receipt = self.check_receipt(body)
+        with self._lock:
+            if receipt["receipt_id"] in self.receipt_ids:
+                if self.receipt_ids[receipt["receipt_id"]] != receipt["member_id"]:
+                    raise ReceiptRejected([{"field": "receipt_id", "reason": "duplicate_receipt_id"}])
+                return receipt, False  # a client's retry: recorded once
+            append_receipt(self.state_dir, receipt)
+            self.receipt_ids[receipt["receipt_id"]] = receipt["member_id"]
+            self._reflect(receipt)
+        return receipt, True
+
+    def _reflect(self, receipt: dict) -> None:
+        """Fold an accepted receipt into popularity and, for a consenting member, their state."""
+        member = receipt["member_id"]
+        for line in receipt["lines"]:
+            if line["quantity"] > 0:
+                self.counts[self.item_pos[line["item_id"]]] += line["quantity"]
+        self._refresh_popular()
+        row = self.member_row.get(member)
+        if row is None:
+            return
+        self.extra.setdefault(member, []).extend(
+            {"member": member, "item": self.item_pos[line["item_id"]], "day": receipt["_day"],
+             "qty": line["quantity"], "receipt": -len(self.receipt_ids)}
+            for line in receipt["lines"] if line["quantity"] > 0)  # returns are netted at training
+        self.bought.setdefault(member, set()).update(self.item_pos[line["item_id"]] for line in receipt["lines"]
+                                                     if line["quantity"] > 0)
+        mine = pd.concat([self.lines[self.lines["member"] == member], pd.DataFrame(self.extra[member])],
+                         ignore_index=True)
+        log: MemberLog = member_log(mine, np.array([member], dtype=object))
+        items, feat, mask = history_arrays(log, log.n_receipts(), np.array([max(self.now_day, receipt["_day"])]),
+                                           self.cfg)
+        self.hist_items[row], self.hist_feat[row], self.hist_mask[row] = items[0], feat[0], mask[0]
+        bundle = self.bundle
+        if bundle is not None:
+            one = recommend.encode_members(bundle.side, items, feat, mask, self.profile[row:row + 1])
+            for f in ("u", "log_z", "gate", "rep_items", "rep_prob"):
+                getattr(bundle.states, f)[row] = getattr(one, f)[0]
+
+
+def _dims_of(state_dir: Path) -> tuple[int, int]:
+    """(dim, hidden) of the stored model, read from its tensor shapes (then checked in full)."""
+    import torch
+
+    try:
+        state = torch.load(Path(state_dir) / "model.pt", weights_only=True, map_location="cpu")
+        return int(state["item_out.weight"].shape[1]), int(state["encoder_in.weight"].shape[0])
+    except Exception as exc:  # damaged or foreign file: the full check reports it
+        raise ModelFileError(f"{Path(state_dir) / 'model.pt'}: not a storefed model ({exc.__class__.__name__})") from None

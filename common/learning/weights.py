@@ -1,0 +1,82 @@
+"""The global model as bytes: its content hash and the checks a store runs on it. Pure.
+
+A model that reaches a store is untrusted input (DESIGN §1): it is decoded with
+``torch.load(weights_only=True)`` (tensors only, no code), must hold exactly the tensors a
+:class:`~common.learning.model.Recommender` over the store's catalog has, with the same
+shapes, and only finite values.
+
+The content hash is SHA-256 over the canonical weights: for every tensor in name order, its
+name, dtype, shape and little-endian float32 bytes. The same weights give the same hash
+whatever file or message carried them, so a store can tell the server's ``model.pt`` apart
+from any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+class ModelFileError(Exception):
+    """Weights that cannot be used with this store's catalog; the message says why."""
+
+
+def _as_array(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+
+
+def weights_digest(state: Mapping[str, object]) -> str:
+    """SHA-256 (hex) of the canonical bytes of ``state`` (name → tensor or array)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        arr = _as_array(state[name])
+        h.update(f"{name}|float32|{','.join(map(str, arr.shape))}|".encode())
+        h.update(arr.astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def encode_weights(state: Mapping[str, object]) -> bytes:
+    """``state`` as the bytes of a ``torch.save`` file (float32 CPU tensors)."""
+    buf = io.BytesIO()
+    torch.save({k: torch.from_numpy(_as_array(v).copy()) for k, v in state.items()}, buf)
+    return buf.getvalue()
+
+
+def check_weights(state: Mapping[str, object], expected: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """``state`` as float32 tensors when it has exactly the ``expected`` names and shapes
+    and only finite values; else :class:`ModelFileError` naming the first problem."""
+    if not isinstance(state, Mapping):
+        raise ModelFileError("the model file does not hold a name → tensor mapping")
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"the model's tensors do not match this store's model (missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}); it was trained for another catalog or version")
+    out = {}
+    for name, shape in expected.items():
+        value = state[name]
+        if not isinstance(value, (torch.Tensor, np.ndarray)):
+            raise ModelFileError(f"tensor '{name}' is not an array")
+        arr = _as_array(value)
+        if tuple(arr.shape) != tuple(shape):
+            raise ModelFileError(f"tensor '{name}' has shape {tuple(arr.shape)}, the store's catalog needs "
+                                 f"{tuple(shape)}; the model was trained for another catalog")
+        if not np.isfinite(arr).all():
+            raise ModelFileError(f"tensor '{name}' holds NaN or infinite values")
+        out[name] = torch.from_numpy(arr.copy())
+    return out
+
+
+def decode_weights(data: bytes, expected: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """Checked weights from the bytes of a model file (see :func:`check_weights`)."""
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise ModelFileError(f"not a readable weights file ({exc.__class__.__name__})") from None
+    return check_weights(state, expected)

@@ -1,0 +1,51 @@
+"""The end of a run: the final global model to every connected store (DESIGN §5.2).
+
+One Flower message of type ``query.model`` per connected node, carrying the weights and
+their content hash; each store checks the weights against its catalog and the hash, keeps
+them under its state directory and answers with its store id and the hash it kept
+(:data:`common.exchange.wire.MODEL_ACK_CONFIG`). A store that is offline now receives a model
+with the messages of its next run (see ``client.client_app.keep_model_if_none``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.exchange import wire
+
+
+def deliver_model(grid: Grid, state: Mapping[str, object], *, run_id: str, server_round: int, digest: str,
+                  timeout: float) -> dict:
+    """Send the final model to every node now connected; returns what the stores answered:
+    ``{"hash", "round", "delivered": [store ids], "failed": [{"node", "reason"}]}``."""
+    def content() -> RecordDict:
+        return RecordDict({
+            wire.TRAIN_ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+            "config": ConfigRecord({"run-id": str(run_id), "server-round": int(server_round), "hash": digest}),
+        })
+
+    nodes = list(grid.get_node_ids())
+    messages = [Message(content=content(), message_type=wire.MODEL_MESSAGE, dst_node_id=node) for node in nodes]
+    out: dict = {"hash": digest, "round": int(server_round), "delivered": [], "failed": []}
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            out["failed"].append({"node": node, "reason": str(reply.error.reason)[:300]})
+            continue
+        store = reply.content["store"]
+        if str(store.get("model-hash", "")) != digest:
+            out["failed"].append({"node": node, "reason": f"store {store.get('store-id')} kept another hash"})
+        else:
+            out["delivered"].append(str(store.get("store-id", f"node-{node}")))
+    for node in nodes:
+        if node not in answered:
+            out["failed"].append({"node": node, "reason": "no answer before the timeout"})
+    out["delivered"].sort()
+    return out
