@@ -267,8 +267,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 def _spent_epsilon(node: StoreNode, context: Context, cfg: RunConfig) -> float | None:
     """The store's ε over its whole ledger now (None when unbounded: a non-DP event)."""
-    events = read_events(state_dir(node, context.node_config, cfg), node.store_id)
-    eps = privacy.epsilon([e.mechanism() for e in events], node.delta(cfg), str(cfg["accountant"]))
+    counted = ledger.read_ledger(state_dir(node, context.node_config, cfg), node.store_id).counted()
+    eps = privacy.epsilon(counted, node.delta(cfg), str(cfg["accountant"]))
     return eps if np.isfinite(eps) else None
 
 
