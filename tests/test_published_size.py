@@ -199,3 +199,23 @@ def test_validate_reports_the_published_size_and_warns_without_one(small_chain_d
     assert any("no 'published_size'" in w and f'"published_size": {bucket(checked.size["members_who_can_train"])}' in w
                for w in checked.warnings)
     assert any("no 'home_store' column" in w for w in checked.warnings)
+
+
+def test_a_store_with_no_member_to_train_still_takes_every_noisy_step(small_store):
+    import dataclasses
+
+    import numpy as np
+
+    from common.learning.training import DPConfig, TrainConfig, train_local
+
+    empty = dataclasses.replace(small_store, member_ids=np.array([], dtype=object),
+                                profile=small_store.profile[:0])
+    torch.manual_seed(0)
+    model = Recommender(small_store.items)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    result = train_local(model, empty, TrainConfig(batch_size=128, optimizer="sgd", lr=1.0, seed=1),
+                         DPConfig(noise_multiplier=1.0, clip_norm=1.0, published_size=500))
+    # 500 published, batch 128: q = 1/4, 4 steps, each adding N(0, 1) / 125 per coordinate.
+    assert (result.steps, result.sample_rate) == (4, 0.25)
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+    assert moved.std().item() == pytest.approx(2.0 / 125, rel=0.05)

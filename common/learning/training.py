@@ -124,8 +124,10 @@ def train_local(
     n = data.n_train_members
     published = (dp.published_size or n) if dp is not None else n
     q = sample_rate_for(published, cfg.batch_size)
-    if n == 0:
-        return TrainResult(0.0, 0, 0, q, dp.noise_multiplier if dp else 0.0, dp.clip_norm if dp else 0.0)
+    if n == 0 and dp is None:
+        return TrainResult(0.0, 0, 0, q, 0.0, 0.0)
+    # With DP, a store with no member to train still takes every (noise-only) step: the
+    # update must not tell a store of none from a store of one.
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.train()
@@ -139,7 +141,7 @@ def train_local(
         raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")
     # The loader yields member indices; features are gathered per batch from the epoch's examples.
     shuffled = DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+                          generator=torch.Generator().manual_seed(cfg.seed)) if n else None
     loader = shuffled
     if dp is not None:
         # Poisson batches at q for the published size's steps; nothing here reads n but the draw.
@@ -157,7 +159,7 @@ def train_local(
         # to the server, which knows every seed of the run config).
         noise_generator = SecureRandom()
         loader = PoissonBatches(n, q, steps_per_epoch(published, cfg.batch_size), noise_generator)
-    if dp is not None and cfg.dp_path == "bookkeeping":
+    if dp is not None and (cfg.dp_path == "bookkeeping" or n == 0):  # Opacus cannot wrap an empty loader
         from common.learning import dp_fast  # the same mechanism in one backward pass (see its docstring)
 
         model, optimizer, criterion = dp_fast.make_private(
@@ -194,7 +196,7 @@ def train_local(
             # Opacus warns on every step that its hooks see no input gradients; harmless here.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _epoch in range(cfg.local_epochs):
-                examples = sample_train_examples(data, rng, example_cfg)
+                examples = sample_train_examples(data, rng, example_cfg) if n else None
                 for (idx,) in loader:
                     steps += 1
                     optimizer.zero_grad(set_to_none=True)
