@@ -29,9 +29,13 @@ BASELINES = ("store_pop", "p_topfreq")
 # for its best sellers, by the model and by member popularity. Aggregates only, never lists.
 AUDIENCE_METRICS = ("audience.auc", "audience.recall@100", "audience_pop.auc", "audience_pop.recall@100")
 # Evaluate reply: NOT DP, sent only when the node allows local metrics (on in simulation).
+# The unprefixed list metrics (and "audience.*") are those of the model the store serves: in
+# the last round, the global model with the store-local layer (DESIGN §5.1), else the global
+# model; "global_model.*" are the global model's alone. The layer itself is never sent.
 EVAL_METRICS = (
     "num-examples",
     *METRIC_KEYS,
+    *(f"global_model.{k}" for k in METRIC_KEYS),
     *(f"{b}.{k}" for b in BASELINES for k in METRIC_KEYS),
     *AUDIENCE_METRICS,
 )
