@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from common.data.dataset import Examples, MemberLog, StoreData, history_arrays
+from common.data.dataset import Examples, MemberLog, StoreData
 
 FEATURES = ("global", "store_pop", "item_knn", "bought", "log_count", "recency", "global_bought", "pop_bought")
 N_FEATURES = len(FEATURES)
@@ -158,27 +158,14 @@ def member_histories(log: MemberLog, members: np.ndarray, upto: np.ndarray, at_d
 
 
 def validation_split(data: StoreData, valid_days: int) -> tuple[Examples, Histories, list[np.ndarray], Histories]:
-    """The store's validation split, cut from its training period only (never its test period).
+    """The store's validation split (:func:`common.evaluation.holdout.validation_split`) with
+    the members' histories at its cut, and every training member's history there (for the
+    similarities). Only the training period is read, never the test period."""
+    from common.evaluation.holdout import validation_split as split
 
-    Returns the model inputs and histories of the members with a receipt in the last
-    ``valid_days`` of the training period (histories up to that cut; members with none
-    before it have an empty one, as cold members do at test time), their first basket
-    after that cut, and every training member's history at that cut (for the similarities).
-    """
-    log = data.train_log
-    v_cut = data.cut_day - valid_days
-    n_rec = log.n_receipts()
-    starts = log.receipt_ptr[:-1]
-    before = np.array([int(np.searchsorted(log.receipt_day[s:s + k], v_cut)) for s, k in zip(starts, n_rec)],
-                      dtype=np.int64)
-    everyone = member_histories(log, np.arange(len(n_rec)), before, v_cut)
-    members = np.flatnonzero(before < n_rec)
-    items, feat, mask = (a[members] for a in history_arrays(log, before, np.full(len(before), v_cut), data.example_cfg))
-    targets = [np.unique(log.line_item[log.line_ptr[starts[m] + before[m]]:log.line_ptr[starts[m] + before[m] + 1]])
-               for m in members]
-    no_target = np.zeros((len(members), 1), np.int64)
-    ex = Examples(items, feat, mask, data.profile[members], no_target, np.zeros((len(members), 1), np.float32))
-    return ex, everyone.subset(members), targets, everyone
+    v = split(data, valid_days)
+    everyone = member_histories(data.train_log, np.arange(data.n_train_members), v.upto, v.day)
+    return v.examples, everyone.subset(v.members), v.targets, everyone
 
 
 def test_histories(data: StoreData) -> Histories:
