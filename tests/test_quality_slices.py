@@ -77,3 +77,26 @@ def test_cold_and_new_item_slices_by_hand(small_store):
     # Store popularity never ranks an item the store has not sold above one it has.
     pop = slices.new_item_slice(d.store_counts[None, :], d)
     assert pop["share"] == 0.0 or d.assortment.sum() < 20
+
+
+def test_pooled_training_refreshes_the_item_snapshot_every_epoch(small_store):
+    """The centralized reference's old bug: its encoder read the initial item vectors for good."""
+    import torch
+
+    from common.learning.model import Recommender
+    from common.learning.training import TrainConfig, train_pooled
+
+    torch.manual_seed(0)
+    model = Recommender(small_store.items)
+    initial = model.item_vectors().clone()
+    seen = {}
+
+    def on_epoch(epoch, m):
+        seen[epoch] = (m.item_snapshot.clone(), m.item_vectors().clone())
+        return epoch >= 2
+
+    train_pooled(model, [small_store], TrainConfig(local_epochs=5, batch_size=256, lr=0.01), on_epoch)
+    assert sorted(seen) == [1, 2]  # early stopping at the callback's word
+    assert torch.equal(seen[1][0], initial)  # epoch 1 read the initial vectors …
+    assert torch.equal(seen[2][0], seen[1][1])  # … epoch 2 the vectors trained in epoch 1
+    assert not torch.equal(seen[2][0], initial)
