@@ -89,10 +89,12 @@ class LocalLayer:
 
     def scores(self, global_logp: np.ndarray, histories: Histories) -> np.ndarray:
         """The store's scores of every catalog item for each member, [N, n_items]."""
-        g = torch.as_tensor(np.maximum(global_logp, _FLOOR), dtype=torch.float64)
-        feats = _features(histories, self.similarity, self.tau_days, g.shape[1])
-        return _blend(g, feats, torch.as_tensor(self.store_pop), torch.as_tensor(self.weights),
-                      torch.as_tensor(self.item_bias)).numpy()
+        g = torch.as_tensor(np.maximum(global_logp, _FLOOR), dtype=torch.float32)  # serving: float32, like the model
+        feats = {k: v.to(torch.float32) if v.is_floating_point() else v
+                 for k, v in _features(histories, self.similarity, self.tau_days, g.shape[1]).items()}
+        return _blend(g, feats, torch.as_tensor(self.store_pop, dtype=torch.float32),
+                      torch.as_tensor(self.weights, dtype=torch.float32),
+                      torch.as_tensor(self.item_bias, dtype=torch.float32)).numpy()
 
 
 def store_pop_feature(store_counts: np.ndarray) -> np.ndarray:
@@ -125,7 +127,7 @@ def _features(h: Histories, similarity: sparse.csr_matrix, tau: float, n_items: 
     sizes = np.array([len(i) for i in h.items], dtype=float)
     share = 1.0 / np.maximum(sizes[rows], 1.0) if len(rows) else np.empty(0)
     if similarity is None:
-        knn = np.zeros((len(h), n_items))
+        knn = np.zeros((1, 1))  # broadcasts: no item × item term (item_knn off)
     else:
         x = sparse.csr_matrix((share, (rows, items)), shape=(len(h), n_items))
         knn = np.asarray((x @ similarity).todense()) if len(h) else np.zeros((0, n_items))
