@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-LEARNED = ("centralized", "fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "fed_dp_eps0.3", "local_dp_eps8")
 BASELINE_METHODS = ("global_pop", "store_pop", "p_topfreq")
 EPSILONS = (0.3, 1.0, 4.0, 8.0)
 NON_PRIVATE = ("centralized", "fed_nodp", "tifu_knn", "p_topfreq")  # "the best non-private method"
