@@ -31,7 +31,10 @@ from common.privacy import accountant as privacy
 from common.exchange import update_codec
 from common.exchange import wire
 from common.config import ConfigError, RunConfig
-from common.evaluation.evaluation import evaluate_audience, evaluate_baselines, evaluate_model
+from client import local_layer
+from common.evaluation.evaluation import (audience_from_scores, evaluate_audience, evaluate_baselines, evaluate_scores,
+                                         member_scores, model_scores)
+from common.learning.local_layer import test_histories, training_member_histories
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
 from common.data.storefiles import DataError
 from common.learning.model import ModelConfig, Recommender
@@ -243,7 +246,8 @@ def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNod
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Evaluate the global model (and the baselines) on this store's test split."""
+    """Evaluate the global model, the model the store serves (the global model with the store-local
+    layer, fitted in the last round) and the baselines on this store's test split."""
     cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
     node = load_store(context.node_config, cfg)
     if not _allow_local_metrics(context, node):
@@ -251,13 +255,18 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
                               "(node config allow-local-metrics = false)")
     keep_model_if_none(msg, context, cfg, node, final=False)
     model = _model(node, cfg, msg)
-    metrics = {"num-examples": len(node.data.eval_member_ids), **evaluate_model(model, node.data)}
+    global_scores = model_scores(model, node.data)
+    global_metrics = evaluate_scores(global_scores, node.data)
+    metrics = {"num-examples": len(node.data.eval_member_ids), **global_metrics,
+               **{f"global_model.{k}": v for k, v in global_metrics.items()}}
     for name, values in _baselines(node).items():
         metrics.update({f"{name}.{k}": v for k, v in values.items()})
     audience = evaluate_audience(model, node.data)
     for prefix, key in (("audience", "model"), ("audience_pop", "member_pop")):
         metrics[f"{prefix}.auc"] = audience[key]["auc"]
         metrics[f"{prefix}.recall@100"] = audience[key]["recall@100"]
+    if bool(cfg["local-layer"]) and _server_round(msg) >= int(cfg["rounds"]):
+        metrics.update(_served_metrics(node, model, global_scores))
     content = RecordDict({
         "metrics": MetricRecord(metrics),
         "store": ConfigRecord({"store-id": node.store_id}),
@@ -316,6 +325,17 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
                       epsilon=_spent_epsilon(node, context, cfg), final=True)
     content = RecordDict({"store": ConfigRecord({"store-id": node.store_id, "model-hash": info["hash"]})})
     return send(Message(content=content, reply_to=msg))
+
+
+def _served_metrics(node: StoreNode, model: Recommender, global_scores: np.ndarray) -> dict:
+    """The store-local layer's step (DESIGN §5.1): fit it on the final global model, at the store,
+    and measure the model the store serves. Its values replace the unprefixed `model` metrics;
+    the layer itself stays in this process (client.local_layer), never in a reply."""
+    layer = local_layer.layer_for(str(node.store_dir), model, node.data)
+    served = evaluate_scores(layer.scores(global_scores, test_histories(node.data)), node.data)
+    members = training_member_histories(node.data)
+    audience = audience_from_scores(layer.scores(member_scores(model, node.data), members), node.data)
+    return {**served, "audience.auc": audience["auc"], "audience.recall@100": audience["recall@100"]}
 
 
 _BASELINE_CACHE: dict[str, dict] = {}

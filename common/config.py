@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "delta": 1e-6,
     "accountant": "prv",
     "fraction-train": 1.0,
+    # Fit the store-local layer (DESIGN §5.1) on the final global model in the last round's
+    # evaluation and report it as the served `model` (the global model alone: `global_model`).
+    "local-layer": True,
     "fraction-evaluate": 1.0,  # 0: no evaluation round-trip (deployment: stores send no metrics by default)
     "strategy": "fedavg",  # fedavg fedavgm fedadam fedyogi fedprox fedmedian fedtrimmedavg krum multikrum
     "server-lr": 0.0,  # 0: Flower's default for the strategy (FedAvgM/FedAdam/FedYogi)

@@ -25,7 +25,10 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
         "stores": stores,
         "rounds": int(cfg["rounds"]),
         "seed": int(cfg["seed"]),
+        # The model the stores serve (the global model with each store's local layer, when
+        # the run fits it) and the global model alone, both member-weighted over the stores.
         "model": _pick(final_metrics),
+        "global_model": _pick(final_metrics, "global_model."),
         "baselines": {b: _pick(final_metrics, f"{b}.") for b in BASELINES},
         "per_round": [
             {"round": r["round"], "participated": r.get("participated", 0),
@@ -70,7 +73,7 @@ def summary_table(results: dict) -> str:
     """A fixed-width table: model vs baselines at @10/@20, then privacy spent."""
     cols = SUMMARY_KEYS
     evaluated = any(r.get("ndcg@10") is not None for r in results["per_round"])
-    rows = ([("federated model", results["model"])] if evaluated else []) + \
+    rows = ([("served model", results["model"]), ("global model", results["global_model"])] if evaluated else []) + \
         [(b, m) for b, m in results["baselines"].items() if evaluated]
     width = max((len(name) for name, _ in rows), default=16) + 2
     lines = ["", f"storefed · {results['stores']} stores · {results['rounds']} rounds · seed {results['seed']}"
@@ -89,7 +92,7 @@ def summary_table(results: dict) -> str:
     if evaluated:
         aud = results["audience"]
         lines += ["", "goods find people (rank a store's members for its 50 best sellers of the test period):",
-                  f"  federated model  AUC {aud['model']['auc']:.4f} · recall@100 {aud['model']['recall@100']:.4f}",
+                  f"  served model     AUC {aud['model']['auc']:.4f} · recall@100 {aud['model']['recall@100']:.4f}",
                   f"  member_pop       AUC {aud['member_pop']['auc']:.4f} · recall@100 "
                   f"{aud['member_pop']['recall@100']:.4f}"]
     priv = {s: p for s, p in results["privacy"].items() if p["epsilon"] is not None}

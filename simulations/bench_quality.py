@@ -1,12 +1,15 @@
 """`storefed bench quality`: the DESIGN §6 protocol on one chain, every method on one split.
 
-Methods: global and store popularity, P-TopFreq, a local-only model per store (DP, ε = 8),
-a centralized model (all stores pooled, no DP: the upper reference), federated without DP
-and federated with DP at ε ∈ {1, 4, 8} per store. The federated runs are real simulations
+Methods: global and store popularity, P-TopFreq, TIFU-KNN (centralized, tuned on
+validation), a local-only model per store (DP, ε = 8), a centralized model (all stores
+pooled, no DP, tuned on validation: the upper reference), federated without DP and federated
+with DP at ε ∈ {0.3, 1, 4, 8} per store. The federated runs are real simulations
 (:func:`simulations.simulate.simulate`, the same ServerApp and ClientApp as `flwr run .`);
 their final global model is then scored here, at every store, with the same code as the
-other methods. This is a benchmark on generated (or the operator's own) data: it reads every
-store's files in one process, which a deployment never does.
+other methods: served with each store's local layer (DESIGN §5.1), and alone
+(``<method>_global``). Every method also gets the cold-start slices. This is a benchmark on
+generated (or the operator's own) data: it reads every store's files in one process, which a
+deployment never does.
 
 Writes ``results.json``, ``report.md`` and three PNG plots to the output directory.
 """
@@ -28,7 +31,12 @@ import torch
 from common.privacy import accountant as privacy
 from common.config import RunConfig, default_chain_dir
 from common.data.dataset import ExampleConfig, StoreData
-from common.evaluation.evaluation import evaluate_audience, list_report, member_pop_audience, model_scores
+from common.evaluation.evaluation import (audience_from_scores, list_report, member_pop_audience, member_scores,
+                                         model_scores, scores as batch_scores)
+from common.evaluation.holdout import ValidSplit, ranking_metrics, truncated, validation_split
+from common.evaluation.slices import cold_slice, new_item_slice
+from common.learning import baselines as tifu
+from common.learning.local_layer import adapt, test_histories, training_member_histories
 from common.data.ingest import prepare_store
 from common.evaluation.metrics import topfreq_scores
 from common.learning.model import ModelConfig, Recommender
@@ -38,10 +46,17 @@ from common.learning.training import DPConfig, TrainConfig, sample_rate_for, ste
 from simulations import quality_report as qr
 
 QUICK = {"stores": 4, "rounds": 2}
-# The centralized reference trains with Adam at this rate: at the federated runs' 0.01, ten
-# pooled epochs without per-round resets diverged (NDCG@10 0.22 on seed 1); 0.003 was stable.
-CENTRAL_LR = 0.003
 FULL = {"stores": 20, "rounds": 10}
+# The centralized reference is tuned like any model: learning rate and epochs (early stopping,
+# patience 1) chosen on a validation split cut from the training period, then retrained on
+# the whole training period for the chosen epochs. Never on test.
+CENTRAL_LRS = (0.003, 0.01)
+CENTRAL_MAX_EPOCHS = {"quick": 3, "full": 8}
+PATIENCE = 1
+# TIFU-KNN's grid, searched on the same validation split: (group size, r_b, r_g) × α × neighbours.
+TIFU_VECTORS = ((7, 0.9, 0.7), (3, 1.0, 0.6))
+TIFU_ALPHAS = (0.5, 0.7, 0.9)
+TIFU_NEIGHBORS = (50, 300)
 
 
 @dataclass(frozen=True)
@@ -81,11 +96,21 @@ def _train_config(cfg: RunConfig, seed: int, epochs: int | None = None, dp: bool
 
 def _record(store: StoreData, scores: np.ndarray, audience: dict | None) -> dict:
     return {"store": store.store_id, "train_members": store.n_train_members, **list_report(scores, store),
+            "cold": cold_slice(scores, store), "new_items": new_item_slice(scores, store),
             "audience": audience or {"auc": 0.0, "recall@100": 0.0, "items": 0}}
 
 
-def _model_records(model: Recommender, stores: list[StoreData]) -> list[dict]:
-    return [_record(d, model_scores(model, d), evaluate_audience(model, d)["model"]) for d in stores]
+def _model_records(model: Recommender, stores: list[StoreData]) -> tuple[list[dict], list[dict]]:
+    """(served, global) records: the model with each store's local layer (DESIGN §5.1, fitted
+    at the store on its training period), and the global model alone."""
+    served, alone = [], []
+    for d in stores:
+        g, members = model_scores(model, d), member_scores(model, d)
+        alone.append(_record(d, g, audience_from_scores(members, d)))
+        layer = adapt(model, d)
+        served.append(_record(d, layer.scores(g, test_histories(d)),
+                              audience_from_scores(layer.scores(members, training_member_histories(d)), d)))
+    return served, alone
 
 
 def baseline_records(stores: list[StoreData]) -> dict[str, list[dict]]:
@@ -103,14 +128,82 @@ def baseline_records(stores: list[StoreData]) -> dict[str, list[dict]]:
     return out
 
 
-def centralized(stores: list[StoreData], cfg: RunConfig, seed: int) -> tuple[list[dict], dict]:
-    """All stores pooled, no DP, for as many epochs as the federated runs' rounds × local epochs."""
+def _valid_ndcg(model: Recommender, stores: list[StoreData], splits: list[ValidSplit]) -> float:
+    """Member-weighted NDCG@10 of the model on the stores' validation splits."""
+    values, weights = [], []
+    for d, v in zip(stores, splits):
+        if len(v.targets):
+            m = ranking_metrics(batch_scores(model, v.examples), v.targets, d.assortment)
+            values.append(m["ndcg@10"])
+            weights.append(len(v.targets))
+    return float(np.average(values, weights=weights)) if weights else 0.0
+
+
+def centralized(stores: list[StoreData], cfg: RunConfig, seed: int, splits: list[ValidSplit],
+                quick: bool) -> tuple[list[dict], list[dict], dict]:
+    """All stores pooled, no DP, tuned on validation: (served records, global records, info)."""
+    before = [truncated(d, v.day) for d, v in zip(stores, splits)]
+    max_epochs = CENTRAL_MAX_EPOCHS["quick" if quick else "full"]
+    tried = []
+    for lr in CENTRAL_LRS:
+        curve: list[float] = []
+
+        def on_epoch(epoch: int, m: Recommender) -> bool:
+            curve.append(_valid_ndcg(m, stores, splits))
+            return epoch - (int(np.argmax(curve)) + 1) >= PATIENCE
+
+        model = _new_model(stores, cfg, seed)
+        train_pooled(model, before, dataclasses.replace(_train_config(cfg, seed, max_epochs), lr=lr), on_epoch)
+        tried.append({"lr": lr, "valid_ndcg@10": [round(v, 5) for v in curve]})
+    best = max(tried, key=lambda t: max(t["valid_ndcg@10"]))
+    epochs = int(np.argmax(best["valid_ndcg@10"])) + 1
     model = _new_model(stores, cfg, seed)
-    epochs = int(cfg["rounds"]) * int(cfg["local-epochs"])
-    train_cfg = dataclasses.replace(_train_config(cfg, seed, epochs), lr=CENTRAL_LR)
-    result = train_pooled(model, stores, train_cfg)
-    return _model_records(model, stores), {"epochs": epochs, "steps": result.steps, "loss": result.loss,
-                                           "lr": CENTRAL_LR}
+    result = train_pooled(model, stores, dataclasses.replace(_train_config(cfg, seed, epochs), lr=best["lr"]))
+    served, alone = _model_records(model, stores)
+    return served, alone, {"epochs": epochs, "lr": best["lr"], "steps": result.steps, "loss": result.loss,
+                           "tried": tried, "valid_days": int(stores[0].cut_day - splits[0].day) if stores else 0}
+
+
+def _tifu_tie_break(d: StoreData) -> np.ndarray:
+    counts = d.store_counts
+    return 1e-6 * counts / (counts.max(initial=0.0) + 1.0)
+
+
+def tifu_knn(stores: list[StoreData], splits: list[ValidSplit]) -> tuple[list[dict], dict]:
+    """TIFU-KNN, centralized (neighbours from every store's members), tuned on validation."""
+    n_items = stores[0].items.n_items
+    offsets = np.cumsum([0] + [d.n_train_members for d in stores])
+    results = []
+    for size, r_b, r_g in TIFU_VECTORS:
+        base = tifu.TifuConfig(group_size=size, r_b=r_b, r_g=r_g, n_neighbors=max(TIFU_NEIGHBORS))
+        pool = np.concatenate([tifu.member_vectors(d.train_log, v.upto, n_items, base) for d, v in zip(stores, splits)])
+        queries = np.concatenate([v.members + off for v, off in zip(splits, offsets)])
+        nbrs = tifu.nearest(pool[queries], pool, base.n_neighbors, exclude=queries)
+        start = 0
+        per_store_rows = []
+        for v in splits:
+            per_store_rows.append(np.arange(start, start + len(v.members)))
+            start += len(v.members)
+        for alpha in TIFU_ALPHAS:
+            for k in TIFU_NEIGHBORS:
+                c = dataclasses.replace(base, alpha=alpha, n_neighbors=k)
+                values, weights = [], []
+                for d, v, rows in zip(stores, splits, per_store_rows):
+                    if len(rows):
+                        pred = tifu.predict(pool[queries[rows]], pool, nbrs[rows], c) + _tifu_tie_break(d)
+                        values.append(ranking_metrics(pred, v.targets, d.assortment)["ndcg@10"])
+                        weights.append(len(rows))
+                results.append((float(np.average(values, weights=weights)), c))
+    best_ndcg, best = max(results, key=lambda r: r[0])
+    pool = np.concatenate([tifu.member_vectors(d.train_log, d.train_log.n_receipts(), n_items, best) for d in stores])
+    records = []
+    for d, off in zip(stores, offsets):
+        row = {m: i for i, m in enumerate(d.member_ids)}
+        idx = np.array([off + row[m] if m in row else -1 for m in d.eval_member_ids], dtype=np.int64)
+        own = np.where((idx >= 0)[:, None], pool[np.maximum(idx, 0)], 0.0).astype(np.float32)
+        nbrs = tifu.nearest(own, pool, best.n_neighbors, exclude=idx)
+        records.append(_record(d, tifu.predict(own, pool, nbrs, best) + _tifu_tie_break(d), None))
+    return records, {"config": dataclasses.asdict(best), "valid_ndcg@10": round(best_ndcg, 5), "grid": len(results)}
 
 
 def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: float) -> tuple[dict, dict]:
@@ -127,18 +220,20 @@ def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: floa
     for r in range(rounds):
         train_local(model, store, _train_config(cfg, seed + 1000 * (r + 1), dp=True), dp)
     spent = privacy.epsilon([(sigma, q, steps)], delta, str(cfg["accountant"]))
-    records = _model_records(model, [store])
-    return records[0], {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
+    served, _ = _model_records(model, [store])
+    return served[0], {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
 
 
 def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, dp: bool,
-              target_epsilon: float = 8.0) -> tuple[list[dict], dict]:
-    """A real federated simulation; its final global model scored at every store."""
+              target_epsilon: float = 8.0) -> tuple[list[dict], list[dict], dict]:
+    """A real federated simulation; its final global model scored at every store, with each
+    store's local layer (served) and alone (global)."""
     from simulations.simulate import simulate
 
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**cfg.values, "dp": dp, "target-epsilon": target_epsilon,
+    # The local layer is fitted here, in-process, on the final model (the same code the stores run).
+    config = {**cfg.values, "dp": dp, "target-epsilon": target_epsilon, "local-layer": False,
               "epsilon-budget": max(target_epsilon, float(cfg["epsilon-budget"])),
               "out-dir": str(run_dir), "state-dir": tempfile.mkdtemp(prefix=f"storefed-bench-{name}-")}
     log = io.StringIO()
@@ -154,7 +249,8 @@ def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, 
     info = {"per_round": [{"round": r["round"], "ndcg@10": r["ndcg@10"]} for r in results["per_round"]],
             "max_epsilon": max(eps) if eps else None, "elapsed_s": results["elapsed_s"],
             "failures": results["failures"], "dp": dp, "target_epsilon": target_epsilon if dp else None}
-    return _model_records(model, stores), info
+    served, alone = _model_records(model, stores)
+    return served, alone, info
 
 
 def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = True) -> dict:
@@ -168,7 +264,7 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
     cfg = settings.run_config(len(dirs))
     seed = settings.seed
     fed_runs = [("fed_nodp", False, 8.0)] + [(f"fed_dp_eps{e:g}", True, e) for e in sorted(qr.EPSILONS, reverse=True)]
-    bar = tqdm(total=len(dirs) * 2 + 2 + len(fed_runs), desc="quality", unit="step", disable=not progress,
+    bar = tqdm(total=len(dirs) * 2 + 3 + len(fed_runs), desc="quality", unit="step", disable=not progress,
                dynamic_ncols=True)
     stores = []
     ex_cfg = ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
@@ -179,8 +275,13 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
     bar.set_postfix_str("baselines")
     per_store = baseline_records(stores)
     bar.update()
-    bar.set_postfix_str("centralized (pooled, no DP)")
-    per_store["centralized"], central_info = centralized(stores, cfg, seed)
+    splits = [validation_split(d) for d in stores]
+    bar.set_postfix_str("centralized (pooled, no DP, tuned on validation)")
+    per_store["centralized"], per_store["centralized_global"], central_info = centralized(stores, cfg, seed, splits,
+                                                                                          settings.quick)
+    bar.update()
+    bar.set_postfix_str("TIFU-KNN (pooled, tuned on validation)")
+    per_store["tifu_knn"], tifu_info = tifu_knn(stores, splits)
     bar.update()
     per_store["local_dp_eps8"], local_info = [], []
     for d in stores:
@@ -192,12 +293,14 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
     fed_info = {}
     for name, dp, eps in fed_runs:
         bar.set_postfix_str(f"federated {name}")
-        per_store[name], fed_info[name] = federated(name, cfg, stores, out, dp=dp, target_epsilon=eps)
+        per_store[name], per_store[f"{name}_global"], fed_info[name] = federated(name, cfg, stores, out, dp=dp,
+                                                                                 target_epsilon=eps)
         bar.update()
     bar.close()
 
-    order = ("global_pop", "store_pop", "p_topfreq", "local_dp_eps8", "centralized", "fed_nodp",
-             "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "member_pop")
+    fed_names = [name for name, _, _ in fed_runs]
+    order = ("global_pop", "store_pop", "p_topfreq", "tifu_knn", "local_dp_eps8", "centralized", *fed_names,
+             "centralized_global", *(f"{n}_global" for n in fed_names), "member_pop")
     methods = {}
     for name in order:
         summary = qr.summarize_audience if name == "member_pop" else qr.summarize
@@ -205,6 +308,7 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
         if name in fed_info:
             methods[name].update(fed_info[name])
     methods["centralized"]["training"] = central_info
+    methods["tifu_knn"]["tuning"] = tifu_info
     methods["local_dp_eps8"]["privacy"] = local_info
     settings_out = {
         "data": str(chain), "generated": settings.data is None, "seed": seed, "quick": settings.quick,
@@ -213,7 +317,7 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
         "rounds": int(cfg["rounds"]), "local_epochs": int(cfg["local-epochs"]), "batch_size": int(cfg["batch-size"]),
         "lr": float(cfg["lr"]), "clip_norm": float(cfg["clip-norm"]), "delta": float(cfg["delta"]),
         "accountant": str(cfg["accountant"]), "central_epochs": central_info["epochs"],
-        "central_lr": CENTRAL_LR, "dp_optimizer": str(cfg["dp-optimizer"]), "dp_lr": float(cfg["dp-lr"]),
+        "central_lr": central_info["lr"], "dp_optimizer": str(cfg["dp-optimizer"]), "dp_lr": float(cfg["dp-lr"]),
         "test_days": int(cfg["test-days"]), "epsilons": list(qr.EPSILONS), "dim": int(cfg["dim"]),
         "hidden": int(cfg["hidden"]),
     }

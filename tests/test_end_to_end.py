@@ -52,7 +52,10 @@ def test_the_model_beats_random_ranking(run):
     # Goods find people: ranking members for the best sellers beats chance.
     assert results["audience"]["model"]["auc"] > 0.6
     assert 0 < results["audience"]["member_pop"]["auc"] < 1
-    for metrics in [results["model"], *results["baselines"].values()]:
+    # The served model (with each store's local layer) next to the global model alone.
+    assert results["global_model"]["ndcg@10"] > 0.15
+    assert results["model"] != results["global_model"]
+    for metrics in [results["model"], results["global_model"], *results["baselines"].values()]:
         assert set(metrics) == {"ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20"}
 
 

@@ -116,17 +116,26 @@ def test_summary_means_and_targets_by_hand():
     ratio = ((0.30 + 3 * 0.19) / 4) / 0.25
     assert targets["fed_dp_eps8_vs_centralized"]["value"] == pytest.approx(ratio)
     assert targets["fed_dp_eps8_vs_centralized"]["pass"] is (ratio >= 0.9)
-    assert targets["fed_dp_eps8_all_vs_p_topfreq"]["pass"] is False  # 0.2175 < 0.25
-    assert targets["fed_dp_eps8_explore_vs_store_pop"]["value"] == pytest.approx((0.02 + 3 * 0.08) / 4)
+    # The best non-private method: centralized and P-TopFreq both at 0.25; 0.2175 / 0.25 = 0.87 < 0.97.
+    assert targets["eps8_all_vs_best_non_private"]["value"] == pytest.approx(0.87)
+    assert targets["eps8_all_vs_best_non_private"]["pass"] is False
+    # Explore: (0.02 + 3·0.08)/4 = 0.065 against store popularity's 0.05: 1.3× < 1.5×.
+    assert targets["eps8_explore_vs_store_pop"]["value"] == pytest.approx(0.065 / 0.05)
+    assert targets["eps8_explore_vs_store_pop"]["pass"] is False
+    # Both stores are small (1 and 3 members): 0.2175 ≥ store_pop 0.1, < P-TopFreq 0.25.
+    assert targets["eps8_small_stores_vs_store_pop"]["pass"] is True
+    assert targets["eps8_small_stores_vs_p_topfreq"]["pass"] is False
+    assert targets["centralized_vs_p_topfreq"]["pass"] is True  # 0.25 ≥ 0.25
     # Per-store differences fed − local: −0.05 and +0.09 → median +0.02.
     assert median_store_difference(fed, local) == pytest.approx(0.02)
     assert targets["fed_dp_eps8_beats_local_on_median_store"]["pass"] is True
     assert targets["fed_dp_eps8_audience_vs_member_pop"]["value"] == pytest.approx((0.9 + 3 * 0.7) / 4)
-    assert "fed_nodp_vs_centralized" not in targets  # not run, not judged
+    assert "fed_nodp_vs_centralized" not in targets and "eps1_all_vs_p_topfreq" not in targets  # not run, not judged
+    assert "eps8_cold_members_vs_store_pop" not in targets  # no cold member in these records
 
 
-METHODS = ("global_pop", "store_pop", "p_topfreq", "local_dp_eps8", "centralized", "fed_nodp",
-           "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1")
+METHODS = ("global_pop", "store_pop", "p_topfreq", "tifu_knn", "local_dp_eps8", "centralized", "fed_nodp",
+           "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "fed_dp_eps0.3", "centralized_global", "fed_dp_eps8_global")
 LIST_KEYS = {f"{m}@{k}" for m in ("ndcg", "recall", "hit", "map", "coverage", "diversity") for k in (10, 20)}
 
 
@@ -151,7 +160,9 @@ def test_quick_bench_writes_every_file_and_key(tmp_path, capsys, monkeypatch):
     for name in ("local_dp_eps8", "centralized", "fed_nodp", "fed_dp_eps8", "member_pop"):
         assert 0.0 < results["methods"][name]["audience"]["auc"] <= 1.0
     assert {"fed_nodp_vs_centralized", "fed_dp_eps1_vs_centralized", "fed_dp_eps8_audience_vs_member_pop",
-            "fed_dp_eps8_beats_local_on_median_store"} <= set(results["targets"])
+            "fed_dp_eps8_beats_local_on_median_store", "eps8_all_vs_best_non_private", "eps8_explore_vs_store_pop",
+            "eps0.3_all_vs_p_topfreq", "centralized_vs_fed_nodp"} <= set(results["targets"])
+    assert {"cold", "new_items", "small_stores"} <= set(results["methods"]["fed_dp_eps8"]["slices"])
     assert all(isinstance(t["pass"], bool) for t in results["targets"].values())
     assert max(p["epsilon"] for p in results["methods"]["local_dp_eps8"]["privacy"]) <= 8.0
     assert results["methods"]["fed_dp_eps1"]["max_epsilon"] <= 1.0 + 1e-6

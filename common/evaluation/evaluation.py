@@ -43,6 +43,13 @@ def _evaluate_scores(scores: np.ndarray, data: StoreData) -> dict:
     return mean_metrics(ranked, data.eval_targets)
 
 
+def evaluate_scores(scores: np.ndarray, data: StoreData) -> dict:
+    """Mean metrics of the top-K lists of given scores [E, n_items] over the evaluated members."""
+    if len(data.eval_member_ids) == 0:
+        return mean_metrics(np.zeros((0, LIST_LENGTH), np.int64), [])
+    return _evaluate_scores(scores, data)
+
+
 def evaluate_model(model: Recommender, data: StoreData) -> dict:
     """Mean metrics of the model's top-K lists over the store's evaluated members."""
     if len(data.eval_member_ids) == 0:
@@ -108,7 +115,7 @@ def evaluate_baselines(data: StoreData) -> dict:
     return {"store_pop": _evaluate_scores(pop, data), "p_topfreq": _evaluate_scores(freq, data)}
 
 
-def _member_scores(model: Recommender, data: StoreData) -> np.ndarray:
+def member_scores(model: Recommender, data: StoreData) -> np.ndarray:
     """Scores of every item for every training member, from their whole pre-cut history."""
     log = data.train_log
     n = data.n_train_members
@@ -126,9 +133,14 @@ def evaluate_audience(model: Recommender, data: StoreData) -> dict:
     if data.n_train_members == 0 or len(data.audience_items) == 0:
         empty = {"auc": 0.0, f"recall@{AUDIENCE_K}": 0.0, "items": 0}
         return {"model": empty, "member_pop": dict(empty)}
-    scores = _member_scores(model, data)
-    return {"model": audience_metrics(scores, data.audience_bought, data.audience_items),
-            "member_pop": member_pop_audience(data)}
+    return {"model": audience_from_scores(member_scores(model, data), data), "member_pop": member_pop_audience(data)}
+
+
+def audience_from_scores(scores: np.ndarray, data: StoreData) -> dict:
+    """Audience figures of given scores of every item for every training member, [M, n_items]."""
+    if data.n_train_members == 0 or len(data.audience_items) == 0:
+        return {"auc": 0.0, f"recall@{AUDIENCE_K}": 0.0, "items": 0}
+    return audience_metrics(scores, data.audience_bought, data.audience_items)
 
 
 def member_pop_audience(data: StoreData) -> dict:

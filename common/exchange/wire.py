@@ -35,9 +35,13 @@ BASELINES = ("store_pop", "p_topfreq")
 # for its best sellers, by the model and by member popularity. Aggregates only, never lists.
 AUDIENCE_METRICS = ("audience.auc", "audience.recall@100", "audience_pop.auc", "audience_pop.recall@100")
 # Evaluate reply: NOT DP, sent only when the node allows local metrics (on in simulation).
+# The unprefixed list metrics (and "audience.*") are those of the model the store serves: in
+# the last round, the global model with the store-local layer (DESIGN §5.1), else the global
+# model; "global_model.*" are the global model's alone. The layer itself is never sent.
 EVAL_METRICS = (
     "num-examples",  # NOT DP: the exact number of members evaluated (weights the member-weighted means)
     *METRIC_KEYS,
+    *(f"global_model.{k}" for k in METRIC_KEYS),
     *(f"{b}.{k}" for b in BASELINES for k in METRIC_KEYS),
     *AUDIENCE_METRICS,
 )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -223,12 +223,14 @@ def train_local(
     )
 
 
-def train_pooled(model: Recommender, stores: list[StoreData], cfg: TrainConfig) -> TrainResult:
+def train_pooled(model: Recommender, stores: list[StoreData], cfg: TrainConfig,
+                 on_epoch: Callable[[int, Recommender], bool] | None = None) -> TrainResult:
     """Train ``model`` in place on all stores' members pooled, without DP (no privacy).
 
     The centralized reference of the quality benchmark (DESIGN §6): what the model reaches
     if every store's data were in one place. Each epoch draws one example per member per
-    store, as federated training does, and shuffles them together.
+    store, as federated training does, and shuffles them together. ``on_epoch(epoch,
+    model)`` runs after each epoch (1-based); returning True stops training (early stopping).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -248,6 +250,13 @@ def train_pooled(model: Recommender, stores: list[StoreData], cfg: TrainConfig) 
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+        if on_epoch is not None and on_epoch(_epoch + 1, model):
+            break
+        model.train()
+        # Federated rounds refresh the encoder's item snapshot from each round's global model;
+        # pooled epochs must too, or the encoder reads the initial random vectors all along
+        # while evaluation reads the trained ones (the old centralized reference's weakness).
+        model.refresh_item_snapshot()
     return TrainResult(loss=float(np.mean(losses)) if losses else 0.0, steps=len(losses), examples=n,
                        sample_rate=0.0, noise_multiplier=0.0, clip_norm=0.0)
 

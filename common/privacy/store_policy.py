@@ -45,6 +45,7 @@ WHO: dict[str, tuple[str, str]] = {
     "dp-optimizer": (RUN, "post-processing of the noised gradient"),
     "dp-path": (RUN, "two exact implementations of the same mechanism; a deployed store refuses opacus (no secure noise there)"),
     "update-encoding": (RUN, "post-processing of the DP output"),
+    "local-layer": (RUN, "the store-local layer (DESIGN §5.1): stays at the store, never enters the DP update"),
     "dim": (RUN, "model shape; must match the server's model"),
     "hidden": (RUN, "model shape; must match the server's model"),
     "history-len": (RUN, "items per member history; still one example per member"),

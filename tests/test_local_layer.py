@@ -1,0 +1,138 @@
+"""The store-local layer (DESIGN §5.1): its arithmetic, its fit, and that it never reaches a train reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from common.config import RunConfig
+from common.data.dataset import ItemIndex
+from common.data.storefiles import read_catalog
+from common.evaluation.evaluation import evaluate_scores, model_scores
+from common.learning import local_layer as ll
+from common.learning.model import Recommender
+
+
+def test_scores_are_the_blend_written_out_by_hand():
+    w = np.array([0.5, 0.3, 0.0, 1.0, 0.7, 0.2, -0.4, 0.1])
+    bias = np.array([0.0, 0.05, -0.1, 0.2])
+    pop = ll.store_pop_feature(np.array([9.0, 3.0, 0.0, 1.0]))
+    layer = ll.LocalLayer(w, bias, pop, None, tau_days=10.0)
+    g = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
+    hist = ll.Histories([np.array([1, 3]), np.array([], dtype=np.int64)], [np.array([2.0, 1.0]), np.array([])],
+                        [np.array([95.0, 80.0]), np.array([])], at_day=100.0)
+    got = layer.scores(g, hist)
+    expect = 0.5 * g + 0.3 * pop[None, :] + bias[None, :]
+    for item, count, last in ((1, 2.0, 95.0), (3, 1.0, 80.0)):
+        expect[0, item] += (1.0 + 0.7 * np.log1p(count) + 0.2 * np.exp(-(100.0 - last) / 10.0)
+                            - 0.4 * g[0, item] + 0.1 * pop[item])
+    assert pop[0] == 0.0 and pop[2] == -np.log(10.0)
+    np.testing.assert_allclose(got, expect, rtol=1e-6)  # served in float32
+
+
+def _recency_world(rng, members=300, items=30):
+    """Members rebuy exactly their most recent item; the global model knows nothing (uniform)."""
+    hist, targets = [], []
+    for _ in range(members):
+        own = rng.choice(items, size=4, replace=False)
+        last = rng.permutation(np.arange(1.0, 5.0)) * 10.0  # days 10..40
+        hist.append((np.sort(own), last[np.argsort(own)]))
+        targets.append(np.array([own[np.argmax(last)]]))
+    h = ll.Histories([i for i, _ in hist], [np.ones(4) for _ in hist], [d for _, d in hist], at_day=41.0)
+    return np.full((members, items), -np.log(items)), h, targets
+
+
+def test_the_fit_learns_what_the_store_data_says_and_lowers_the_validation_loss(rng):
+    g, h, targets = _recency_world(rng)
+    layer = ll.fit(g, h, targets, np.ones(30), np.ones(30, bool), None)
+    assert layer.valid_loss["fitted"] < layer.valid_loss["prior"] - 1.0
+    assert layer.weights[ll.FEATURES.index("recency")] > 1.0  # the most recent item wins
+    ranked = np.argsort(-layer.scores(g, h), axis=1)[:, 0]
+    assert np.mean(ranked == np.concatenate(targets)) > 0.95
+    assert layer.weights[ll.FEATURES.index("item_knn")] == 0.0  # not an active feature by default
+
+
+def test_no_rankable_target_leaves_the_global_model_alone(rng):
+    g, h, targets = _recency_world(rng, members=5)
+    assortment = np.ones(30, bool)
+    assortment[[t[0] for t in targets]] = False  # every target item unsold at the store
+    layer = ll.fit(g, h, targets, np.ones(30), assortment, None)
+    np.testing.assert_array_equal(layer.weights, ll.PRIOR)
+    assert layer.fitted_on == 0
+
+
+def test_validation_split_uses_only_the_training_period(small_store):
+    ex, hist, targets, everyone = ll.validation_split(small_store, 28)
+    v_cut = small_store.cut_day - 28
+    assert len(ex) == len(targets) == len(hist) > 0 and len(everyone) == small_store.n_train_members
+    assert hist.at_day == v_cut
+    log = small_store.train_log
+    assert log.receipt_day.max() < small_store.cut_day  # the test period is not in the log at all
+    for last in hist.last_day:
+        assert (last < v_cut).all()
+
+
+def test_adapt_on_a_real_store_beats_or_matches_the_global_model_on_validation(small_store):
+    torch.manual_seed(0)
+    model = Recommender(small_store.items)
+    layer = ll.adapt(model, small_store)
+    assert layer.fitted_on > 0 and layer.valid_loss["fitted"] <= layer.valid_loss["prior"]
+    served = layer.scores(model_scores(model, small_store), ll.test_histories(small_store))
+    assert served.shape == (len(small_store.eval_member_ids), small_store.items.n_items)
+    # An untrained global model: the layer, fitted on the store's own data, must do better on test.
+    assert evaluate_scores(served, small_store)["ndcg@10"] > evaluate_scores(model_scores(model, small_store),
+                                                                             small_store)["ndcg@10"]
+
+
+# --- the store glue: the layer never reaches what a store sends ---------------------------------
+
+def _context(chain_dir, state_dir, **run):
+    cfg = {"data-dir": str(chain_dir), "rounds": 2, "stores": 3, **run}
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3,
+                                                     "state-dir": str(state_dir)}, state=RecordDict(), run_config=cfg)
+
+
+def _message(chain_dir, kind, server_round):
+    torch.manual_seed(0)
+    model = Recommender(ItemIndex.from_catalog(read_catalog(chain_dir)))
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_dir, tmp_path):
+    from client import local_layer as store_layer
+    from client.client_app import handle_evaluate, handle_train
+
+    def train(state, **run):
+        ctx = _context(small_chain_dir, tmp_path / state, **run)
+        return handle_train(_message(small_chain_dir, MessageType.TRAIN, 2), ctx, RunConfig.from_mapping(ctx.run_config))
+
+    store_layer._CACHE.clear()
+    without = train("a", **{"local-layer": False})
+    assert not store_layer._CACHE
+    ctx = _context(small_chain_dir, tmp_path / "b")
+    evaluated = handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE, 2), ctx,
+                                RunConfig.from_mapping(ctx.run_config))
+    assert len(store_layer._CACHE) == 1  # the store now holds a fitted layer
+    with_layer = train("c")
+    a = without.content["arrays"].to_torch_state_dict()
+    b = with_layer.content["arrays"].to_torch_state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert dict(without.content["metrics"]) == dict(with_layer.content["metrics"])
+    # The served model (with the layer) and the global model are reported side by side.
+    m = evaluated.content["metrics"]
+    (_, layer), = store_layer._CACHE.values()
+    from client.store import load_store
+
+    data = load_store(ctx.node_config, RunConfig.from_mapping(ctx.run_config)).data
+    model = Recommender(data.items)
+    model.load_state_dict(_message(small_chain_dir, MessageType.EVALUATE, 2).content["arrays"].to_torch_state_dict())
+    global_scores = model_scores(model, data)
+    assert m["global_model.ndcg@10"] == pytest.approx(evaluate_scores(global_scores, data)["ndcg@10"], abs=1e-9)
+    assert m["ndcg@10"] == pytest.approx(evaluate_scores(layer.scores(global_scores, ll.test_histories(data)),
+                                                         data)["ndcg@10"], abs=1e-9)
+    assert m["ndcg@10"] != m["global_model.ndcg@10"]
