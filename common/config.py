@@ -130,6 +130,7 @@ RANGES: dict[str, Range] = {
     "noise-multiplier": NOISE_RANGE,
     # σ·C is the noise's standard deviation: C ≤ 0 would skip or flip the noise.
     "clip-norm": Range(low=0, low_open=True, high=1e6),
+    "local-layer": Range(choices=(True, False)),
     "update-encoding": Range(choices=("float32", "float16", "int8")),
     "dp-path": Range(choices=("bookkeeping", "opacus")),
     # Below 1e-30 the accountants' arithmetic fails (5e-324: a division by zero).
