@@ -1,4 +1,5 @@
-"""The `storefed` command line: generate, validate, simulate, privacy, certs, node-key.
+"""The `storefed` command line: generate, validate, simulate, privacy, certs, node-key, operator-key,
+train, local-deploy.
 
 Human output by default, one JSON object with --json. A user mistake (bad path, missing
 column) is one line on stderr and exit code 2, never a traceback.
@@ -286,6 +287,18 @@ def _cmd_node_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator_key(args: argparse.Namespace) -> int:
+    from server.operator_key import make_operator_key
+
+    private, public = _writing(args.out, lambda: make_operator_key(Path(args.out)))
+    if args.json:
+        print(json.dumps({"private_key": str(private), "public_key": str(public)}))
+    else:
+        print(f"wrote {private} (stays with the operator: it authorizes runs) and {public} "
+              "(every store's node config operator-public-key)")
+    return 0
+
+
 def _writing(out: str, make):
     """Run a key-writing function; a directory that cannot be written is a one-line error."""
     try:
@@ -404,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     nkey.add_argument("--name", required=True, help="file name, e.g. the store id")
     nkey.add_argument("--json", action="store_true", help="print one JSON object")
     nkey.set_defaults(func=_cmd_node_key)
+
+    okey = sub.add_parser("operator-key", help="the chain operator's run-signing key pair (ed25519)",
+                          description="Writes OUT/operator.key (private, mode 0600, stays with whoever may "
+                          "start runs) and OUT/operator.pub (goes to every store: node config "
+                          "operator-public-key). Stores train only for runs signed with it.")
+    okey.add_argument("--out", required=True, help="directory to write (files that exist are never replaced)")
+    okey.add_argument("--json", action="store_true", help="print one JSON object")
+    okey.set_defaults(func=_cmd_operator_key)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "
