@@ -139,3 +139,37 @@ def test_the_client_app_refuses_an_unsigned_run_before_reading_any_store_file(tm
     signed = _signed(load_operator_key(private), {**DEFAULTS, "data-dir": str(small_chain_dir)},
                      expires=datetime.now(timezone.utc) + timedelta(minutes=5))
     assert "transactions" in reply(signed)
+
+
+def test_a_store_checks_the_fab_as_data_name_version_and_the_signed_hash(tmp_path):
+    import hashlib
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from common.exchange.fab_check import FabRefused, check_fab, fab_identity, wire_compatible
+
+    foreign = Path(__file__).resolve().parent / "foreign_app"
+    fab = build_fab_from_disk(foreign)
+    digest = hashlib.sha256(fab).hexdigest()
+    assert fab_identity(fab).name == "storefed" and fab_identity(fab).version == "0.1.0"
+    assert check_fab(digest, fab, {rs.FAB_HASH_KEY: digest}, "0.1.0").publisher == "storefed"
+    with pytest.raises(FabRefused, match="the run is not signed"):
+        check_fab(digest, fab, {}, "0.1.0")
+    with pytest.raises(FabRefused, match=f"the run's app \\(FAB {digest[:12]}\\) is not the app the operator signed"):
+        check_fab(digest, fab, {rs.FAB_HASH_KEY: FAB}, "0.1.0")
+    with pytest.raises(FabRefused, match="does not match its own hash"):
+        check_fab(FAB, fab, {rs.FAB_HASH_KEY: FAB}, "0.1.0")
+    with pytest.raises(FabRefused, match="the server runs storefed 0.1.0 and this store runs storefed 0.2.1"):
+        check_fab(digest, fab, {rs.FAB_HASH_KEY: digest}, "0.2.1")
+    with pytest.raises(FabRefused, match="not a Flower app archive"):
+        check_fab(hashlib.sha256(b"junk").hexdigest(), b"junk", {}, "0.1.0")
+    other = tmp_path / "other"
+    shutil.copytree(foreign, other)
+    (other / "pyproject.toml").write_text((other / "pyproject.toml").read_text().replace('name = "storefed"',
+                                                                                          'name = "peek"'))
+    fab2 = build_fab_from_disk(other)
+    with pytest.raises(FabRefused, match="the run's app is 'peek', not storefed"):
+        check_fab(hashlib.sha256(fab2).hexdigest(), fab2, {}, "0.1.0")
+    assert wire_compatible("0.1.0", "0.1.7") and not wire_compatible("0.1.0", "0.2.0")
+    assert not wire_compatible("1.1", "0.1.0") and not wire_compatible("", "0.1.0")
