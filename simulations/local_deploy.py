@@ -63,7 +63,7 @@ def register_stores(env: dict[str, str], keys: dict[str, Path]) -> dict[str, int
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for store, public in keys.items()}
     ids = {}
     for store, reg in running.items():
-        stdout, stderr = reg.communicate(timeout=90)
+        stdout, stderr = reg.communicate(timeout=300)  # each CLI start costs seconds, more on a busy host
         if reg.returncode != 0 or "{" not in stdout:
             raise DataError(f"registering store {store}'s key failed: {(stdout + stderr).strip()[-400:]}")
         ids[store] = int(json.loads(stdout[stdout.index("{"):])["node-id"])

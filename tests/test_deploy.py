@@ -41,7 +41,7 @@ from common.data.synth import ChainSpec, generate_chain
 from server.certs import make_dev_pki
 from server.operator_key import make_operator_key
 from simulations.cli import main
-from simulations.local_deploy import store_exec_argv, store_node_config, superlink_argv, supernode_argv
+from simulations.local_deploy import register_stores, store_exec_argv, store_node_config, superlink_argv, supernode_argv
 from simulations.train import signed_run_config
 from deploy_harness import BIN, Processes, free_port, wait_for
 
@@ -100,15 +100,7 @@ def deployment(tmp_path_factory):
     try:
         link = procs.start("superlink", superlink_argv(port, pki, home / "superlink.db"))
         wait_for(lambda: "Uvicorn running on https://" in link.text(), 60, "the SuperLink to listen")
-        out["registered"] = {}
-        registering = {store: subprocess.Popen(  # four at once: each CLI start costs seconds
-            [str(BIN / "flwr"), "supernode", "register", str(keys[store][1]), "chain", "--name", store,
-             "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for store in REGISTERED}
-        for store, reg in registering.items():
-            stdout, stderr = reg.communicate(timeout=60)
-            assert reg.returncode == 0, stdout + stderr
-            out["registered"][store] = int(json.loads(stdout[stdout.index("{"):])["node-id"])
+        out["registered"] = register_stores(env, {store: keys[store][1] for store in REGISTERED})
 
         def supernode(store: str) -> None:
             node_home = root / "nodes" / store
