@@ -89,7 +89,7 @@ def signed_run_config(run_config: str, *, operator_key: Path, app: Path = APP_DI
     added when none is given, for results.json) and the authorization keys."""
     app = Path(app).expanduser().resolve()
     config = app_run_config(app, run_config)
-    if not str(config.get("out-dir", "")):
+    if "out-dir" in config and not str(config["out-dir"]):
         out_dir = Path(tempfile.mkdtemp(prefix="storefed-run-"))  # where the ServerApp leaves results.json
         config["out-dir"] = str(out_dir)
         run_config = f"{run_config} out-dir='{out_dir}'"

@@ -135,12 +135,12 @@ def deployment(tmp_path_factory):
 
         run1 = procs.start("run1", signed(f"{base} stop-after-round=2 out-dir='{root / 'run1'}'"))
         # Kill S003's daemon as soon as round 1 is checkpointed: round 2 has just been sent.
-        wait_for(lambda: (root / "checkpoint" / "checkpoint.pt").exists() or run1.popen.poll() is not None, 120,
+        wait_for(lambda: (root / "checkpoint" / "checkpoint.pt").exists() or run1.popen.poll() is not None, 300,
                  "round 1 to end")
         procs.kill("S003")
         procs.kill("S003-exec")
         out["killed_at_s"] = round(time.time() - t, 1)
-        run1.popen.wait(timeout=150)
+        run1.popen.wait(timeout=600)
         out["timings"]["run1_s"] = round(time.time() - t, 1)
         out["ledgers_after_run1"] = {s: _ledger_rounds(chain, s) for s in (*REGISTERED, INTRUDER)}
         out["s004_alive"] = procs.procs["S004"].popen.poll() is None
@@ -150,7 +150,7 @@ def deployment(tmp_path_factory):
         procs.procs["S003-exec-first"] = procs.procs.pop("S003-exec")
         supernode("S003")  # the restarted daemon: same key, same store
         run2 = procs.start("run2", signed(f"{base} resume=true out-dir='{root / 'run2'}'"))
-        run2.popen.wait(timeout=150)
+        run2.popen.wait(timeout=600)
         out["timings"]["run2_s"] = round(time.time() - t, 1)
         out["runs"] = [json.loads((root / name / "results.json").read_text()) for name in ("run1", "run2")]
         out["logs"] = {name: procs.procs[name].text() for name in ("run1", "run2", INTRUDER, "superlink")}

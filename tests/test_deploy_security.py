@@ -29,7 +29,7 @@ from client.ledger import read_events
 from server.operator_key import make_operator_key
 from simulations import local_deploy
 from simulations.processes import BIN
-from simulations.train import signed_run_config, start_and_wait
+from simulations.train import parse_overrides, signed_run_config, start_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = Path(__file__).resolve().parent / "foreign_app"
@@ -92,6 +92,7 @@ def attacked(tmp_path_factory):
                                                 app=FOREIGN),
         }
         out["state_before_attacks"] = out["state_after_train"]
+        out["foreign_signed_overrides"] = attacks["foreign signed"]
         t = time.time()
         out["attacks"] = {}
         for name, overrides in attacks.items():
@@ -153,9 +154,19 @@ def test_every_store_refuses_the_run_and_the_server_log_says_why(attacked, attac
 
 
 def test_no_attack_changed_a_ledger_or_a_nonce_record_or_wrote_where_the_run_said(attacked):
-    assert attacked["state_after_attacks"] == attacked["state_before_attacks"]
+    # The one new nonce: the foreign app the operator signed (its authorization held; the
+    # store then refused the run with its own installed code, before reading any data).
+    foreign_nonce = parse_overrides(attacked["foreign_signed_overrides"])["run-nonce"]
     for store in STORES:
-        assert "privacy-ledger.jsonl" in attacked["state_after_attacks"][store]
+        before, after = attacked["state_before_attacks"][store], attacked["state_after_attacks"][store]
+        assert set(after) == set(before) and "privacy-ledger.jsonl" in after
+        assert after["privacy-ledger.jsonl"] == before["privacy-ledger.jsonl"]
+        assert {k: v for k, v in after.items() if k != "run-nonces.json"} == \
+            {k: v for k, v in before.items() if k != "run-nonces.json"}
+        nonces_before = json.loads(before["run-nonces.json"])
+        nonces_after = json.loads(after["run-nonces.json"])
+        assert set(nonces_after) == set(nonces_before) | {foreign_nonce}
+        assert {k: nonces_after[k] for k in nonces_before} == nonces_before
     assert list(attacked["empty"].iterdir()) == []  # state-dir from the run config: never used
 
 
