@@ -63,7 +63,7 @@ def attacked(tmp_path_factory):
         t = time.time()
         train = subprocess.run(
             [sys.executable, "-m", "simulations.cli", "train", fed, "--json", "--operator-key", str(key),
-             "--run-config", f"{base} rounds=1"],
+             "--run-config", f"{base} rounds=1 out-dir='{root / 'trained'}'"],
             env={**local_deploy.flower_env(home)}, capture_output=True, text=True, timeout=600)
         out["train"] = train
         out["timings"]["train_s"] = round(time.time() - t, 1)
@@ -86,7 +86,7 @@ def attacked(tmp_path_factory):
                                          valid_for=timedelta(seconds=-60)),
             "other key": signed_run_config(f"{base} rounds=1{outdir('otherkey')}", operator_key=other_private),
             # the operator's trained run, sent again: same settings, same signature
-            "replayed": [f"{base} rounds=1", authorization.group(1)],
+            "replayed": [f"{base} rounds=1 out-dir='{root / 'trained'}'", authorization.group(1)],
             "foreign unsigned": [f"out='{root / 'foreign-unsigned.json'}'"],
             "foreign signed": signed_run_config(f"out='{root / 'foreign-signed.json'}'", operator_key=key,
                                                 app=FOREIGN),
@@ -127,7 +127,7 @@ def test_a_signed_run_trains_and_its_ledger_events_are_in_the_store_s_own_state_
     for store in STORES:
         state = Path(attacked["record"]["stores"][store]["state_dir"])
         events = read_events(state, store)
-        nonces = json.loads((state / "run-nonces.json").read_text())
+        nonces = json.loads(attacked["state_after_train"][store]["run-nonces.json"])
         # One event, of the one run this store accepted, whose nonce it recorded with the run id.
         assert len(events) == 1 and [v["run_id"] for v in nonces.values()] == [events[0].run_id]
 
