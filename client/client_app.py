@@ -27,6 +27,7 @@ from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
 from client.model_store import keep_model, read_info
+from client.run_authorization import RunNotAuthorized, authorize
 from common.privacy import accountant as privacy
 from common.exchange import update_codec
 from common.exchange import wire
@@ -353,13 +354,13 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     """``handler()``, or a refusal when the store's data or ledger cannot be used, or the run
     asks for what the store's policy does not allow (client.policy).
 
-    A store with missing or invalid files must not train, and must not take its daemon down
-    either: it replies with the reason (wire.REFUSE_CODE), which the server logs with the
+    A store with missing or invalid files, or a run its operator did not sign
+    (client.run_authorization), must not train, and must not take its daemon down either: it replies with the reason (wire.REFUSE_CODE), which the server logs with the
     store's name, and it says the same in its own log. Other errors stay Flower's errors.
     """
     try:
         return handler()
-    except (DataError, LedgerError, PolicyError, ConfigError) as exc:
+    except (DataError, LedgerError, PolicyError, ConfigError, RunNotAuthorized) as exc:
         store = store_label(context.node_config)
         print(f"storefed: store {store} refuses {msg.metadata.message_type}: {exc}", file=sys.stderr, flush=True)
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, str(exc))), reply_to=msg)
@@ -372,17 +373,25 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def config(context: Context) -> RunConfig:
         return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
 
+    def authorized(context: Context, handler: Callable[[RunConfig], Message]) -> Callable[[], Message]:
+        """The store's run authorization first, before the run config is used or any data read."""
+        def run() -> Message:
+            authorize(context.node_config, context.run_config, context.run_id)
+            return handler(config(context))
+        return run
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return refuse_when_unusable(msg, context, lambda: handle_train(msg, context, config(context)))
+        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_train(msg, context, cfg)))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return refuse_when_unusable(msg, context, lambda: handle_evaluate(msg, context, config(context)))
+        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_evaluate(msg, context, cfg)))
 
     @client_app.query(wire.MODEL_MESSAGE.split(".")[1])
     def model(msg: Message, context: Context) -> Message:
-        return refuse_when_unusable(msg, context, lambda: handle_model(msg, context, config(context)))
+        # The kept model is what the store serves: only a run its operator signed may place it.
+        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_model(msg, context, cfg)))
 
     return client_app
 

@@ -60,6 +60,13 @@ DEFAULTS: dict[str, Any] = {
     "fault-slow-s": 30.0,
     "node-wait-s": 60.0,
     "round-timeout-s": 3600.0,
+    # The operator's authorization of a run (common/privacy/run_signature.py): written by
+    # `storefed train`, checked by every deployed store; empty = unsigned.
+    "run-signature": "",
+    "run-expires": "",
+    "run-nonce": "",
+    "run-fab-hash": "",
+    "operator-key-id": "",
 }
 
 

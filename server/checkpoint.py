@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from common.data.storefiles import atomic_write_bytes
+from common.privacy.run_signature import AUTH_KEYS
 
 FORMAT = "storefed-checkpoint"
 VERSION = 1
 FILE = "checkpoint.pt"
 # Keys that may differ between an interrupted run and its resumption.
 VOLATILE_KEYS = frozenset({"resume", "out-dir", "checkpoint-dir", "stop-after-round", "node-wait-s",
-                           "round-timeout-s", "fraction-evaluate"})
+                           "round-timeout-s", "fraction-evaluate",
+                           # a resumed run is a new run: its own signature, expiry and nonce
+                           *AUTH_KEYS})
 
 
 class CheckpointError(Exception):

@@ -1,4 +1,5 @@
-"""The `storefed` command line: generate, validate, simulate, privacy, certs, node-key.
+"""The `storefed` command line: generate, validate, simulate, privacy, certs, node-key, operator-key,
+train, local-deploy.
 
 Human output by default, one JSON object with --json. A user mistake (bad path, missing
 column) is one line on stderr and exit code 2, never a traceback.
@@ -429,6 +430,67 @@ def _cmd_node_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator_key(args: argparse.Namespace) -> int:
+    from server.operator_key import make_operator_key
+
+    private, public = _writing(args.out, lambda: make_operator_key(Path(args.out)))
+    if args.json:
+        print(json.dumps({"private_key": str(private), "public_key": str(public)}))
+    else:
+        print(f"wrote {private} (stays with the operator: it authorizes runs) and {public} "
+              "(every store's node config operator-public-key)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from datetime import timedelta
+
+    from simulations.train import APP_DIR, OPERATOR_KEY_ENV, train
+
+    key = args.operator_key or os.environ.get(OPERATOR_KEY_ENV)
+    if not key:
+        raise ConfigError(f"no operator key: pass --operator-key PATH or set {OPERATOR_KEY_ENV} "
+                          "(make one with 'storefed operator-key --out DIR')")
+    if not (0 < args.valid_for_min <= 7 * 24 * 60):
+        raise ConfigError("--valid-for-min must be between 1 and 10080 (7 days)")
+    code, results = train(args.federation, args.run_config, operator_key=Path(key),
+                          flwr_home=Path(args.flwr_home) if args.flwr_home else None,
+                          app=Path(args.app) if args.app else APP_DIR,
+                          valid_for=timedelta(minutes=args.valid_for_min),
+                          lines=sys.stderr if args.json else sys.stdout)
+    if args.json and results is not None:
+        print(json.dumps(results))
+    return code
+
+
+def _cmd_local_deploy(args: argparse.Namespace) -> int:
+    from simulations import local_deploy
+
+    if args.action == "up":
+        record = local_deploy.up(Path(args.dir), stores=args.stores, seed=args.seed)
+        if args.json:
+            print(json.dumps(record))
+        else:
+            print(f"deployment up: {len(record['stores'])} stores, SuperLink {record['superlink']} "
+                  f"(pid {record['superlink_pid']}); {Path(args.dir).resolve() / local_deploy.DEPLOYMENT_FILE}")
+            print(f"train with: FLWR_HOME={record['flwr_home']} storefed train {record['federation']} "
+                  f"--operator-key {record['operator_key']} --run-config \"{record['run_config']} rounds=2\"")
+        return 0
+    left = local_deploy.down(Path(args.dir))
+    if left:
+        print(f"storefed: still running after down: {left}", file=sys.stderr)
+        return 1
+    print(f"deployment in {args.dir} stopped")
+    return 0
+
+
+def _cmd_store_exec(args: argparse.Namespace) -> int:
+    from client.pinned_exec import main as store_exec_main
+
+    return store_exec_main(["--runtime-api-address", args.runtime_api_address])
+
+
 def _writing(out: str, make):
     """Run a key-writing function; a directory that cannot be written is a one-line error."""
     try:
@@ -592,6 +654,44 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     srv.add_argument("--port", type=int, default=8080)
     srv.set_defaults(func=_cmd_serve)
+
+    okey = sub.add_parser("operator-key", help="the chain operator's run-signing key pair (ed25519)",
+                          description="Writes OUT/operator.key (private, mode 0600, stays with whoever may "
+                          "start runs) and OUT/operator.pub (goes to every store: node config "
+                          "operator-public-key). Stores train only for runs signed with it.")
+    okey.add_argument("--out", required=True, help="directory to write (files that exist are never replaced)")
+    okey.add_argument("--json", action="store_true", help="print one JSON object")
+    okey.set_defaults(func=_cmd_operator_key)
+
+    trn = sub.add_parser("train", help="sign a run with the operator key, start it on a deployment, wait",
+                         description="Signs the run config (the app's defaults with --run-config on top) with "
+                         "the operator key, starts it with 'flwr run --stream', prints its lines and exits 0 only "
+                         "when Flower lists the run as finished:completed.")
+    trn.add_argument("federation", help="the federation (SuperLink connection) in FLWR_HOME's config.toml")
+    trn.add_argument("--run-config", default="", help="\"key=value key2='text' ...\" as for flwr run")
+    trn.add_argument("--operator-key", help=f"the operator's private key (default: ${{STOREFED_OPERATOR_KEY}})")
+    trn.add_argument("--flwr-home", help="the deployment's FLWR_HOME (default: $FLWR_HOME)")
+    trn.add_argument("--app", help="the storefed app directory (default: this installation's)")
+    trn.add_argument("--valid-for-min", type=float, default=60.0,
+                     help="minutes within which the stores must first see the run (default 60)")
+    trn.add_argument("--json", action="store_true", help="print the results object (as storefed simulate --json)")
+    trn.set_defaults(func=_cmd_train)
+
+    ldp = sub.add_parser("local-deploy", help="the whole deployment on loopback: up or down",
+                         description="up: a generated chain, certificates, store keys, the operator key, a "
+                         "SuperLink with TLS and node authentication and one store daemon per store; writes "
+                         "DIR/deployment.json. down: stops every process up started, by pid.")
+    ldp.add_argument("action", choices=("up", "down"))
+    ldp.add_argument("--dir", required=True, help="an empty directory for everything of the deployment")
+    ldp.add_argument("--stores", type=int, default=3)
+    ldp.add_argument("--seed", type=int, default=1)
+    ldp.add_argument("--json", action="store_true", help="print deployment.json's content")
+    ldp.set_defaults(func=_cmd_local_deploy)
+
+    sexe = sub.add_parser("store-exec", help="a store daemon's executor: answers its SuperNode's tasks with the "
+                          "installed storefed ClientApp, never a run's code")
+    sexe.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
+    sexe.set_defaults(func=_cmd_store_exec)
 
     priv = sub.add_parser("privacy", help="a store's privacy spent: ε over its whole ledger",
                           description="Reads the store's privacy ledger (every training round of every "

@@ -1,5 +1,7 @@
 """The deployed system with real processes on loopback: a SuperLink with TLS and SuperNode
-authentication, one SuperNode per store, `flwr run` against a federation in FLWR_HOME.
+authentication, one store daemon per store (a SuperNode in process isolation and storefed's
+executor, started with the command lines of simulations/local_deploy.py), runs signed with
+the operator key (simulations/train.py) against a federation in FLWR_HOME.
 
 One scenario, run once for the module (the tests below each check one part of it):
 
@@ -8,9 +10,11 @@ One scenario, run once for the module (the tests below each check one part of it
    registered with ``flwr supernode register``;
 3. SuperNodes for S001–S004 (S004's transactions lack a column: it must refuse, not crash),
    and a fifth SuperNode whose key nobody registered (store S005): it must be turned away;
-4. ``flwr run`` of 3 rounds that stops after round 2 (as a server stop would); S003's daemon
+4. a signed ``flwr run`` of 3 rounds that stops after round 2 (as a server stop would); S003's daemon
    is killed (SIGKILL) right after round 1;
-5. S003's daemon restarts and rejoins, and ``flwr run`` with ``resume=true`` trains round 3.
+5. S003's daemon restarts and rejoins, and a signed ``flwr run`` with ``resume=true`` trains round 3.
+
+Issue 14's attacks run against ``storefed local-deploy`` in tests/test_deploy_security.py.
 
 Select with ``-m deploy``, skip with ``-m "not deploy"``. Measured at 140–156 s on 2 shared
 cores (most of it Flower's heartbeat timeout for the killed daemon); the processes it starts
@@ -35,7 +39,10 @@ from common.privacy import accountant as privacy
 from common.data.storefiles import write_chain
 from common.data.synth import ChainSpec, generate_chain
 from server.certs import make_dev_pki
+from server.operator_key import make_operator_key
 from simulations.cli import main
+from simulations.local_deploy import register_stores, store_exec_argv, store_node_config, superlink_argv, supernode_argv
+from simulations.train import signed_run_config
 from deploy_harness import BIN, Processes, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +86,7 @@ def deployment(tmp_path_factory):
     chain = _chain(root)
     pki = make_dev_pki(root / "certs")
     keys = {s: make_node_key(root / "keys", s) for s in (*REGISTERED, INTRUDER)}
+    operator_key, operator_public = make_operator_key(root / "operator")
     home = root / "flwr-home"  # the operator's and the SuperLink's FLWR_HOME
     home.mkdir()
     port = free_port()
@@ -90,36 +98,27 @@ def deployment(tmp_path_factory):
     procs = Processes(root / "logs", env)
     out = {"root": root, "chain": chain, "procs": procs, "timings": {}}
     try:
-        link = procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(pki["ca_cert"]), "--ssl-certfile", str(pki["server_cert"]),
-            "--ssl-keyfile", str(pki["server_key"]), "--enable-supernode-auth",
-            "--database", str(home / "superlink.db")])
+        link = procs.start("superlink", superlink_argv(port, pki, home / "superlink.db"))
         wait_for(lambda: "Uvicorn running on https://" in link.text(), 60, "the SuperLink to listen")
-        out["registered"] = {}
-        registering = {store: subprocess.Popen(  # four at once: each CLI start costs seconds
-            [str(BIN / "flwr"), "supernode", "register", str(keys[store][1]), "chain", "--name", store,
-             "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for store in REGISTERED}
-        for store, reg in registering.items():
-            stdout, stderr = reg.communicate(timeout=60)
-            assert reg.returncode == 0, stdout + stderr
-            out["registered"][store] = int(json.loads(stdout[stdout.index("{"):])["node-id"])
+        out["registered"] = register_stores(env, {store: keys[store][1] for store in REGISTERED})
 
         def supernode(store: str) -> None:
             node_home = root / "nodes" / store
             node_home.mkdir(parents=True, exist_ok=True)
-            procs.start(store, [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(pki["ca_cert"]), "--auth-supernode-private-key", str(keys[store][0]),
-                "--port", str(free_port()),
-                "--node-config", f"store-dir='{chain / 'stores' / store}'"], env={"FLWR_HOME": str(node_home)})
+            runtime = free_port()
+            procs.start(store, supernode_argv(f"127.0.0.1:{port}", pki["ca_cert"], keys[store][0], runtime,
+                                              store_node_config(chain / "stores" / store, chain, operator_public)),
+                        env={"FLWR_HOME": str(node_home)})
+            if store != INTRUDER:  # turned away by the SuperLink: it never gets a task to execute
+                procs.start(f"{store}-exec", store_exec_argv(runtime), log=root / "logs" / f"{store}-exec.log")
 
         for store in (*REGISTERED, INTRUDER):
             supernode(store)
         wait_for(lambda: all("SuperNode ID:" in procs.procs[s].text() for s in REGISTERED), 60,
                  "the registered SuperNodes to connect")
         wait_for(lambda: procs.procs[INTRUDER].popen.poll() is not None, 60, "the unregistered SuperNode to be refused")
+        wait_for(lambda: all("serving storefed" in procs.procs[f"{s}-exec"].text() for s in REGISTERED), 120,
+                 "the stores' executors to start")
         out["timings"]["setup_s"] = round(time.time() - started, 1)
 
         server = root / "server"  # the server holds only the chain's public catalog
@@ -128,24 +127,30 @@ def deployment(tmp_path_factory):
         base = (f"data-dir='{server}' stores=4 rounds=3 fraction-evaluate=0.0 node-wait-s=60.0 "
                 f"checkpoint-dir='{root / 'checkpoint'}'")
         t = time.time()
-        run1 = procs.start("run1", [str(BIN / "flwr"), "run", str(ROOT), "chain", "--stream", "--run-config",
-                                    f"{base} stop-after-round=2 out-dir='{root / 'run1'}'"])
+        def signed(settings: str) -> list[str]:
+            argv = [str(BIN / "flwr"), "run", str(ROOT), "chain", "--stream"]
+            for override in signed_run_config(settings, operator_key=operator_key, app=ROOT):
+                argv += ["--run-config", override]
+            return argv
+
+        run1 = procs.start("run1", signed(f"{base} stop-after-round=2 out-dir='{root / 'run1'}'"))
         # Kill S003's daemon as soon as round 1 is checkpointed: round 2 has just been sent.
-        wait_for(lambda: (root / "checkpoint" / "checkpoint.pt").exists() or run1.popen.poll() is not None, 120,
+        wait_for(lambda: (root / "checkpoint" / "checkpoint.pt").exists() or run1.popen.poll() is not None, 300,
                  "round 1 to end")
         procs.kill("S003")
+        procs.kill("S003-exec")
         out["killed_at_s"] = round(time.time() - t, 1)
-        run1.popen.wait(timeout=150)
+        run1.popen.wait(timeout=600)
         out["timings"]["run1_s"] = round(time.time() - t, 1)
         out["ledgers_after_run1"] = {s: _ledger_rounds(chain, s) for s in (*REGISTERED, INTRUDER)}
         out["s004_alive"] = procs.procs["S004"].popen.poll() is None
 
         t = time.time()
         procs.procs["S003-first"] = procs.procs.pop("S003")
+        procs.procs["S003-exec-first"] = procs.procs.pop("S003-exec")
         supernode("S003")  # the restarted daemon: same key, same store
-        run2 = procs.start("run2", [str(BIN / "flwr"), "run", str(ROOT), "chain", "--stream", "--run-config",
-                                    f"{base} resume=true out-dir='{root / 'run2'}'"])
-        run2.popen.wait(timeout=150)
+        run2 = procs.start("run2", signed(f"{base} resume=true out-dir='{root / 'run2'}'"))
+        run2.popen.wait(timeout=600)
         out["timings"]["run2_s"] = round(time.time() - t, 1)
         out["runs"] = [json.loads((root / name / "results.json").read_text()) for name in ("run1", "run2")]
         out["logs"] = {name: procs.procs[name].text() for name in ("run1", "run2", INTRUDER, "superlink")}

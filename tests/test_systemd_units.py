@@ -44,7 +44,10 @@ def test_the_supernode_unit_runs_with_tls_its_key_and_its_store():
     args = _parse_args_run_supernode().parse_args(argv[1:])
     assert not args.insecure and args.root_certificates
     assert args.auth_supernode_private_key == "/etc/storefed/keys/S001"
-    assert parse_config_args([args.node_config]) == {"store-dir": "/srv/storefed/stores/S001"}
+    assert parse_config_args([args.node_config]) == {"store-dir": "/srv/storefed/stores/S001",
+                                                     "operator-public-key": "/etc/storefed/operator.pub"}
+    # It runs no ClientApp itself (not a run's, not Flower's flwr-clientapp): storefed's executor does.
+    assert args.isolation == "process" and args.host == "127.0.0.1"
     # The ledger directory the daemon may write is the one under its store directory.
     assert "ReadWritePaths=/var/lib/storefed/%i /srv/storefed/stores/%i/state" in unit.read_text()
 
@@ -60,3 +63,20 @@ def test_the_serve_unit_runs_storefed_serve_on_loopback_for_its_store():
     assert args.host == "127.0.0.1" and args.port == 8080
     # It writes only the state directory (the receipts journal).
     assert "ReadWritePaths=/srv/storefed/stores/%i/state" in unit.read_text()
+
+
+def test_the_store_executor_unit_answers_its_supernode_with_the_installed_code():
+    from simulations.cli import build_parser
+
+    unit = ROOT / "client" / "deploy" / "storefed-store-exec@.service"
+    env = _env_example()
+    argv = _exec_start(unit, "S001", env)
+    assert argv[0] == "/opt/storefed/venv/bin/storefed"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "store-exec" and args.runtime_api_address == f"127.0.0.1:{env['RUNTIME_PORT']}"
+    supernode = _parse_args_run_supernode().parse_args(
+        _exec_start(ROOT / "client" / "deploy" / "storefed-supernode@.service", "S001", env)[1:])
+    assert supernode.port == int(env["RUNTIME_PORT"])  # the same Runtime API
+    text = unit.read_text()
+    assert "BindsTo=storefed-supernode@%i.service" in text
+    assert "ReadWritePaths=/srv/storefed/stores/%i/state" in text

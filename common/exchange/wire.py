@@ -67,9 +67,12 @@ def decline_reason(info: dict) -> str:
 # A store that cannot train at all (its data or ledger is missing or unusable, or the run
 # asks for what the store's policy does not allow: client.policy) refuses with this code and
 # a reason "storefed-refuse {json}" whose keys are REFUSE_KEYS. The reason names the store's
-# file and the problem (a missing column, an unreadable ledger) or the run-config setting and
-# its allowed range; the messages it comes from describe files, columns and settings (a
-# parser error gives line and field numbers), not member data.
+# file and the problem (a missing column, an unreadable ledger), the run-config setting and
+# its allowed range, or why the store does not take part in the run
+# (client/run_authorization.py, client/pinned_exec.py: unsigned, expired, replayed with the
+# earlier run's id, another key, another app or version); the messages it comes from
+# describe files, columns, settings and the run (a parser error gives line and field
+# numbers), not member data.
 REFUSE_CODE = 1002
 REFUSE_PREFIX = "storefed-refuse "
 REFUSE_KEYS = ("store-id", "reason")

@@ -1,0 +1,187 @@
+"""Issue 14's attacks against a real deployment (`storefed local-deploy up`, 3 stores on loopback).
+
+One deployment for the module. First the operator trains one round with `storefed train`
+(a signed run). Then, one run after the other, everything the issue says an outsider (or a careless
+operator) could do: unsigned runs of storefed itself (``dp=false``; ``state-dir`` pointing
+at an empty directory), an expired signature, a signature by another key, the trained
+run's signature replayed, and the foreign app (same publisher, name and version; its
+ClientApp would mark the store and send its files), unsigned and even operator-signed.
+Every store must refuse each of them, naming why in the server's log; no ledger or nonce
+record changes, and no byte of a store's files reaches the server.
+
+Select with ``-m deploy``. The processes are stopped by pid (`storefed local-deploy down`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from client.ledger import read_events
+from server.operator_key import make_operator_key
+from simulations import local_deploy
+from simulations.processes import BIN
+from simulations.train import parse_overrides, signed_run_config, start_and_wait
+
+ROOT = Path(__file__).resolve().parents[1]
+FOREIGN = Path(__file__).resolve().parent / "foreign_app"
+STORES = ("S001", "S002", "S003")
+
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.skipif(not sys.platform.startswith("linux") or not (BIN / "flower-superlink").exists(),
+                       reason="needs Linux (/proc) and Flower's flower-superlink next to this Python"),
+]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    started = time.time()
+    root = tmp_path_factory.mktemp("security")
+    out: dict = {"timings": {}}
+    record = local_deploy.up(root / "deployment", stores=3, seed=1)
+    try:
+        out["timings"]["up_s"] = round(time.time() - started, 1)
+        home, fed = Path(record["flwr_home"]), record["federation"]
+        base = record["run_config"]
+        key = Path(record["operator_key"])
+
+        # The operator trains one round through the CLI, as README "Deploy to stores" does.
+        t = time.time()
+        train = subprocess.run(
+            [sys.executable, "-m", "simulations.cli", "train", fed, "--json", "--operator-key", str(key),
+             "--run-config", f"{base} rounds=1 out-dir='{root / 'trained'}'"],
+            env={**local_deploy.flower_env(home)}, capture_output=True, text=True, timeout=600)
+        out["train"] = train
+        out["timings"]["train_s"] = round(time.time() - t, 1)
+        out["state_after_train"] = {s: _files(Path(record["stores"][s]["state_dir"])) for s in STORES}
+
+        # The attacks, one after the other (each is a run the stores must refuse).
+        empty = root / "empty-state"
+        empty.mkdir()
+        other_private, _ = make_operator_key(root / "other-operator")
+
+        def outdir(name: str) -> str:
+            return f" out-dir='{root / name}'"
+
+        authorization = re.search(r'authorization --run-config "([^"]+)"', train.stderr)
+        assert authorization, train.stderr[-3000:]
+        attacks = {
+            # issue 14's first table, in one unsigned run: no DP, and a ledger in a directory the server names
+            "unsigned": [f"{base} rounds=1 dp=false state-dir='{empty}'{outdir('unsigned')}"],
+            "expired": signed_run_config(f"{base} rounds=1{outdir('expired')}", operator_key=key,
+                                         valid_for=timedelta(seconds=-60)),
+            "other key": signed_run_config(f"{base} rounds=1{outdir('otherkey')}", operator_key=other_private),
+            # the operator's trained run, sent again: same settings, same signature
+            "replayed": [f"{base} rounds=1 out-dir='{root / 'trained'}'", authorization.group(1)],
+            "foreign unsigned": [f"out='{root / 'foreign-unsigned.json'}'"],
+            "foreign signed": signed_run_config(f"out='{root / 'foreign-signed.json'}'", operator_key=key,
+                                                app=FOREIGN),
+        }
+        out["state_before_attacks"] = out["state_after_train"]
+        out["foreign_signed_overrides"] = attacks["foreign signed"]
+        t = time.time()
+        out["attacks"] = {}
+        for name, overrides in attacks.items():
+            lines = io.StringIO()
+            app = FOREIGN if name.startswith("foreign") else ROOT
+            out["attacks"][name] = (start_and_wait(fed, overrides, flwr_home=home, app=app, lines=lines),
+                                    lines.getvalue())
+        out["timings"]["attacks_s"] = round(time.time() - t, 1)
+        out["state_after_attacks"] = {s: _files(Path(record["stores"][s]["state_dir"])) for s in STORES}
+        out["foreign"] = {v: json.loads((root / f"foreign-{v}.json").read_text()) for v in ("unsigned", "signed")}
+        out.update(record=record, root=root, empty=empty)
+        yield out
+    finally:
+        left = local_deploy.down(root / "deployment")
+        out["timings"]["total_s"] = round(time.time() - started, 1)
+        print(f"\nsecurity deployment timings: {out['timings']}", file=sys.stderr)
+    assert left == [], f"still running after the test: {left}"
+
+
+def test_a_signed_run_trains_and_its_ledger_events_are_in_the_store_s_own_state_dir(attacked):
+    train = attacked["train"]
+    assert train.returncode == 0, train.stderr[-3000:]
+    results = json.loads(train.stdout)
+    assert {"per_round", "privacy", "failures", "model"} <= set(results)  # the object `simulate --json` prints
+    assert [r["participated"] for r in results["per_round"]] == [3] and results["failures"] == []
+    assert "[round 1/1] 3 stores trained" in train.stderr  # the per-round line, streamed
+    for store in STORES:
+        info = attacked["record"]["stores"][store]
+        assert info["state_dir"] == str(Path(info["store_dir"]) / "state")
+        events = read_events(Path(info["state_dir"]), store)
+        assert [e.round for e in events[:1]] == [1] and results["privacy"][store]["rounds_trained"] == 1
+    for store in STORES:
+        state = Path(attacked["record"]["stores"][store]["state_dir"])
+        events = read_events(state, store)
+        nonces = json.loads(attacked["state_after_train"][store]["run-nonces.json"])
+        # One event, of the one run this store accepted, whose nonce it recorded with the run id.
+        assert len(events) == 1 and [v["run_id"] for v in nonces.values()] == [events[0].run_id]
+
+
+REASONS = {
+    "unsigned": "the run is not signed",
+    "expired": "the run's authorization expired at",
+    "other key": "not by this chain's operator key",
+    "replayed": "replayed run: nonce",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(REASONS))
+def test_every_store_refuses_the_run_and_the_server_log_says_why(attacked, attack):
+    (code, results), log = attacked["attacks"][attack]
+    assert code == 0, log[-3000:]  # Flower completes the run: the server stays up, only the stores say no
+    assert [r["participated"] for r in results["per_round"]] == [0]
+    refusals = {f["store"]: f["reason"] for f in results["failures"]}
+    assert set(refusals) == set(STORES)
+    for store in STORES:
+        assert refusals[store].startswith("refused:") and REASONS[attack] in refusals[store]
+        assert f"store {store} refused round 1 (it cannot train): " in log
+    assert REASONS[attack] in log
+
+
+def test_no_attack_changed_a_ledger_or_a_nonce_record_or_wrote_where_the_run_said(attacked):
+    # The one new nonce: the foreign app the operator signed (its authorization held; the
+    # store then refused the run with its own installed code, before reading any data).
+    foreign_nonce = parse_overrides(attacked["foreign_signed_overrides"])["run-nonce"]
+    for store in STORES:
+        before, after = attacked["state_before_attacks"][store], attacked["state_after_attacks"][store]
+        assert set(after) == set(before) and "privacy-ledger.jsonl" in after
+        assert after["privacy-ledger.jsonl"] == before["privacy-ledger.jsonl"]
+        assert {k: v for k, v in after.items() if k != "run-nonces.json"} == \
+            {k: v for k, v in before.items() if k != "run-nonces.json"}
+        nonces_before = json.loads(before["run-nonces.json"])
+        nonces_after = json.loads(after["run-nonces.json"])
+        assert set(nonces_after) == set(nonces_before) | {foreign_nonce}
+        assert {k: nonces_after[k] for k in nonces_before} == nonces_before
+    assert list(attacked["empty"].iterdir()) == []  # state-dir from the run config: never used
+
+
+def test_the_foreign_app_is_refused_by_every_store_and_none_of_its_code_ran(attacked):
+    for variant, why in (("unsigned", "the run is not signed"), ("signed", "unknown run config key 'out'")):
+        replies = attacked["foreign"][variant]
+        assert len(replies) == 3 and all("content" not in r for r in replies), replies
+        assert all("storefed-refuse" in r["error"] and why in r["error"] for r in replies), replies
+        (code, _), _log = attacked["attacks"][f"foreign {variant}"]
+        assert code == 1  # no results.json: storefed train would say the run produced nothing
+    for store in STORES:
+        store_dir = Path(attacked["record"]["stores"][store]["store_dir"])
+        assert not (store_dir / "FOREIGN-CODE-RAN").exists()
+        # No byte of the store's files in anything the server received or logged.
+        first_receipt = (store_dir / "transactions.csv").read_text().splitlines()[1]
+        first_member = (store_dir / "members.csv").read_text().splitlines()[1]
+        seen = json.dumps(attacked["foreign"]) + "".join(log for _, log in attacked["attacks"].values())
+        assert first_receipt not in seen and first_member not in seen
