@@ -72,6 +72,14 @@ def fault_message(exc: BaseException) -> str | None:
     return f"a simulation worker failed outside the app: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
 
+def _round(message: Message) -> str:
+    """The server round a task belongs to (Flower's strategies put it in the config)."""
+    try:
+        return str(int(message.content["config"]["server-round"]))
+    except (KeyError, TypeError, ValueError):
+        return message.metadata.group_id
+
+
 class SimBackend(RayBackend):
     """Flower's Ray backend with ``DEPTH`` tasks in flight per actor and sticky stores."""
 
@@ -134,7 +142,7 @@ class SimBackend(RayBackend):
             raise
         finally:
             self._give_back(index)
-        TIMES.append((message.metadata.message_type, message.metadata.group_id, started, time.perf_counter()))
+        TIMES.append((message.metadata.message_type, _round(message), started, time.perf_counter()))
         return reply, updated
 
     def terminate(self) -> None:

@@ -103,7 +103,7 @@ def train_local(
         raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")
     noise_generator = torch.Generator().manual_seed(cfg.noise_seed if cfg.noise_seed is not None else cfg.seed + 1)
     if dp is not None and cfg.dp_path == "bookkeeping":
-        from common import dp_fast  # the same mechanism in one backward pass (see its docstring)
+        from common.learning import dp_fast  # the same mechanism in one backward pass (see its docstring)
 
         model, optimizer, criterion, loader = dp_fast.make_private(
             model, optimizer, criterion, loader, noise_multiplier=dp.noise_multiplier,
