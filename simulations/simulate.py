@@ -62,6 +62,18 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError:
         raise _no_cluster(address) from None
+    # Ray's GCS speaks gRPC. Something else on that port would leave ray.init retrying while
+    # it holds the GIL, where no watchdog thread and no signal handler can run.
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+    except grpc.FutureTimeoutError:
+        raise SimulationError(f"what listens at {address} is not a Ray cluster (no gRPC answer in 10 s): "
+                              "give the address `ray start --head` printed, or drop --ray-address") from None
+    finally:
+        channel.close()
 
 
 def start_ray(init_args: Mapping[str, Any]) -> None:
