@@ -39,7 +39,10 @@ def backend_config(*, ray_address: str | None = None, num_cpus: int | None = Non
         init["num_cpus"] = num_cpus or os.cpu_count() or 1
         # The 645 KB model and replies go inline with the task instead of through Ray's
         # shared-memory object store (default limit 100 KiB); only a new cluster takes it.
-        init["_system_config"] = {"max_direct_call_object_size": INLINE_BYTES}
+        # Ray would also start one idle task worker per CPU for the first driver; the
+        # simulation runs only actors (their own processes), so those would hold memory
+        # and compete for the cores at start-up for nothing.
+        init["_system_config"] = {"max_direct_call_object_size": INLINE_BYTES, "prestart_worker_first_driver": False}
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
 
 
