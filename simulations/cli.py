@@ -175,7 +175,7 @@ def render_validation(report: dict) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import simulate
+    from simulations.simulate import SimulationError, simulate
 
     config = {"stores": args.stores, "rounds": args.rounds, "seed": args.seed, "dp": not args.no_dp,
               "local-epochs": args.local_epochs}
@@ -204,8 +204,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         config["out-dir"] = str(Path(args.out).expanduser().resolve())
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     target = sys.stderr if args.json else sys.stdout
-    with contextlib.redirect_stdout(target):
-        results = simulate(config, verbose=args.verbose, ray_address=args.ray_address)
+    try:
+        with contextlib.redirect_stdout(target):
+            results = simulate(config, verbose=args.verbose, ray_address=args.ray_address)
+    except SimulationError as exc:
+        print(f"storefed: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(results))
     return 0
@@ -318,17 +322,23 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
 
     stores = _int_list(args.stores, "--stores", "counts")
     extra = {"update-encoding": args.update_encoding} if args.update_encoding else None
+    sizes = tuple(x.strip() for x in args.sizes.split(",") if x.strip())
+    if not sizes or any(x not in ("small", "default") for x in sizes):
+        raise ConfigError(f"--sizes {args.sizes!r}: use small, default or small,default")
     result = bench_sim(stores, rounds=args.rounds, members=args.members, workers=args.workers, quick=args.quick,
-                       extra=extra)
+                       extra=extra, sizes=sizes, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['rounds']} rounds, {result['members_per_store']} members a store on average, "
           f"{result['workers']} workers (Ray actors / plain processes), DP-SGD on")
-    print(f"{'stores':>6} {'sim s':>8} {'plain s':>8} {'overhead':>8} {'s/store-round':>13} {'KB/store-round':>14} "
+    print(f"{'stores':>6} {'members':>7} {'sim s':>8} {'plain s':>8} {'overhead':>8} {'steady':>7} {'start s':>7} "
+          f"{'s/store-round':>13} {'KB/store-round':>14} "
           f"{'peak MB':>8} {'plain MB':>8} {'CPU s':>7} {'plain CPU':>9} {'CPU ovh':>7}")
     for c in result["cases"]:
-        print(f"{c['stores']:>6} {c['sim_s']:8.1f} {c['plain_s']:8.1f} {c['overhead']:+8.1%} "
+        steady = "" if c["steady_overhead"] is None else f"{c['steady_overhead']:+.1%}"
+        print(f"{c['stores']:>6} {c['members_per_store']:>7} {c['sim_s']:8.1f} {c['plain_s']:8.1f} {c['overhead']:+8.1%} "
+              f"{steady:>7} {c['startup_s']:7.1f} "
               f"{c['s_per_store_round']:13.3f} {c['bytes_per_store_round'] / 1024:14.1f} "
               f"{c['peak_rss_mb']:8.0f} {c['plain_peak_rss_mb']:8.0f} {c['sim_cpu_s']:7.0f} {c['plain_cpu_s']:9.0f} "
               f"{c['cpu_overhead']:+7.1%}")
@@ -584,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsim.add_argument("--workers", type=int, default=0, help="cores for store tasks (default: all)")
     bsim.add_argument("--update-encoding", choices=("float32", "float16", "int8"),
                       help="what stores send (run config update-encoding)")
+    bsim.add_argument("--sizes", default="small,default",
+                      help="store sizes: small (--members a store) and/or default (the default chain's)")
+    bsim.add_argument("--ray-address", help="the simulation attaches to this running Ray (`ray start --head`) "
+                      "instead of starting its own; start-up then excludes Ray's")
     bsim.add_argument("--quick", action="store_true", help="2 small stores, 1 round, 1 worker (a smoke test)")
     bsim.add_argument("--json", action="store_true")
     bsim.set_defaults(func=_cmd_bench_sim)

@@ -29,7 +29,19 @@ def test_bench_validate_counts_every_line(capsys):
     assert result["rows_per_s"] > 0 and result["peak_rss_mb"] > 0
 
 
-SIM_KEYS = {"stores", "sim_s", "plain_s", "overhead", "bytes_per_store_round", "peak_rss_mb"}
+SIM_KEYS = {"stores", "sim_s", "plain_s", "overhead", "bytes_per_store_round", "peak_rss_mb",
+            "steady_overhead", "startup_s"}
+
+
+def test_bench_sim_phases_and_steady_overhead_by_hand():
+    from simulations.bench_sim import phases, steady_overhead
+
+    # started 0, first task at 2, rounds end at 5, 7, 10, everything stopped at 11
+    assert phases(0.0, 2.0, [5.0, 7.0, 10.0], 11.0) == {"startup_s": 2.0, "round_s": [3.0, 2.0, 3.0],
+                                                         "shutdown_s": 1.0}
+    # rounds after the first: (2 + 3) / 2 = 2.5 s against (1 + 2) / 2 = 1.5 s
+    assert abs(steady_overhead([9.0, 2.0, 3.0], [4.0, 1.0, 2.0]) - (2.5 / 1.5 - 1)) < 1e-12
+    assert steady_overhead([3.0], [2.0]) is None
 
 
 def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
@@ -40,6 +52,10 @@ def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     case = result["cases"][0]
     assert case["sim_s"] > 0 and case["plain_s"] > 0 and case["peak_rss_mb"] > 0
     assert abs(case["overhead"] - (case["sim_s"] / case["plain_s"] - 1)) < 0.01
+    # One round: no steady state to compare; the phases add up to the run's wall time.
+    assert case["steady_overhead"] is None and len(case["round_s"]) == 1
+    assert 0 < case["startup_s"] < case["sim_s"]
+    assert abs(case["startup_s"] + sum(case["round_s"]) + case["shutdown_s"] - case["sim_s"]) < 0.05
     # A float32 reply holds every parameter: at least 4 bytes each of the generated catalog's model.
     from common.data.dataset import ItemIndex
     from common.learning.model import Recommender
