@@ -355,8 +355,9 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     asks for what the store's policy does not allow (client.policy).
 
     A store with missing or invalid files, or a run its operator did not sign
-    (client.run_authorization), must not train, and must not take its daemon down either: it replies with the reason (wire.REFUSE_CODE), which the server logs with the
-    store's name, and it says the same in its own log. Other errors stay Flower's errors.
+    (client.run_authorization), must not train, and must not take its daemon down either:
+    it replies with the reason (wire.REFUSE_CODE), which the server logs with the store's
+    name, and it says the same in its own log. Other errors stay Flower's errors.
     """
     try:
         return handler()
