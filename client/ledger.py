@@ -12,14 +12,13 @@ runs at one store can never spend past its budget together.
 
 from __future__ import annotations
 
-import fcntl
 import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+from client.file_lock import locked
 from common.data.storefiles import atomic_write_text
 from common.privacy.ledger import (BudgetDecision, Head, Ledger, LedgerError, Mechanism, PrivacyEvent,
                                    Reservation, append, check_against_head, event_record, head_of, head_text,
@@ -46,15 +45,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / f".{LEDGER_FILE}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(state_dir: Path):
+    return locked(Path(state_dir) / f".{LEDGER_FILE}.lock")
 
 
 def _read_text(path: Path) -> str:

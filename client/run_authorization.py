@@ -20,16 +20,15 @@ generated and its randomness public; a simulation demonstrates, it protects no o
 
 from __future__ import annotations
 
-import fcntl
 import json
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from client.file_lock import locked
 from common.data.storefiles import atomic_write_text
 from common.privacy import run_signature
 from common.privacy.run_signature import RunSignatureError
@@ -70,15 +69,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-@contextmanager
-def _locked(state: Path) -> Iterator[None]:
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / f"{NONCE_FILE}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(state: Path):
+    return locked(Path(state) / f"{NONCE_FILE}.lock")
 
 
 def _read_nonces(path: Path) -> dict[str, dict]:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.processes import descendants
+
 TARGET_OVERHEAD = 0.30  # end to end, with a cold Ray
 TARGET_STEADY_OVERHEAD = 0.15  # per round after the first
 TARGET_MEMORY_RATIO = 1.2  # peak memory, simulation / plain loops
@@ -230,21 +232,7 @@ def steady_overhead(sim_rounds: list[float], plain_rounds: list[float]) -> float
 
 def _tree(root: int) -> list[int]:
     """``root`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    return [root, *descendants(root)]
 
 
 def _cpu_ticks(pid: int) -> int:

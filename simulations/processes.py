@@ -43,20 +43,22 @@ def _children() -> dict[int, list[int]]:
             continue
         try:
             stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or half-read
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, …)."""
-    tree, found, todo = _children(), [], [pid]
+    """Every process below ``pid``, children before grandchildren (the order to stop them in)."""
+    tree = _children()
+    found: list[int] = []
+    todo = list(tree.get(pid, []))
     while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+        child = todo.pop(0)
+        found.append(child)
+        todo.extend(tree.get(child, []))
     return found
 
 

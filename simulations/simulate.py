@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import RunConfig
+from simulations.processes import descendants
 
 
 INLINE_BYTES = 2 * 1024 * 1024  # Ray passes task arguments and replies up to this size inline
@@ -118,30 +119,11 @@ def start_ray(init_args: Mapping[str, Any]) -> None:
         done.set()
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process below ``root``, from /proc (children before grandchildren)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def kill_descendants(keep: set[int] | frozenset[int] = frozenset()) -> int:
     """SIGKILL every process below this one (Ray's daemons and workers) but ``keep``; how many."""
     import signal
 
-    pids = [p for p in _descendants(os.getpid()) if p not in keep]
+    pids = [p for p in descendants(os.getpid()) if p not in keep]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -286,7 +268,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     backend = backend_config(ray_address=ray_address, num_cpus=num_cpus, verbose=verbose)
     with _Stop() as stop:
         owns = not ray.is_initialized()
-        before = set(_descendants(os.getpid()))
+        before = set(descendants(os.getpid()))
         if owns:
             start_ray(backend["init_args"])
             stop.install()
