@@ -19,7 +19,7 @@ from common.config import cache_root
 from common.data.dataset import ExampleConfig, StoreData
 from common.data.storefiles import atomic_write_bytes
 
-_CODE = ("data/dataset.py", "data/ingest.py", "data/validation.py", "data/contract.py")
+_CODE = ("dataset.py", "ingest.py", "validation.py", "contract.py")
 
 
 def _fingerprint(path: Path) -> str:

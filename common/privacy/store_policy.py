@@ -10,6 +10,8 @@ Every key of :data:`common.config.DEFAULTS` is in exactly one class:
   either recorded in the ledger (σ, q, steps, C) or changes nothing that the accounting assumes.
 * ``simulation``: read only by a simulated store; a deployed store never reads it.
 * ``server``: read only by the server; no store reads it.
+* ``signature``: the operator's signature over the run (client.run_authorization checks it
+  before anything else; a deployed store refuses a run it does not verify).
 
 A simulated store keeps its freedom (reference runs without DP, other budgets, its own
 state directory); only the ranges apply there.
@@ -24,7 +26,7 @@ from typing import Any, Iterable, Mapping
 from common.config import DELTA_RANGE, Range
 from common.privacy.accountant import ACCOUNTANTS, DEFAULT_DELTA
 
-STORE, TIGHTEN, RUN, SIMULATION, SERVER = "store", "tighten", "run", "simulation", "server"
+STORE, TIGHTEN, RUN, SIMULATION, SERVER, SIGNATURE = "store", "tighten", "run", "simulation", "server", "signature"
 
 # key: (class, what a deployed store does with it). The README's table "Who sets what at a
 # deployed store" is this table; tests/test_store_policy.py checks both against the code.
@@ -73,6 +75,11 @@ WHO: dict[str, tuple[str, str]] = {
     "stop-after-round": (SERVER, ""),
     "node-wait-s": (SERVER, ""),
     "round-timeout-s": (SERVER, ""),
+    "run-signature": (SIGNATURE, "ed25519 over every other key; checked before any data is read"),
+    "run-expires": (SIGNATURE, "signed; judged when the store first sees the run"),
+    "run-nonce": (SIGNATURE, "signed; recorded in the store's state dir, a second run with it is refused"),
+    "run-fab-hash": (SIGNATURE, "signed; the FAB's hash must equal it (client.pinned_exec)"),
+    "operator-key-id": (SIGNATURE, "signed; must name the store's operator public key"),
 }
 
 # The keys of a train or evaluate message's "config" record that a store reads (Flower's
