@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.client_app as client_app
+from server.operator_key import load_operator_key, make_operator_key
 from client.ledger import ledger_path, read_events
 from common.config import DEFAULTS, RANGES, RunConfig
 from common.data.dataset import ItemIndex
@@ -19,7 +22,7 @@ from common.data.storefiles import read_catalog
 from common.exchange import update_codec, wire
 from common.learning.model import Recommender
 from common.privacy import accountant as privacy
-from common.privacy import store_policy
+from common.privacy import run_signature, store_policy
 from common.privacy.store_policy import PolicyError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -36,13 +39,29 @@ def _message(chain_dir, kind, **config) -> Message:
 
 
 def _deployed(chain_dir, state_dir, **node) -> dict:
+    """A store daemon's node config, with the public key of a test operator (the runs below
+    are signed with it, so that the policy, not the run authorization, decides)."""
+    keys = Path(state_dir).parent / "operator"
+    if not (keys / "operator.pub").exists():
+        make_operator_key(keys)
     return {"store-dir": str(chain_dir / "stores" / "S001"), "catalog": str(chain_dir),
-            "state-dir": str(state_dir), **node}
+            "state-dir": str(state_dir), "operator-public-key": str(keys / "operator.pub"), **node}
+
+
+def _signed(node_config, run_config) -> dict:
+    """``run_config`` as `storefed train` sends it: signed by the operator (deployed stores only)."""
+    if "operator-public-key" not in node_config:
+        return run_config
+    key = load_operator_key(Path(node_config["operator-public-key"]).with_name("operator.key"))
+    added = run_signature.sign(run_config, key, expires=datetime.now(timezone.utc) + timedelta(hours=1),
+                               nonce=secrets.token_hex(16), fab_hash="0" * 64)
+    return {**run_config, **added}
 
 
 def _run(chain_dir, node_config, run_config, kind=MessageType.TRAIN, **message_config) -> Message:
     """One message through the store's ClientApp, as a SuperNode would deliver it."""
-    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config=_signed(node_config, run_config))
     return client_app.create_app()(_message(chain_dir, kind, **message_config), context)
 
 
