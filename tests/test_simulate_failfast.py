@@ -40,9 +40,9 @@ def test_a_malformed_ray_address_is_named():
 
 
 def _tree(root: int) -> list[int]:
-    from simulations.simulate import _descendants
+    from simulations.processes import descendants
 
-    return _descendants(root)
+    return descendants(root)
 
 
 def _alive(pid: int) -> bool:
