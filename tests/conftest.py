@@ -43,6 +43,14 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+@pytest.fixture(scope="session")
+def shared_deployment(tmp_path_factory):
+    """One real deployment for tests/test_deploy_security.py and tests/test_deploy.py (tests/deploy_scenario.py)."""
+    from deploy_scenario import shared_deployment as scenario
+
+    yield from scenario(tmp_path_factory.mktemp("deployment"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """Issue 14's attacks against a real deployment (`storefed local-deploy up`, 3 stores on loopback).
 
-One deployment for the module. First the operator trains one round with `storefed train`
+One deployment, shared with tests/test_deploy.py (tests/deploy_scenario.py runs this scenario
+first, on 3 stores). First the operator trains one round with `storefed train`
 (a signed run). Then, one run after the other, everything the issue says an outsider (or a careless
 operator) could do: unsigned runs of storefed itself (``dp=false``; ``state-dir`` pointing
 at an empty directory), an expired signature, a signature by another key, the trained
@@ -14,25 +15,16 @@ Select with ``-m deploy``. The processes are stopped by pid (`storefed local-dep
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from client.ledger import read_events
-from server.operator_key import make_operator_key
-from simulations import local_deploy
 from simulations.processes import BIN
-from simulations.train import parse_overrides, signed_run_config, start_and_wait
+from simulations.train import parse_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-FOREIGN = Path(__file__).resolve().parent / "foreign_app"
 STORES = ("S001", "S002", "S003")
 
 pytestmark = [
@@ -42,74 +34,10 @@ pytestmark = [
 ]
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
-
-
 @pytest.fixture(scope="module")
-def attacked(tmp_path_factory):
-    started = time.time()
-    root = tmp_path_factory.mktemp("security")
-    out: dict = {"timings": {}}
-    record = local_deploy.up(root / "deployment", stores=3, seed=1)
-    try:
-        out["timings"]["up_s"] = round(time.time() - started, 1)
-        home, fed = Path(record["flwr_home"]), record["federation"]
-        base = record["run_config"]
-        key = Path(record["operator_key"])
-
-        # The operator trains one round through the CLI, as README "Deploy to stores" does.
-        t = time.time()
-        train = subprocess.run(
-            [sys.executable, "-m", "simulations.cli", "train", fed, "--json", "--operator-key", str(key),
-             "--run-config", f"{base} rounds=1 out-dir='{root / 'trained'}'"],
-            env={**local_deploy.flower_env(home)}, capture_output=True, text=True, timeout=600)
-        out["train"] = train
-        out["timings"]["train_s"] = round(time.time() - t, 1)
-        out["state_after_train"] = {s: _files(Path(record["stores"][s]["state_dir"])) for s in STORES}
-
-        # The attacks, one after the other (each is a run the stores must refuse).
-        empty = root / "empty-state"
-        empty.mkdir()
-        other_private, _ = make_operator_key(root / "other-operator")
-
-        def outdir(name: str) -> str:
-            return f" out-dir='{root / name}'"
-
-        authorization = re.search(r'authorization --run-config "([^"]+)"', train.stderr)
-        assert authorization, train.stderr[-3000:]
-        attacks = {
-            # issue 14's first table, in one unsigned run: no DP, and a ledger in a directory the server names
-            "unsigned": [f"{base} rounds=1 dp=false state-dir='{empty}'{outdir('unsigned')}"],
-            "expired": signed_run_config(f"{base} rounds=1{outdir('expired')}", operator_key=key,
-                                         valid_for=timedelta(seconds=-60)),
-            "other key": signed_run_config(f"{base} rounds=1{outdir('otherkey')}", operator_key=other_private),
-            # the operator's trained run, sent again: same settings, same signature
-            "replayed": [f"{base} rounds=1 out-dir='{root / 'trained'}'", authorization.group(1)],
-            "foreign unsigned": [f"out='{root / 'foreign-unsigned.json'}'"],
-            "foreign signed": signed_run_config(f"out='{root / 'foreign-signed.json'}'", operator_key=key,
-                                                app=FOREIGN),
-        }
-        out["state_before_attacks"] = out["state_after_train"]
-        out["foreign_signed_overrides"] = attacks["foreign signed"]
-        t = time.time()
-        out["attacks"] = {}
-        for name, overrides in attacks.items():
-            lines = io.StringIO()
-            app = FOREIGN if name.startswith("foreign") else ROOT
-            out["attacks"][name] = (start_and_wait(fed, overrides, flwr_home=home, app=app, lines=lines),
-                                    lines.getvalue())
-        out["timings"]["attacks_s"] = round(time.time() - t, 1)
-        out["state_after_attacks"] = {s: _files(Path(record["stores"][s]["state_dir"])) for s in STORES}
-        out["foreign"] = {v: json.loads((root / f"foreign-{v}.json").read_text()) for v in ("unsigned", "signed")}
-        out.update(record=record, root=root, empty=empty)
-        yield out
-    finally:
-        left = local_deploy.down(root / "deployment")
-        out["timings"]["total_s"] = round(time.time() - started, 1)
-        print(f"\nsecurity deployment timings: {out['timings']}", file=sys.stderr)
-    assert left == [], f"still running after the test: {left}"
+def attacked(shared_deployment):
+    """The security part of the session's one deployment (tests/deploy_scenario.py)."""
+    return shared_deployment["security"]
 
 
 def test_a_signed_run_trains_and_its_ledger_events_are_in_the_store_s_own_state_dir(attacked):
@@ -122,11 +50,11 @@ def test_a_signed_run_trains_and_its_ledger_events_are_in_the_store_s_own_state_
     for store in STORES:
         info = attacked["record"]["stores"][store]
         assert info["state_dir"] == str(Path(info["store_dir"]) / "state")
-        events = read_events(Path(info["state_dir"]), store)
+        assert read_events(Path(info["state_dir"]), store)[:1] == attacked["events_after_train"][store][:1]
+        events = attacked["events_after_train"][store]
         assert [e.round for e in events[:1]] == [1] and results["privacy"][store]["rounds_trained"] == 1
     for store in STORES:
-        state = Path(attacked["record"]["stores"][store]["state_dir"])
-        events = read_events(state, store)
+        events = attacked["events_after_train"][store]  # read right after the train run
         nonces = json.loads(attacked["state_after_train"][store]["run-nonces.json"])
         # One event, of the one run this store accepted, whose nonce it recorded with the run id.
         assert len(events) == 1 and [v["run_id"] for v in nonces.values()] == [events[0].run_id]
