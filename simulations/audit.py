@@ -130,6 +130,7 @@ def run_audit(settings: AuditSettings, work: Path | None = None) -> dict:
     from common.evaluation.audience import roc_auc
     from common.learning.model import ModelConfig, Recommender
     from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+    from common.privacy.published_size import bucket
     from common.privacy import accountant as privacy
     from common.privacy.audit import one_run_audit
 
@@ -167,8 +168,13 @@ def run_audit(settings: AuditSettings, work: Path | None = None) -> dict:
     batch, clip = int(DEFAULTS["batch-size"]), float(DEFAULTS["clip-norm"])
     dp = settings.epsilon is not None
     sigmas, deltas = [], []
-    for data in stores:
-        n = data.n_train_members
+    # Each store's published size sets q, steps, σ, δ and the divisor (DESIGN §4.1). The audited
+    # store publishes the size with every canary in, so the mechanism is the same whichever
+    # canaries the coin put in (the one-run theorem assumes a fixed mechanism).
+    published = [bucket(reference.n_train_members if s == 0 else data.n_train_members)
+                 for s, data in enumerate(stores)]
+    for s, data in enumerate(stores):
+        n = published[s]
         q, steps = sample_rate_for(n, batch), settings.rounds * steps_per_epoch(n, batch)
         deltas.append(privacy.store_delta(n, float(DEFAULTS["delta"])))
         if not dp:
@@ -192,7 +198,7 @@ def run_audit(settings: AuditSettings, work: Path | None = None) -> dict:
             if dp:
                 cfg = TrainConfig(batch_size=batch, lr=float(DEFAULTS["dp-lr"]), optimizer=str(DEFAULTS["dp-optimizer"]),
                                   seed=seed)
-                result = train_local(model, data, cfg, DPConfig(sigmas[s], clip))
+                result = train_local(model, data, cfg, DPConfig(sigmas[s], clip, published[s]))
             else:
                 result = train_local(model, data, TrainConfig(batch_size=batch, lr=float(DEFAULTS["lr"]), seed=seed),
                                      None)
