@@ -22,26 +22,24 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger
+from client import ledger, local_layer
+from client.model_store import keep_model, read_info
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
-from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
-from client.model_store import keep_model, read_info
 from client.run_authorization import RunNotAuthorized, authorize
-from common.privacy import accountant as privacy
-from common.exchange import update_codec
-from common.exchange import wire
+from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
 from common.config import ConfigError, RunConfig
-from client import local_layer
+from common.data.storefiles import DataError
 from common.evaluation.evaluation import (audience_from_scores, evaluate_audience, evaluate_baselines, evaluate_scores,
                                          member_scores, model_scores)
+from common.exchange import update_codec, wire
 from common.learning.local_layer import test_histories, training_member_histories
-from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
-from common.data.storefiles import DataError
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
-from common.privacy.published_size import size_warning
 from common.learning.weights import ModelFileError, check_weights, weights_digest
+from common.privacy import accountant as privacy
+from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
+from common.privacy.published_size import size_warning
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it

@@ -12,7 +12,6 @@ requests per second, errors, and the CPU both processes used (% of one core).
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import random

@@ -30,7 +30,6 @@ the caller draws the Poisson batches from the same stream.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
