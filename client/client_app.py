@@ -309,6 +309,7 @@ def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: Sto
 
 def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Keep the run's final global model for serving; answer with the hash kept."""
+    cfg = store_policy_for(msg, context.node_config, cfg)  # as for train and evaluate
     node = load_store(context.node_config, cfg)
     conf = msg.content["config"]
     claimed = str(conf.get("hash", ""))
@@ -318,9 +319,8 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise ValueError(f"store {node.store_id} refuses the final model: {exc}") from None
     if weights_digest(weights) != claimed:
         raise ValueError(f"store {node.store_id} refuses the final model: its hash differs from the one announced")
-    server_round = int(conf.get("server-round", 0))
     info = keep_model(state_dir(node, context.node_config, cfg), weights, run_id=str(conf.get("run-id", "")),
-                      server_round=server_round if server_round >= 0 else 0,
+                      server_round=_server_round(msg),  # range-checked by the policy (≥ 0)
                       epsilon=_spent_epsilon(node, context, cfg), final=True)
     content = RecordDict({"store": ConfigRecord({"store-id": node.store_id, "model-hash": info["hash"]})})
     return send(Message(content=content, reply_to=msg))
