@@ -19,6 +19,7 @@ them are precomputed, so a request is one matrix-vector product and a top-k.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ class Bundle:
     layer: LocalLayer | None = None  # the store-local layer fitted on this model, if any
     layer_meta: dict | None = None  # its file's description (model hash, when, by whom, members)
     served: np.ndarray | None = None  # [members, n_items] float32: the layer's scores (None: no layer)
+    weights: dict | None = None  # the model's weights and (dim, hidden): what a layer fitted later needs
+    dims: tuple[int, int] | None = None
 
 
 class StoreServing:
@@ -84,7 +87,9 @@ class StoreServing:
         self._model_stamp: tuple | None = None
         self.model_error: str | None = None
         self.layer_error: str | None = None  # why the model in use has no layer (or it was not kept)
-        self.reload_model()
+        self.layer_pending = False  # the model in use waits for its layer to be fitted (by the watcher)
+        # Start-up reads a kept layer but leaves a fit to the watcher: the API answers meanwhile.
+        self.reload_model(fit_layer=False)
 
     # -- data ---------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -169,18 +174,22 @@ class StoreServing:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def reload_model(self) -> bool:
-        """Load the store's model when it changed; True when a new one is in use."""
+    def reload_model(self, fit_layer: bool = True) -> bool:
+        """Load the store's model when it changed, with its layer (kept for it, else fitted
+        here when ``fit_layer``); or fit the layer the model in use was left waiting for.
+        True when what answers changed."""
         stamp = self._stamp()
-        if stamp is None or stamp == self._model_stamp:
+        if stamp is None:
             return False
+        if stamp == self._model_stamp:
+            return self._fit_pending_layer() if fit_layer else False
         try:
             dims = _dims_of(self.state_dir)
             weights, info = read_model(self.state_dir, self._expected_shapes(dims))
         except ModelFileError as exc:
             self.model_error = str(exc)  # keep serving with the model in use; retried later
             return False
-        found, layer_error = self._layer_for(info["hash"], weights, dims)
+        found, layer_error = self._layer_for(info["hash"], weights, dims, fit_layer)
         with self._lock:
             side = recommend.item_side({k: v.numpy() for k, v in weights.items()}, self.items.category,
                                        self.items.brand)
@@ -191,22 +200,43 @@ class StoreServing:
             states.gate, states.rep_prob = states.gate.astype(np.float32), states.rep_prob.astype(np.float32)
             item_v = np.where(self.cold[:, None], side.cat_brand, side.V).astype(np.float32)
             item_b = np.where(self.cold, float(side.b.mean()), side.b).astype(np.float32)
-            bundle = Bundle(info, side, states, item_v[self.candidates], item_b[self.candidates], item_v, item_b)
+            bundle = Bundle(info, side, states, item_v[self.candidates], item_b[self.candidates], item_v, item_b,
+                            weights=weights, dims=dims)
             if found is not None:
                 bundle.layer, bundle.layer_meta = found
                 bundle.served = self._served_all(bundle)
             self.bundle = bundle  # model and layer swap as one reference
             self._model_stamp = stamp
             self.model_error = None
-            self.layer_error = layer_error
+            self.layer_pending = found is None and not fit_layer
+            self.layer_error = ("the store-local layer of this model is being fitted; the global model answers "
+                                "meanwhile") if self.layer_pending else layer_error
         return True
 
-    def _layer_for(self, model_hash: str, weights: dict, dims: tuple[int, int]) -> tuple[tuple | None, str | None]:
+    def _fit_pending_layer(self) -> bool:
+        """Fit the layer of the model in use (left for later at start-up) and swap it in with it."""
+        bundle = self.bundle
+        if bundle is None or not self.layer_pending:
+            return False
+        self.layer_pending = False  # one attempt per model: a store that cannot have one keeps the global model
+        found, note = self._layer_for(bundle.info["hash"], bundle.weights, bundle.dims, True)
+        with self._lock:
+            if found is not None and self.bundle is bundle:
+                with_layer = dataclasses.replace(bundle, layer=found[0], layer_meta=found[1])
+                with_layer.served = self._served_all(with_layer)
+                self.bundle = with_layer
+            self.layer_error = note
+        return found is not None
+
+    def _layer_for(self, model_hash: str, weights: dict, dims: tuple[int, int],
+                   fit: bool) -> tuple[tuple | None, str | None]:
         """((layer, meta) for the model of ``model_hash``, None) — read from the state directory,
-        else fitted here on the store's data and kept there; (None, why) when there can be none."""
+        else (``fit``) fitted here on the store's data and kept there; (None, why) otherwise."""
         found = layer_store.read_layer(self.state_dir, model_hash)
         if found is not None:
             return found, None
+        if not fit:
+            return None, None
         try:
             model = Recommender(self.items, ModelConfig(dim=dims[0], hidden=dims[1]))
             model.load_state_dict(weights)

@@ -12,6 +12,7 @@ requests per second, errors, and the CPU both processes used (% of one core).
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import random
@@ -155,6 +156,12 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
                         raise RuntimeError("storefed serve did not start: " + (server.stdout.read() or ""))
                     time.sleep(0.2)
             startup_s = time.perf_counter() - t0
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:  # which model serves
+                conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := conn.recv(65536):
+                    reply += chunk
+            health = json.loads(reply.split(b"\r\n\r\n", 1)[1])
             rng = random.Random(0)
             rec_paths = [f"/v1/members/{m}/recommendations?k=10" for m in rng.sample(member_ids, min(2000, len(member_ids)))]
             aud_paths = [f"/v1/items/{i}/audience?k=100" for i in item_ids]
@@ -172,6 +179,8 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
     return {"members": members, "consenting_members": len(member_ids), "items": items, "duration_s": duration_s,
             "cores": os.cpu_count(), "prepare_s": prepare_s, "server_startup_s": startup_s,
             "model": "untrained Recommender (dim 64, hidden 128, seed 0): serving cost depends on shapes only",
+            # With the store-local layer, fitted by `storefed serve` at start-up (none was delivered).
+            "local_layer": bool(health.get("local_layer")), "local_layer_fit": health.get("local_layer_fit"),
             "cases": cases, "targets": [verdict(cases, *key) for key in TARGETS]}
 
 
@@ -190,7 +199,8 @@ def render(result: dict) -> str:
     """The human table."""
     lines = [f"storefed serve on a generated store: {result['members']} members "
              f"({result['consenting_members']} consenting), {result['items']} items, {result['cores']} cores; "
-             f"{result['duration_s']:g} s per case; server ready in {result['server_startup_s']:.1f} s",
+             f"{result['duration_s']:g} s per case; server ready in {result['server_startup_s']:.1f} s; "
+             f"{'with the store-local layer' if result.get('local_layer') else 'global model alone'}",
              f"{'endpoint':<16} {'conc':>4} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
              f"{'server CPU':>10} {'CPU ms/req':>10} {'load CPU':>9}"]
     for c in result["cases"]:

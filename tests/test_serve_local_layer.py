@@ -120,7 +120,9 @@ def test_serving_ranks_as_the_evaluation_scores_the_served_model(fitted, small_c
 
     monkeypatch.setattr(serving_module, "adapt", cannot)
     alone = serving_module.StoreServing(store)
-    assert alone.layer_info() is None and "too few baskets" in alone.layer_error
+    assert alone.layer_info() is None and "being fitted" in alone.layer_error  # left to the watcher
+    assert not alone.reload_model()  # the watcher's attempt
+    assert alone.layer_info() is None and "too few baskets" in alone.layer_error and not alone.layer_pending
     g = model_scores(model, data)
     for e, member in enumerate(data.eval_member_ids[:20]):
         got = alone.recommendations(str(member), 10)
