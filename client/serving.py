@@ -36,7 +36,7 @@ from common.data.ingest import validate_store
 from common.data.storefiles import DataError, read_catalog, read_store_meta
 from common.data.validation import FileReport, check_transaction_chunk
 from common.learning import recommend
-from common.learning.local_layer import LocalLayer, adapt, member_histories
+from common.learning.local_layer import Histories, LocalLayer, adapt, member_histories
 from common.learning.model import ModelConfig, Recommender
 from common.learning.weights import ModelFileError
 
@@ -233,7 +233,7 @@ class StoreServing:
         """((layer, meta) for the model of ``model_hash``, None) — read from the state directory,
         else (``fit``) fitted here on the store's data and kept there; (None, why) otherwise."""
         found = layer_store.read_layer(self.state_dir, model_hash)
-        if found is not None:
+        if found is not None and self._usable(found[0]):
             return found, None
         if not fit:
             return None, None
@@ -250,6 +250,17 @@ class StoreServing:
             meta = {"model_hash": model_hash, "fitted_by": "serve", "fitted_on": int(layer.fitted_on)}
             return (layer, meta), f"the layer is used but could not be kept: {exc}"
         return (layer, meta), None
+
+    def _usable(self, layer: LocalLayer) -> bool:
+        """Whether a kept layer scores this catalog (one member without history): a file that
+        does not fit it (another catalog, a damaged field) is fitted again, never served."""
+        n = self.items.n_items
+        empty = Histories([np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)], self.now_day)
+        try:
+            out = np.asarray(layer.scores(np.zeros((1, n), np.float32), empty))
+        except (ValueError, IndexError, RuntimeError, TypeError):
+            return False
+        return out.shape == (1, n) and bool(np.isfinite(out).all())
 
     def _served_all(self, bundle: Bundle) -> np.ndarray:
         """The layer's scores of every catalog item for every consenting member, [members, n_items]."""

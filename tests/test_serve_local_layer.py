@@ -112,8 +112,12 @@ def test_serving_ranks_as_the_evaluation_scores_the_served_model(fitted, small_c
         assert set(answer) >= set(map(str, data.member_ids))
         np.testing.assert_allclose([answer[str(m)] for m in data.member_ids], audience[:, item], atol=5e-4)
 
+    # A kept layer that does not fit this catalog (here: one item short) is not served.
+    short = ll.LocalLayer(layer.weights, layer.item_bias[:-1], layer.store_pop[:-1], None, layer.tau_days, 5)
+    layer_store.keep_layer(store / "state", short, info["hash"], "delivery")
+    assert not serving._usable(short) and serving._usable(layer)
+
     # No layer for this model and none can be fitted: the global model alone, and it says so.
-    (store / "state" / layer_store.LAYER_FILE).unlink()
 
     def cannot(*_a, **_k):
         raise ValueError("too few baskets to fit")
