@@ -118,6 +118,9 @@ def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_
     evaluated = handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE, 2), ctx,
                                 RunConfig.from_mapping(ctx.run_config))
     assert len(store_layer._CACHE) == 1  # the store now holds a fitted layer
+    from client.layer_store import keep_layer  # ... in its process, and as the file serving reads
+
+    keep_layer(tmp_path / "c", next(iter(store_layer._CACHE.values()))[1], "f" * 64, "delivery")
     with_layer = train("c")
     a = without.content["arrays"].to_torch_state_dict()
     b = with_layer.content["arrays"].to_torch_state_dict()
