@@ -224,7 +224,8 @@ def run_sim(config: dict, workers: int, ray_address: str | None = None) -> dict:
 
 def dispatch_ms(tasks: list[tuple]) -> dict:
     """Per message type, medians in ms over the run's store tasks: ``submit``, the driver's
-    time to hand a task to Ray (serializing it under the GIL the ServerApp shares); ``idle``,
+    time to hand a task to Ray (serializing it under the GIL the ServerApp shares), wall and
+    (``submit_cpu``) the submitting thread's CPU time, less sensitive to a loaded machine; ``idle``,
     an actor's wait between the end of its previous task and the start of this one (NaN
     when tasks go as Flower sends them, whose actor does not time itself); ``run``, the task
     itself at the actor; ``by_reference``, the share of tasks whose model went by reference."""
@@ -236,7 +237,8 @@ def dispatch_ms(tasks: list[tuple]) -> dict:
         def median(values: list[float]) -> float | None:
             return round(float(np.median(values)) * 1000, 2) if values else None
 
-        out[kind] = {"tasks": len(rows), "submit": median([t[1] for t in rows]), "idle": median(idle),
+        out[kind] = {"tasks": len(rows), "submit": median([t[1] for t in rows]),
+                     "submit_cpu": median([t[5] for t in rows]), "idle": median(idle),
                      "run": median([t[3] for t in rows if np.isfinite(t[3])]),
                      "by_reference": round(sum(bool(t[4]) for t in rows) / len(rows), 3)}
     return out

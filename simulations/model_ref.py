@@ -59,10 +59,11 @@ class Outbox:
 
     def __init__(self, put: Callable[[Any], Any] | None = None) -> None:
         self.put = put  # default: ray.put
-        self.puts = 0  # global models put so far (one per round and phase)
+        self.puts = 0  # distinct global models put so far
         # identity of the arrays' byte buffers -> (digest, ObjectRef, the buffers, kept alive
         # so that their ids are not reused while they key this table)
         self._sent: dict[tuple[int, ...], tuple[str, Any, list[bytes]]] = {}
+        self._refs: dict[str, Any] = {}  # digest -> ObjectRef
 
     def light(self, message: Message) -> tuple[Message, list[Any]]:
         """``message`` with its global arrays replaced by a reference, and the reference's
@@ -79,16 +80,21 @@ class Outbox:
         sent = self._sent.get(key)
         if sent is None:
             # The strategy gives every store of a round the same ArrayRecord, so this runs
-            # once per round; a copy of the same arrays hashes again and still goes once per task.
-            if self.put is None:
-                import ray
+            # once per round; a copy of arrays already put (the final delivery builds one per
+            # store) is hashed and goes by the reference already made.
+            digest = arrays_digest(record)
+            ref = self._refs.get(digest)
+            if ref is None:
+                if self.put is None:
+                    import ray
 
-                self.put = ray.put
-            sent = (arrays_digest(record), self.put(record), buffers)
-            self.puts += 1
-            self._sent[key] = sent
-            while len(self._sent) > KEEP:
-                self._sent.pop(next(iter(self._sent)))
+                    self.put = ray.put
+                ref = self._refs[digest] = self.put(record)
+                self.puts += 1
+            sent = self._sent[key] = (digest, ref, buffers)
+            for table in (self._sent, self._refs):
+                while len(table) > KEEP:
+                    table.pop(next(iter(table)))
         ref = ConfigRecord({"sha256": sent[0]})
         return _with_content(message, _swap(content, wire.TRAIN_ARRAYS, wire.MODEL_REF, ref)), [sent[1]]
 

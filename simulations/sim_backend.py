@@ -46,8 +46,8 @@ FATAL: list[str] = []
 # (message type, round, submitted at, replied at) per task, perf_counter seconds
 TIMES: list[tuple[str, str, float, float]] = []
 # (message type, driver's submit s, the actor's idle s before the task, the actor's run s,
-# whether the message went with a model reference) per task
-DISPATCH: list[tuple[str, float, float, float, bool]] = []
+# whether the message went with a model reference, the driver thread's CPU s to submit) per task
+DISPATCH: list[tuple[str, float, float, float, bool, float]] = []
 OUTBOX: list[Outbox] = []  # the run's outbox (how many global models it put)
 _LOCK = threading.Lock()
 
@@ -194,19 +194,19 @@ class SimBackend(RayBackend):
             raise RuntimeError(FATAL[0] if FATAL else "simulation aborted")
         partition = int(context.node_config[PARTITION_ID_KEY])
         index = self._take(partition)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         idle = run = float("nan")
         model: list = []
         try:
             if self.app_ref is None:
                 ref = self.actors[index].run.remote(self.app_fn, message, str(partition), context)
-                submitted = time.perf_counter()
+                submitted, submit_cpu = time.perf_counter(), time.thread_time() - cpu
                 _, reply, updated = ray.get(ref)
             else:
                 with self.outbox_lock:
                     light, model = self.outbox.light(message)
                 ref = self.actors[index].run_store.remote([self.app_ref], light, str(partition), context, model)
-                submitted = time.perf_counter()
+                submitted, submit_cpu = time.perf_counter(), time.thread_time() - cpu
                 _, reply, updated, idle, run = ray.get(ref)
         except Exception as exc:
             fatal = fault_message(exc)
@@ -216,7 +216,7 @@ class SimBackend(RayBackend):
         finally:
             self._give_back(index)
         TIMES.append((message.metadata.message_type, _round(message), started, time.perf_counter()))
-        DISPATCH.append((message.metadata.message_type, submitted - started, idle, run, bool(model)))
+        DISPATCH.append((message.metadata.message_type, submitted - started, idle, run, bool(model), submit_cpu))
         return reply, updated
 
     def terminate(self) -> None:

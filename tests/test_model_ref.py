@@ -69,7 +69,10 @@ def test_a_rounds_model_is_put_once_fetched_once_per_worker_and_given_back_exact
         got = message.content["arrays"].to_numpy_ndarrays()
         for a, b in zip(got, arrays.to_numpy_ndarrays()):
             np.testing.assert_array_equal(a, b)
-    # The next round's model is a new object: put once more.
+    # A copy of the same arrays (as the final delivery makes per store) goes by the same reference.
+    again, refs = outbox.light(_message(_arrays(0), node_id=9))
+    assert outbox.puts == 1 and refs == [0] and again.content[wire.MODEL_REF]["sha256"] == light.content[wire.MODEL_REF]["sha256"]
+    # The next round's model: put once more.
     outbox.light(_message(_arrays(1), node_id=0, server_round=3))
     assert outbox.puts == 2
 
