@@ -370,6 +370,8 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     (client.run_authorization), must not train, and must not take its daemon down either:
     it replies with the reason (wire.REFUSE_CODE), which the server logs with the store's
     name, and it says the same in its own log. Other errors stay Flower's errors.
+    A message that names a global model (``wire.MODEL_REF``) instead of carrying it is
+    refused before anything is read: only a simulation's worker resolves such a name.
     """
     if msg.has_content() and wire.MODEL_REF in msg.content:
         # Only a simulation's worker resolves such a reference, before the ClientApp runs
