@@ -45,8 +45,22 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 torch.set_num_threads(1)  # simulation runs one store per core; a store daemon may raise it
 
 
+# One model object per process for the last catalog and shape: each task loads the
+# message's weights into it in place instead of building (and randomly initialising) a
+# new one. Training seeds torch itself and every non-persistent buffer is refreshed before
+# use, so results are bit-identical to a fresh model (tests/test_model_ref.py).
+_MODEL: dict[tuple, Recommender] = {}
+
+
 def _model(node: StoreNode, cfg: RunConfig, msg: Message) -> Recommender:
-    model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    items, mcfg = node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"]))
+    # What shapes the model: its config, the catalog's size and each item's category and brand.
+    key = (mcfg, items.n_items, items.n_categories, items.n_brands,
+           zlib.crc32(np.ascontiguousarray(items.category).tobytes()), zlib.crc32(np.ascontiguousarray(items.brand).tobytes()))
+    model = _MODEL.get(key)
+    if model is None:
+        _MODEL.clear()
+        model = _MODEL[key] = Recommender(items, mcfg)
     model.load_state_dict(msg.content[wire.TRAIN_ARRAYS].to_torch_state_dict())
     return model
 
@@ -359,7 +373,17 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     (client.run_authorization), must not train, and must not take its daemon down either:
     it replies with the reason (wire.REFUSE_CODE), which the server logs with the store's
     name, and it says the same in its own log. Other errors stay Flower's errors.
+    A message that names a global model (``wire.MODEL_REF``) instead of carrying it is
+    refused before anything is read: only a simulation's worker resolves such a name.
     """
+    if msg.has_content() and wire.MODEL_REF in msg.content:
+        # Only a simulation's worker resolves such a reference, before the ClientApp runs
+        # (simulations.model_ref): a store reads no model from a location a message names.
+        store = store_label(context.node_config)
+        reason = (f"the message names a global model ({wire.MODEL_REF}) instead of carrying its arrays; "
+                  "a store takes a model only inside the message, and nothing was read")
+        print(f"storefed: store {store} refuses {msg.metadata.message_type}: {reason}", file=sys.stderr, flush=True)
+        return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, reason)), reply_to=msg)
     try:
         return handler()
     except (DataError, LedgerError, PolicyError, ConfigError, RunNotAuthorized) as exc:

@@ -215,10 +215,33 @@ def run_sim(config: dict, workers: int, ray_address: str | None = None) -> dict:
         if str(group).isdigit():
             by_round[int(group)] = max(by_round.get(int(group), 0.0), end)
     first = min((t[2] for t in sim_backend.TIMES), default=LAST.get("ray_up", started))
-    return {"seconds": done - started, "ndcg@10": [r["ndcg@10"] for r in results["per_round"]],
+    return {"seconds": done - started, "dispatch_ms": dispatch_ms(sim_backend.DISPATCH),
+            "models_put": sim_backend.OUTBOX[0].puts if sim_backend.OUTBOX else None, "ndcg@10": [r["ndcg@10"] for r in results["per_round"]],
             "bytes_per_store_round": int(np.mean(per_store)) if per_store else 0,
             "ray_start_s": LAST["ray_up"] - LAST["started"], "ray_stop_s": LAST["stopped"] - LAST["run_done"],
             **phases(started, first, [by_round[r] for r in sorted(by_round)], done)}
+
+
+def dispatch_ms(tasks: list[tuple]) -> dict:
+    """Per message type, medians in ms over the run's store tasks: ``submit``, the driver's
+    time to hand a task to Ray (serializing it under the GIL the ServerApp shares), wall and
+    (``submit_cpu``) the submitting thread's CPU time, less sensitive to a loaded machine; ``idle``,
+    an actor's wait between the end of its previous task and the start of this one (NaN
+    when tasks go as Flower sends them, whose actor does not time itself); ``run``, the task
+    itself at the actor; ``by_reference``, the share of tasks whose model went by reference."""
+    out = {}
+    for kind in sorted({t[0] for t in tasks}):
+        rows = [t for t in tasks if t[0] == kind]
+        idle = [t[2] for t in rows[1:] if np.isfinite(t[2])]  # an actor's first task has no predecessor
+
+        def median(values: list[float]) -> float | None:
+            return round(float(np.median(values)) * 1000, 2) if values else None
+
+        out[kind] = {"tasks": len(rows), "submit": median([t[1] for t in rows]),
+                     "submit_cpu": median([t[5] for t in rows]), "idle": median(idle),
+                     "run": median([t[3] for t in rows if np.isfinite(t[3])]),
+                     "by_reference": round(sum(bool(t[4]) for t in rows) / len(rows), 3)}
+    return out
 
 
 def steady_overhead(sim_rounds: list[float], plain_rounds: list[float]) -> float | None:
@@ -291,12 +314,15 @@ def measured(call: str, env: dict | None = None) -> dict:
 
 def bench_sim(stores_list: list[int], rounds: int = 3, members: int = MEMBERS_PER_STORE, workers: int = 0,
               quick: bool = False, extra: dict | None = None, sizes: tuple[str, ...] = ("small",),
-              ray_address: str | None = None) -> dict:
+              ray_address: str | None = None, memory_stores: int = 0) -> dict:
     """The `storefed bench sim --json` object: one case per store size and chain size.
 
     ``sizes``: "small" (``members`` a store, the benchmark's chain) and/or "default" (the
     store size of the default generated chain). ``ray_address``: the simulation attaches to
-    that running Ray instead of starting one (start-up then excludes Ray's)."""
+    that running Ray instead of starting one (start-up then excludes Ray's).
+    ``memory_stores``: also a simulation alone of that many small stores for one round, for
+    its peak memory against :data:`MEMORY_LIMIT_MB` (``memory_check``; skipped when 0 or
+    when a case of that many stores or more already ran)."""
     from common.data.synth import MEMBERS_PER_STORE as DEFAULT_MEMBERS
 
     if quick:
@@ -309,7 +335,10 @@ def bench_sim(stores_list: list[int], rounds: int = 3, members: int = MEMBERS_PE
         for stores in stores_list:
             chain = chain_for(stores, size_members, default=size == "default")
             cases.append(_case(stores, rounds, size, size_members, chain, workers, extra, ray_address))
-    return {"cases": cases, "rounds": rounds, "members_per_store": members, "workers": workers,
+    check = None
+    if memory_stores > 0 and not quick and not any(c["stores"] >= memory_stores for c in cases):
+        check = memory_check(memory_stores, members, workers, extra, ray_address)
+    return {"cases": cases, "memory_check": check, "rounds": rounds, "members_per_store": members, "workers": workers,
             "quick": quick, "ray": "attached" if ray_address else "cold",
             "targets": {"overhead": TARGET_OVERHEAD, "from_stores": TARGET_FROM_STORES,
                         "steady_overhead": TARGET_STEADY_OVERHEAD, "memory_ratio": TARGET_MEMORY_RATIO,
@@ -342,9 +371,24 @@ def _case(stores: int, rounds: int, size: str, members: int, chain: Path, worker
         # other jobs on a shared machine.
         "sim_cpu_s": round(sim["cpu_s"], 1), "plain_cpu_s": round(plain["cpu_s"], 1),
         "cpu_overhead": round(sim["cpu_s"] / plain["cpu_s"] - 1, 3) if plain["cpu_s"] > 0 else None,
+        # Where a store task's time goes (ms, medians; see dispatch_ms) and how many global
+        # models crossed to the workers.
+        "dispatch_ms": sim["dispatch_ms"], "models_put": sim["models_put"],
         "ndcg@10": sim["ndcg@10"][-1] if sim["ndcg@10"] else None,
         "plain_ndcg@10": plain["ndcg@10"][-1] if plain["ndcg@10"] else None,
     }
+
+
+def memory_check(stores: int, members: int, workers: int, extra: dict | None, ray_address: str | None) -> dict:
+    """Peak memory of a simulation of ``stores`` small stores, one round (every store's data
+    prepared, trained and evaluated once), against :data:`MEMORY_LIMIT_MB`; no plain run."""
+    chain = chain_for(stores, members)
+    with tempfile.TemporaryDirectory(prefix="storefed-bench-sim-") as tmp:
+        cfg = run_config(stores, 1, chain, Path(tmp) / "sim", extra)
+        sim = measured(f"run_sim({cfg!r}, {workers}, {ray_address!r})", {"STOREFED_PREPARED_DIR": f"{tmp}/prep-sim"})
+    return {"stores": stores, "rounds": 1, "members_per_store": members, "sim_s": round(sim["seconds"], 2),
+            "peak_rss_mb": round(sim["peak_mb"], 1), "memory_limit_mb": MEMORY_LIMIT_MB,
+            "fits": sim["peak_mb"] < MEMORY_LIMIT_MB, "sim_cpu_s": round(sim["cpu_s"], 1)}
 
 
 def verdicts(result: dict) -> list[str]:
@@ -381,4 +425,8 @@ def verdicts(result: dict) -> list[str]:
             ok = c["peak_rss_mb"] < t.get("memory_limit_mb", 24 * 1024)
             lines.append(f"{'PASS' if ok else 'FAIL'}: {c['stores']} stores ran, peak {c['peak_rss_mb'] / 1024:.2f} GiB "
                          f"(target: fits 24 GiB)")
+    check = result.get("memory_check")
+    if check:
+        lines.append(f"{'PASS' if check['fits'] else 'FAIL'}: {check['stores']} stores ran (1 round), peak "
+                     f"{check['peak_rss_mb'] / 1024:.2f} GiB (target: fits {check['memory_limit_mb'] / 1024:.0f} GiB)")
     return lines

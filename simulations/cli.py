@@ -326,7 +326,7 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
     if not sizes or any(x not in ("small", "default") for x in sizes):
         raise ConfigError(f"--sizes {args.sizes!r}: use small, default or small,default")
     result = bench_sim(stores, rounds=args.rounds, members=args.members, workers=args.workers, quick=args.quick,
-                       extra=extra, sizes=sizes, ray_address=args.ray_address)
+                       extra=extra, sizes=sizes, ray_address=args.ray_address, memory_stores=args.memory_stores)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -598,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="store sizes: small (--members a store) and/or default (the default chain's)")
     bsim.add_argument("--ray-address", help="the simulation attaches to this running Ray (`ray start --head`) "
                       "instead of starting its own; start-up then excludes Ray's")
+    bsim.add_argument("--memory-stores", type=int, default=500,
+                      help="also run this many small stores for 1 round, simulation only, for its peak memory "
+                      "against 24 GiB (0: skip; skipped when --stores already has a case that large)")
     bsim.add_argument("--quick", action="store_true", help="2 small stores, 1 round, 1 worker (a smoke test)")
     bsim.add_argument("--json", action="store_true")
     bsim.set_defaults(func=_cmd_bench_sim)

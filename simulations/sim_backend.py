@@ -13,21 +13,31 @@ Faults that are not the ClientApp's own (an actor that died, a worker that canno
 the app) are fatal: the first one is kept in :data:`FATAL`, :data:`ABORT` is set, and the
 patched grid (see :mod:`simulations.flower_patches`) ends the ServerApp's wait with it.
 
-Driver-side timings of every task are kept in :data:`TIMES` for ``storefed bench sim``.
+The round's global model crosses to the workers once per round, not once per store
+(:mod:`simulations.model_ref`), and the ClientApp once per actor: each actor
+(:class:`StoreActor`) keeps both. With ``STOREFED_SIM_INLINE=1`` every task carries them
+as Flower's backend sends them (for measuring the difference).
+
+Driver-side timings of every task are kept in :data:`TIMES`, and where the time of each
+task goes in :data:`DISPATCH`, for ``storefed bench sim``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
 
 import ray
 from flwr.app import Context, Message
-from flwr.clientapp.client_app import ClientAppException
+from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from flwr.common.constant import PARTITION_ID_KEY
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-from flwr.simulation.ray_transport.ray_actor import ClientAppActor, pool_size_from_resources
+from flwr.simulation.ray_transport.ray_actor import (ClientAppActor, VirtualClientEngineActor,
+                                                     pool_size_from_resources)
+
+from simulations.model_ref import Inbox, Outbox
 
 DEPTH = 2  # tasks in flight per actor: one running, one waiting at the actor
 
@@ -35,6 +45,10 @@ ABORT = threading.Event()
 FATAL: list[str] = []
 # (message type, round, submitted at, replied at) per task, perf_counter seconds
 TIMES: list[tuple[str, str, float, float]] = []
+# (message type, driver's submit s, the actor's idle s before the task, the actor's run s,
+# whether the message went with a model reference, the driver thread's CPU s to submit) per task
+DISPATCH: list[tuple[str, float, float, float, bool, float]] = []
+OUTBOX: list[Outbox] = []  # the run's outbox (how many global models it put)
 _LOCK = threading.Lock()
 
 
@@ -43,6 +57,13 @@ def reset() -> None:
     ABORT.clear()
     FATAL.clear()
     TIMES.clear()
+    DISPATCH.clear()
+    OUTBOX.clear()
+
+
+def inline() -> bool:
+    """Whether tasks carry the ClientApp and the model each time, as Flower's backend sends them."""
+    return os.environ.get("STOREFED_SIM_INLINE", "") == "1"
 
 
 def fail(message: str) -> None:
@@ -80,6 +101,43 @@ def _round(message: Message) -> str:
         return message.metadata.group_id
 
 
+@ray.remote
+class StoreActor(VirtualClientEngineActor):
+    """A Ray actor that runs store tasks: Flower's ClientAppActor, but the ClientApp is loaded
+    once per actor (from one object in Ray's store) and a message's global model is
+    fetched once per round (:class:`simulations.model_ref.Inbox`)."""
+
+    def __init__(self, on_actor_init_fn: Any = None) -> None:
+        super().__init__()
+        if on_actor_init_fn:
+            on_actor_init_fn()
+        self.app: Any = None
+        self.inbox = Inbox()
+        self.last_end: float | None = None
+
+    def run_store(self, app_ref: list, message: Message, cid: str, context: Context,
+                  model_ref: list) -> tuple[str, Message, Context, float, float]:
+        """As ``ClientAppActor.run``: the reply and context of ``message``; then this actor's
+        idle seconds before the task and its seconds in it. ``app_ref``/``model_ref``: the
+        ClientApp's factory and the model, as one-element lists of Ray references (nested,
+        so that Ray passes them unresolved and they are fetched only when not held here)."""
+        started = time.perf_counter()
+        idle = 0.0 if self.last_end is None else started - self.last_end
+        try:
+            message = self.inbox.resolve(message, model_ref)  # ModelRefError: the run's fault, not the store's
+            try:
+                if self.app is None:
+                    self.app = ray.get(app_ref[0])()
+                reply = self.app(message=message, context=context)
+            except LoadClientAppError:
+                raise
+            except Exception as exc:  # as Flower's actor: the app's own error
+                raise ClientAppException(str(exc)) from exc
+        finally:
+            self.last_end = time.perf_counter()
+        return cid, reply, context, idle, self.last_end - started
+
+
 class SimBackend(RayBackend):
     """Flower's Ray backend with ``DEPTH`` tasks in flight per actor and sticky stores."""
 
@@ -92,8 +150,13 @@ class SimBackend(RayBackend):
         """Create one actor per ``client_resources`` that fit the cluster."""
         self.app_fn = app_fn
         count = pool_size_from_resources(self.client_resources)
-        self.actors = [ClientAppActor.options(**self.client_resources).remote(**self.actor_kwargs)
+        actor_class = ClientAppActor if inline() else StoreActor
+        self.actors = [actor_class.options(**self.client_resources).remote(**self.actor_kwargs)
                        for _ in range(count)]
+        self.app_ref = None if inline() else ray.put(app_fn)
+        self.outbox = Outbox()
+        OUTBOX[:] = [self.outbox]
+        self.outbox_lock = threading.Lock()
         self.inflight = [0] * count
         self.home: dict[int, int] = {}
         self.room = threading.Condition()
@@ -131,10 +194,20 @@ class SimBackend(RayBackend):
             raise RuntimeError(FATAL[0] if FATAL else "simulation aborted")
         partition = int(context.node_config[PARTITION_ID_KEY])
         index = self._take(partition)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
+        idle = run = float("nan")
+        model: list = []
         try:
-            ref = self.actors[index].run.remote(self.app_fn, message, str(partition), context)
-            _, reply, updated = ray.get(ref)
+            if self.app_ref is None:
+                ref = self.actors[index].run.remote(self.app_fn, message, str(partition), context)
+                submitted, submit_cpu = time.perf_counter(), time.thread_time() - cpu
+                _, reply, updated = ray.get(ref)
+            else:
+                with self.outbox_lock:
+                    light, model = self.outbox.light(message)
+                ref = self.actors[index].run_store.remote([self.app_ref], light, str(partition), context, model)
+                submitted, submit_cpu = time.perf_counter(), time.thread_time() - cpu
+                _, reply, updated, idle, run = ray.get(ref)
         except Exception as exc:
             fatal = fault_message(exc)
             if fatal is not None:
@@ -143,6 +216,7 @@ class SimBackend(RayBackend):
         finally:
             self._give_back(index)
         TIMES.append((message.metadata.message_type, _round(message), started, time.perf_counter()))
+        DISPATCH.append((message.metadata.message_type, submitted - started, idle, run, bool(model), submit_cpu))
         return reply, updated
 
     def terminate(self) -> None:

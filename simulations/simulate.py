@@ -108,8 +108,17 @@ def start_ray(init_args: Mapping[str, Any]) -> None:
             os._exit(1)
 
     threading.Thread(target=watchdog, daemon=True, name="storefed-ray-watchdog").start()
+    before = set(descendants(os.getpid()))
     try:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **dict(init_args))
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **dict(init_args))
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py:411); on an
+            # overloaded machine that is too short once in a while: one more try, from scratch.
+            if address or "timed out during startup" not in str(exc):
+                raise
+            stop_ray(before)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **dict(init_args))
     except Exception as exc:
         if address:
             raise SimulationError(f"could not attach to the Ray cluster at {address} ({exc}); check it with "

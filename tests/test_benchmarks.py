@@ -44,6 +44,20 @@ def test_bench_sim_phases_and_steady_overhead_by_hand():
     assert steady_overhead([3.0], [2.0]) is None
 
 
+def test_bench_sim_dispatch_medians_by_hand():
+    from simulations.bench_sim import dispatch_ms
+
+    nan = float("nan")
+    tasks = [("train", 0.001, nan, 0.5, True, 0.0005), ("train", 0.003, 0.002, 0.7, True, 0.0001),
+             ("train", 0.002, 0.004, 0.6, False, 0.003), ("evaluate", 0.010, nan, nan, False, 0.004)]
+    got = dispatch_ms(tasks)
+    # train: submit median of 1, 3, 2 ms (CPU 0.5, 0.1, 3 ms); idle of the 2nd and 3rd tasks (2, 4 ms); run 0.6 s
+    assert got["train"] == {"tasks": 3, "submit": 2.0, "submit_cpu": 0.5, "idle": 3.0, "run": 600.0,
+                            "by_reference": 0.667}
+    assert got["evaluate"] == {"tasks": 1, "submit": 10.0, "submit_cpu": 4.0, "idle": None, "run": None,
+                               "by_reference": 0.0}
+
+
 def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("STOREFED_CACHE", str(tmp_path))
     assert main(["bench", "sim", "--quick", "--json"]) == 0
@@ -55,6 +69,13 @@ def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     # One round: no steady state to compare; the phases add up to the run's wall time.
     assert case["steady_overhead"] is None and len(case["round_s"]) == 1
     assert 0 < case["startup_s"] < case["sim_s"]
+    # Both stores' train and evaluate tasks took the round's model by reference.
+    dispatch = case["dispatch_ms"]
+    assert dispatch["train"]["tasks"] == dispatch["evaluate"]["tasks"] == 2
+    assert dispatch["train"]["by_reference"] == dispatch["evaluate"]["by_reference"] == 1.0
+    # Two distinct global models (the initial one, round 1's aggregate), put once each.
+    assert case["models_put"] == 2
+    assert result["memory_check"] is None  # --quick: no 500-store run
     assert abs(case["startup_s"] + sum(case["round_s"]) + case["shutdown_s"] - case["sim_s"]) < 0.05
     # A float32 reply holds every parameter: at least 4 bytes each of the generated catalog's model.
     from common.data.dataset import ItemIndex

@@ -30,6 +30,17 @@ def test_three_stores_two_rounds_complete(run):
     assert (base / "out" / "model.pt").exists()
 
 
+def test_the_global_model_went_to_the_workers_once_per_round_not_once_per_store(run):
+    from simulations import sim_backend
+
+    tasks = [d for d in sim_backend.DISPATCH if d[0] in ("train", "evaluate")]
+    assert len(tasks) == 3 * 2 * 2 and all(d[4] for d in tasks)  # every task's model went by reference
+    # One put per distinct global model: the initial one and each round's aggregate (which
+    # round 2's training, round 1's evaluation… and the final delivery share), not one per store.
+    assert sim_backend.OUTBOX[0].puts == 1 + 2
+    assert sum(1 for d in sim_backend.DISPATCH if d[4]) == 3 * (2 + 2 + 1)  # train, evaluate ×2, delivery
+
+
 def test_epsilon_is_finite_positive_and_grows_with_rounds(run):
     results, _ = run
     assert set(results["privacy"]) == {"S001", "S002", "S003"}

@@ -30,6 +30,13 @@ TRAIN_CONFIG = ("store-id", "accountant")
 MODEL_MESSAGE = "query.model"
 MODEL_ACK_CONFIG = ("store-id", "model-hash")
 
+# Server → store, SIMULATION ONLY: in place of TRAIN_ARRAYS, {"sha256": digest} of the round's
+# global model, which the simulation's worker fetches once per round from Ray's object store
+# and puts back before the ClientApp sees the message (simulations.model_ref). Not a value a
+# store sends; a deployed store never reads a model from a location a message names: its
+# ClientApp refuses a message carrying this (REFUSE_CODE) and reads nothing.
+MODEL_REF = "model-ref"
+
 BASELINES = ("store_pop", "p_topfreq")
 # Audience ("goods find people"): mean ROC-AUC and recall@100 of ranking the store's members
 # for its best sellers, by the model and by member popularity. Aggregates only, never lists.
