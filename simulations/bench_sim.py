@@ -70,6 +70,10 @@ def run_config(stores: int, rounds: int, chain: Path, work: Path, extra: dict | 
             "state-dir": str(work / "state"), "noise-multiplier": SIGMA, "node-wait-s": 600.0,
             # Time, not privacy, is measured: no store may decline a round for its budget.
             "epsilon-budget": 1000.0,
+            # The same work on both sides: the plain loops evaluate the global model, so the
+            # simulation's stores do not fit their local layer (it would add a fit per store
+            # in the last round and report the served model's NDCG against the global one's).
+            "local-layer": False,
             **(extra or {})}
 
 
