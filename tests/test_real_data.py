@@ -99,3 +99,20 @@ def test_the_packaged_instacart_sample_imports_whole():
     assert [len(s.members) for s in result.chain.stores] and max(len(s.members) for s in result.chain.stores) < 200
     assert sum(len(s.members) for s in result.chain.stores) == raw["user_id"].nunique()
     assert tx.groupby("member_id")["ts"].max().str[:10].eq("2025-12-31").all()
+
+
+def test_bench_dataset_is_imported_once_into_the_cache(monkeypatch, tmp_path):
+    src = tmp_path / "sample.csv"
+    src.write_text(JOINED)
+    monkeypatch.setattr(real_data, "packaged_file", lambda package: src)
+    monkeypatch.setenv("STOREFED_CACHE", str(tmp_path / "cache"))
+    chain = real_data.dataset_chain("instacart")
+    assert [d.name for d in store_dirs(chain)] == ["S002", "S003", "S004"]  # imported members 1, 2, 5: crc32 % 4 = 3, 1, 2
+    assert (chain / "import_quarantine.csv").exists() and (chain / ".complete").exists()
+    stamp = (chain / "catalog.csv").stat().st_mtime_ns
+    assert real_data.dataset_chain("instacart") == chain and (chain / "catalog.csv").stat().st_mtime_ns == stamp
+
+
+def test_bench_quality_takes_a_directory_or_a_dataset_not_both(tmp_path, capsys):
+    assert main(["bench", "quality", "--data", str(tmp_path), "--dataset", "instacart"]) == 2
+    assert "give --data DIR or --dataset NAME, not both" in capsys.readouterr().err
