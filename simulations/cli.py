@@ -61,7 +61,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if args.stores < 1:
         raise DataError(f"--stores must be at least 1, got {args.stores}")
     if (args.src is None) == (args.from_package is None):
-        raise DataError("give either SRC (the source directory or file) or --from-package NAME, not both")
+        raise DataError("give exactly one of SRC (the source directory or file) and --from-package NAME")
     if args.from_package is not None:
         src = real_data.packaged_file(args.from_package)
         if args.format != real_data.PACKAGED[args.from_package].format:
@@ -80,18 +80,22 @@ def _cmd_import(args: argparse.Namespace) -> int:
             raise DataError(f"{src}: source directory not found")
         ratings = real_data.read_source(src, "ratings")
         chain = importers.from_movielens(ratings, real_data.read_source(src, "movies"), args.stores)
-        result = importers.Imported.clean(chain, len(ratings))
+        result = importers.Imported.clean(chain, len(ratings))  # rows_read: ratings read, not lines
     out = Path(args.out)
     real_data.write_import(result, out)
     summary = chain_summary(result.chain)
     reasons = result.reasons()
     if args.json:
-        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary,
-                          "rows_read": result.rows_read, "quarantined": reasons}))
+        # rows_read = lines + quarantined lines for instacart; movielens rejects a bad file whole
+        # and merges a member's repeated rating of a movie on one day, so it has no such account.
+        account = {"rows_read": result.rows_read, "quarantined": reasons} if args.format == "instacart" else {}
+        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary, **account}))
     else:
         print(f"wrote {args.out} from {args.format} data: {summary['stores']} stores, {summary['members']} members, "
               f"{summary['receipts']} baskets, {summary['lines']} lines, {summary['skus']} items, "
               f"{summary['first_day']} to {summary['last_day']} (consent_training = true: public research data)")
+        if args.format != "instacart":
+            return 0
         print(f"read {result.rows_read} lines from {src}: {result.rows_read - sum(reasons.values())} imported, "
               f"{sum(reasons.values())} quarantined"
               + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())}; see {out / real_data.QUARANTINE_FILE})"

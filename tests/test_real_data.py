@@ -116,3 +116,15 @@ def test_bench_dataset_is_imported_once_into_the_cache(monkeypatch, tmp_path):
 def test_bench_quality_takes_a_directory_or_a_dataset_not_both(tmp_path, capsys):
     assert main(["bench", "quality", "--data", str(tmp_path), "--dataset", "instacart"]) == 2
     assert "give --data DIR or --dataset NAME, not both" in capsys.readouterr().err
+
+
+def test_the_report_says_when_every_store_is_small():
+    from pathlib import Path
+
+    from simulations.quality_report import markdown_report
+
+    results = json.loads((Path(__file__).parents[1] / "simulations/results/quality-instacart/results.json").read_text())
+    note = "All 4 stores of this chain are small (training members: 137, 145, 152, 157)"
+    assert note in markdown_report(results)
+    results["settings"]["store_sizes"] = [137, 145, 152, 250]
+    assert "stores of this chain are small" not in markdown_report(results)
