@@ -92,7 +92,10 @@ def read_source(src: Path, stem: str, optional: bool = False, lines: bool = Fals
 def import_instacart(src: Path, stores: int, end: date) -> importers.Imported:
     """Instacart from a directory of its tables or from one CSV file of the joined layout."""
     if src.is_file():
-        return importers.from_instacart_joined(read_csv(src, lines=True), None, None, stores, end)
+        table = read_csv(src)
+        importers.require(table, importers.INSTACART_LINE, str(src))  # names the file, before row/source exist
+        return importers.from_instacart_joined(table.assign(source=src.name, row=range(2, len(table) + 2)), None,
+                                               None, stores, end)
     if not src.is_dir():
         raise DataError(f"{src}: source not found; give the directory of the tables or the joined CSV file")
     return importers.from_instacart(read_source(src, "orders"), read_source(src, "order_products", lines=True),

@@ -128,3 +128,12 @@ def test_the_report_says_when_every_store_is_small():
     assert note in markdown_report(results)
     results["settings"]["store_sizes"] = [137, 145, 152, 250]
     assert "stores of this chain are small" not in markdown_report(results)
+
+
+def test_a_joined_file_without_the_order_columns_is_named(tmp_path, capsys):
+    src = tmp_path / "lines.csv"
+    src.write_text("order_id,product_id\n1,2\n")
+    assert main(["import", "--format", "instacart", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: missing column(s) user_id, order_number, order_hour_of_day, days_since_prior_order;" in err
+    assert "Traceback" not in err
