@@ -64,6 +64,7 @@ class BenchSettings:
     seed: int = 0
     quick: bool = False
     data: Path | None = None  # a chain directory; None: the generated default chain
+    dataset: str | None = None  # the real public data set ``data`` was imported from (simulations.real_data)
 
     def run_config(self, stores: int) -> RunConfig:
         sizes = QUICK if self.quick else FULL
@@ -319,7 +320,9 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
         "accountant": str(cfg["accountant"]), "central_epochs": central_info["epochs"],
         "central_lr": central_info["lr"], "dp_optimizer": str(cfg["dp-optimizer"]), "dp_lr": float(cfg["dp-lr"]),
         "test_days": int(cfg["test-days"]), "epsilons": list(qr.EPSILONS), "dim": int(cfg["dim"]),
-        "hidden": int(cfg["hidden"]),
+        "hidden": int(cfg["hidden"]), "dataset": settings.dataset,
+        "provenance": _provenance(settings.dataset),
+        "store_sizes": sorted(int(d.n_train_members) for d in stores),
     }
     results = {"settings": settings_out, "methods": methods, "targets": qr.evaluate_targets(methods),
                "elapsed_s": round(time.time() - started, 1)}
@@ -327,6 +330,16 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "report.md", qr.markdown_report(results))
     return results
+
+
+def _provenance(dataset: str | None) -> str | None:
+    """Where a real data set's lines come from (the README's licence line), or None."""
+    if dataset is None:
+        return None
+    from simulations.real_data import DATASETS, PACKAGED
+
+    spec = PACKAGED[DATASETS[dataset]]
+    return f"{spec.provenance}, version {spec.version}"
 
 
 def write_plots(results: dict, out: Path) -> None:

