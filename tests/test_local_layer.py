@@ -189,3 +189,16 @@ def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_
     assert m["ndcg@10"] == pytest.approx(evaluate_scores(layer.scores(global_scores, ll.test_histories(data)),
                                                          data)["ndcg@10"], abs=1e-9)
     assert m["ndcg@10"] != m["global_model.ndcg@10"]
+
+
+def test_reach_counts_buyers_not_units_and_scores_only_new_items():
+    h = ll.Histories([np.array([0, 1]), np.array([0]), np.array([0, 2])], [np.array([9.0, 1.0]), np.ones(1),
+                                                                           np.ones(2)],
+                     [np.zeros(2), np.zeros(1), np.zeros(2)], 1.0)
+    reach = ll.reach_feature(h, 4)
+    np.testing.assert_allclose(reach, np.log1p([3.0, 1.0, 1.0, 0.0]) - np.log(4.0))  # 9 units of item 0 count once
+    w = np.zeros(ll.N_FEATURES)
+    w[ll.FEATURES.index("reach")] = 2.0
+    layer = ll.LocalLayer(w, np.zeros(4), np.zeros(4), None, 30.0, side=ll.StoreSide(reach=reach))
+    got = layer.scores(np.zeros((1, 4)), ll.Histories([np.array([1])], [np.ones(1)], [np.zeros(1)], 1.0))
+    np.testing.assert_allclose(got[0], [2 * reach[0], 0.0, 2 * reach[2], 2 * reach[3]], rtol=1e-6)  # item 1: own

@@ -4,7 +4,7 @@ DP protects what leaves a store; what a store computes from its own data for its
 members, and keeps, needs none. The layer re-ranks the global model's log-probabilities
 with what only the store knows, as a small log-linear blend over the store's assortment:
 
-    s(m, i) = w_g·g + w_p·pop + b_i + [i ∉ H_m]·(w_k·knn + w_cat·cat + w_br·brand + w_e·ease)
+    s(m, i) = w_g·g + w_p·pop + b_i + [i ∉ H_m]·(w_k·knn + w_cat·cat + w_br·brand + w_e·ease + w_re·reach)
               + [i ∈ H_m]·(w_b + w_c·log1p(c) + w_r·r + w_gb·g + w_pb·pop + w_rr·rr)
 
 * ``g``: the global model's log-probability of item i in member m's next basket;
@@ -18,11 +18,12 @@ with what only the store knows, as a small log-linear blend over the store's ass
 * ``cat``, ``brand``: the member's affinity to the item's category / brand: log of their
   share of purchases in it, smoothed towards the store's share, over the store's share;
 * ``ease``: EASE (Steck 2019) on the store's member × item matrix (off by default);
+* ``reach``: log(1 + the store's members who bought i), popularity by buyers (off by default);
 * ``rr``: the member's repeat ratio (share of their history lines that rebought an item), a
   logit, on their own items: whether this member buys again or explores;
 * ``b``: optional per-item biases of this store (the "blend + biases" variant).
 
-The member-similarity terms (knn, cat, brand, ease) score only items the member has not
+The explore terms (knn, cat, brand, ease, reach) score only items the member has not
 bought: an own item is ranked by the own-history block alone, so the weights for "buy again"
 and for "explore" are fitted apart. ``pop`` may spread its pseudo-count by the global
 model's popularity (``pop_prior``), so an item the store never sold ranks as the chain's
@@ -49,10 +50,10 @@ from scipy import sparse
 from common.data.dataset import Examples, MemberLog, StoreData
 
 FEATURES = ("global", "store_pop", "item_knn", "bought", "log_count", "recency", "global_bought", "pop_bought",
-            "category", "brand", "ease", "repeat_ratio")
+            "category", "brand", "ease", "repeat_ratio", "reach")
 N_FEATURES = len(FEATURES)
 PRIOR = np.array([1.0] + [0.0] * (N_FEATURES - 1))  # the global model alone
-_DENSE = ("item_knn", "category", "brand", "ease")  # member × item features (the others are per item or sparse)
+_DENSE = ("item_knn", "category", "brand", "ease", "reach")  # member × item features (the others are per item or sparse)
 _FLOOR = -50.0  # log-probabilities below this (≈ 0) do not steer the fit
 
 
@@ -65,7 +66,7 @@ class LocalConfig:
     # own-history block) and repeat_ratio took explore from 0.0674 to 0.0804 and "all" from
     # 0.4150 to 0.4160; ease on top added +0.0015 explore, item_knn +0.0007: within noise,
     # for an item × item matrix per store and up to twice the fitting time; so they are off.
-    features: tuple[str, ...] = tuple(f for f in FEATURES if f not in ("item_knn", "ease"))
+    features: tuple[str, ...] = tuple(f for f in FEATURES if f not in ("item_knn", "ease", "reach"))
     item_biases: bool = False  # fit per-item biases too (the "blend + biases" variant)
     valid_days: int = 28  # the validation period: the last days of the training period
     tau_days: float = 30.0  # recency decay of the member's own purchases
@@ -87,6 +88,7 @@ class StoreSide:
     ease_items: np.ndarray | None = None  # the items EASE scores (rows/columns of ease)
     ease: np.ndarray | None = None  # [len(ease_items)]², zero diagonal
     groups: dict = field(default_factory=dict)  # "category"/"brand" → (item → group [n_items], group share [G])
+    reach: np.ndarray | None = None  # [n_items] log(1 + members who bought the item), minus its max
     group_pseudo: float = 5.0
     repeat_pseudo: float = 2.0
 
@@ -179,10 +181,21 @@ def store_side(histories: Histories, items, store_counts: np.ndarray, cfg: "Loca
         side.similarity = item_similarity(histories, items.n_items)
     if "ease" in cfg.features:
         side.ease_items, side.ease = ease_matrix(histories, items.n_items, cfg.ease_l2)
+    if "reach" in cfg.features:
+        side.reach = reach_feature(histories, items.n_items)
     for name, grp, n in (("category", items.category, items.n_categories), ("brand", items.brand, items.n_brands)):
         if name in cfg.features:
             side.groups[name] = (np.asarray(grp, dtype=np.int64), group_shares(grp, n, store_counts))
     return side
+
+
+def reach_feature(histories: Histories, n_items: int) -> np.ndarray:
+    """log(1 + the store's members who bought each item), shifted so the widest-bought scores 0:
+    popularity by buyers rather than units, which a few members' staples inflate."""
+    buyers = np.bincount(np.concatenate(histories.items or [np.empty(0, np.int64)]).astype(np.int64),
+                         minlength=n_items).astype(float)
+    f = np.log1p(buyers)
+    return f - f.max(initial=0.0)
 
 
 def _member_matrix(h: Histories, n_items: int, binary: bool) -> sparse.csr_matrix:
@@ -239,6 +252,7 @@ def _features(h: Histories, side: StoreSide, tau: float, n_items: int) -> dict:
                                   shape=(len(h), len(side.ease_items)))
             ease[:, side.ease_items] = x @ side.ease
     out["ease"] = torch.as_tensor(ease)
+    out["reach"] = torch.as_tensor(side.reach[None, :] if side.reach is not None else zero)
     # The member's repeat ratio: of the lines in their history, the share that rebought an
     # item (Σ receipts per item − distinct items) / Σ receipts, pulled to 1/2; as a logit.
     total = np.array([c.sum() for c in h.counts], dtype=float)
@@ -259,14 +273,16 @@ def _group_lift(h: Histories, groups: np.ndarray, share: np.ndarray, pseudo: flo
 
 def _blend(g: torch.Tensor, f: dict, pop: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     rows, items = f["rows"], f["items"]
-    s = w[0] * g + w[1] * pop + w[2] * f["knn"] + w[8] * f["category"] + w[9] * f["brand"] + w[10] * f["ease"] + bias
+    s = (w[0] * g + w[1] * pop + w[2] * f["knn"] + w[8] * f["category"] + w[9] * f["brand"] + w[10] * f["ease"]
+         + w[12] * f["reach"] + bias)
     own = (w[3] + w[4] * f["log_count"] + w[5] * f["recency"] + w[6] * g[rows, items] + w[7] * pop[items]
            + w[11] * f["repeat_ratio"])
-    # The member-similarity features rank what the member has not bought yet ("explore"); an
-    # item they did buy is ranked by the own-history block alone, so the two are fitted apart.
-    for k, dense in ((2, "knn"), (8, "category"), (9, "brand"), (10, "ease")):
-        if f[dense].shape[1] > 1:
-            own = own - w[k] * f[dense][rows, items]
+    # The "explore" terms rank what the member has not bought yet; an item they did buy is
+    # ranked by the own-history block alone, so the two are fitted apart.
+    for k, name in ((2, "knn"), (8, "category"), (9, "brand"), (10, "ease"), (12, "reach")):
+        x = f[name]
+        if x.shape[1] > 1:  # an active term ([N, I], or [1, I] for the same value for everyone)
+            own = own - w[k] * (x[rows, items] if x.shape[0] > 1 else x[0, items])
     return s.index_put((rows, items), own, accumulate=True)
 
 
