@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from common.data.dataset import Examples, MemberLog, StoreData
+from common.data.dataset import Examples, ItemIndex, MemberLog, StoreData
 
 FEATURES = ("global", "store_pop", "item_knn", "bought", "log_count", "recency", "global_bought", "pop_bought",
             "category", "brand", "ease", "repeat_ratio", "reach")
@@ -105,7 +105,7 @@ class Histories:
     def __len__(self) -> int:
         return len(self.items)
 
-    def subset(self, rows) -> "Histories":
+    def subset(self, rows) -> Histories:
         return Histories([self.items[n] for n in rows], [self.counts[n] for n in rows],
                          [self.last_day[n] for n in rows], self.at_day)
 
@@ -174,7 +174,7 @@ def group_shares(groups: np.ndarray, n_groups: int, store_counts: np.ndarray) ->
     return (c + 1.0) / (c.sum() + n_groups)
 
 
-def store_side(histories: Histories, items, store_counts: np.ndarray, cfg: "LocalConfig") -> StoreSide:
+def store_side(histories: Histories, items: ItemIndex, store_counts: np.ndarray, cfg: LocalConfig) -> StoreSide:
     """The :class:`StoreSide` of the active features, from ``histories`` (the store's members)."""
     side = StoreSide(group_pseudo=cfg.group_pseudo, repeat_pseudo=cfg.repeat_pseudo)
     if "item_knn" in cfg.features:
