@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger, local_layer
+from client import layer_store, ledger, local_layer
 from client.model_store import keep_model, read_info
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
@@ -319,6 +319,9 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise ValueError(f"store {node.store_id} refuses the final model: {exc}") from None
     if weights_digest(weights) != claimed:
         raise ValueError(f"store {node.store_id} refuses the final model: its hash differs from the one announced")
+    if bool(cfg["local-layer"]):  # kept before the model, so that serving finds both at once
+        layer_store.keep_for_delivery(state_dir(node, context.node_config, cfg), claimed,
+                                      lambda: local_layer.layer_for(str(node.store_dir), _model(node, cfg, msg), node.data))
     info = keep_model(state_dir(node, context.node_config, cfg), weights, run_id=str(conf.get("run-id", "")),
                       server_round=_server_round(msg),  # range-checked by the policy (≥ 0)
                       epsilon=_spent_epsilon(node, context, cfg), final=True)

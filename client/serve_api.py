@@ -86,7 +86,9 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0) -> FastAPI:
 
     @app.get("/v1/health")
     async def health():
-        return _Json({"status": "ok", "model": serving.model_info()})
+        layer = serving.layer_info()
+        return _Json({"status": "ok", "model": serving.model_info(), "local_layer": layer is not None,
+                      "local_layer_fit": layer, "local_layer_note": serving.layer_error})
 
     @app.get("/v1/members/{member_id}/recommendations")
     async def recommendations(member_id: str, k: int = 10):
@@ -95,7 +97,8 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0) -> FastAPI:
         items = serving.recommendations(member_id, k)
         if items is None:
             return _error(404, f"unknown member '{member_id}' at store {serving.store_id}")
-        return _Json({"member_id": member_id, "items": items, "model": serving.model_info()})
+        return _Json({"member_id": member_id, "items": items, "model": serving.model_info(),
+                      "local_layer": serving.layer_info() is not None})
 
     @app.get("/v1/items/{item_id}/audience")
     async def audience(item_id: str, k: int = 100):
@@ -130,7 +133,8 @@ def serve(store_dir: Path, catalog: Path | None, host: str, port: int, state_dir
     model = serving.model_info()
     print(f"storefed serve: store {serving.store_id}, {len(serving.known_members)} members, "
           f"{len(serving.candidates)} items in the assortment, model "
-          f"{model['hash'][:12] + '… (run ' + str(model['run_id']) + ', round ' + str(model['round']) + ')' if model else 'none yet (best sellers only: ' + str(serving.model_error) + ')'}; "
+          f"{model['hash'][:12] + '… (run ' + str(model['run_id']) + ', round ' + str(model['round']) + ')' if model else 'none yet (best sellers only: ' + str(serving.model_error) + ')'}"
+          f"{'' if not model else ' with the store-local layer' if serving.layer_info() else ' alone (' + str(serving.layer_error) + ')'}; "
           f"http://{host}:{port}/docs", flush=True)
     # The store's data is millions of long-lived Python objects; a full collection walks them
     # all (tens of ms, the p99 at concurrency 16). Freezing moves them out of the collector.

@@ -10,10 +10,16 @@ them are precomputed, so a request is one matrix-vector product and a top-k.
   the journal (fsync) and then folded into that member's history and state at once.
 * A newly delivered model (``model.json`` changed) is loaded by a watcher thread, built
   completely aside and swapped in as one reference: requests never see half a model.
+* The store-local layer (DESIGN §5.1) kept for that model (:mod:`client.layer_store`; fitted
+  here and kept when there is none, e.g. a model kept from a train message) goes into the
+  same reference: with it, every consenting member's scores of every catalog item are
+  precomputed (global log-probability → the layer's scores), so a recommendation is a row
+  and an audience a column of that matrix; without it, the global model's as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +27,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from client import layer_store
 from client.model_store import INFO_FILE, read_model
 from client.receipts_journal import append_receipt, journal_path
-from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, days_since_epoch, history_arrays, member_log, \
-    profile_matrix
+from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, build_store_data, days_since_epoch, \
+    history_arrays, member_log, profile_matrix
 from common.data.ingest import validate_store
 from common.data.storefiles import DataError, read_catalog, read_store_meta
 from common.data.validation import FileReport, check_transaction_chunk
 from common.learning import recommend
+from common.learning.local_layer import Histories, LocalLayer, adapt, member_histories
 from common.learning.model import ModelConfig, Recommender
 from common.learning.weights import ModelFileError
 
@@ -53,6 +61,13 @@ class Bundle:
     states: recommend.MemberState  # one row per consenting member
     cand_v: np.ndarray
     cand_b: np.ndarray
+    item_v: np.ndarray  # [n_items, d]: every catalog item's vector as served (cold items: category + brand)
+    item_b: np.ndarray  # [n_items]
+    layer: LocalLayer | None = None  # the store-local layer fitted on this model, if any
+    layer_meta: dict | None = None  # its file's description (model hash, when, by whom, members)
+    served: np.ndarray | None = None  # [members, n_items] float32: the layer's scores (None: no layer)
+    weights: dict | None = None  # the model's weights and (dim, hidden): what a layer fitted later needs
+    dims: tuple[int, int] | None = None
 
 
 class StoreServing:
@@ -71,7 +86,10 @@ class StoreServing:
         self.bundle: Bundle | None = None
         self._model_stamp: tuple | None = None
         self.model_error: str | None = None
-        self.reload_model()
+        self.layer_error: str | None = None  # why the model in use has no layer (or it was not kept)
+        self.layer_pending = False  # the model in use waits for its layer to be fitted (by the watcher)
+        # Start-up reads a kept layer but leaves a fit to the watcher: the API answers meanwhile.
+        self.reload_model(fit_layer=False)
 
     # -- data ---------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -104,7 +122,12 @@ class StoreServing:
         self.member_ids = np.array(sorted(self.consenting), dtype=object)
         self.member_row = {m: i for i, m in enumerate(self.member_ids)}
         self.lines = lines[["member", "item", "day", "qty", "receipt"]]
+        # What the store-local layer is fitted on when this process fits it (build_store_data).
+        self.anonymous = anon[["item", "day", "qty"]]
+        self.member_rows = checked.members
         log = member_log(self.lines, self.member_ids)
+        # The layer's view of each member's history (distinct items, receipts, last day) at now_day.
+        self.layer_hist = member_histories(log, np.arange(len(self.member_ids)), log.n_receipts(), self.now_day)
         self.hist_items, self.hist_feat, self.hist_mask = history_arrays(
             log, log.n_receipts(), np.full(len(self.member_ids), self.now_day), self.cfg)
         self.profile = profile_matrix(self.member_frame.loc[self.member_ids], self.now_day) \
@@ -151,17 +174,22 @@ class StoreServing:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def reload_model(self) -> bool:
-        """Load the store's model when it changed; True when a new one is in use."""
+    def reload_model(self, fit_layer: bool = True) -> bool:
+        """Load the store's model when it changed, with its layer (kept for it, else fitted
+        here when ``fit_layer``); or fit the layer the model in use was left waiting for.
+        True when what answers changed."""
         stamp = self._stamp()
-        if stamp is None or stamp == self._model_stamp:
+        if stamp is None:
             return False
+        if stamp == self._model_stamp:
+            return self._fit_pending_layer() if fit_layer else False
         try:
             dims = _dims_of(self.state_dir)
             weights, info = read_model(self.state_dir, self._expected_shapes(dims))
         except ModelFileError as exc:
             self.model_error = str(exc)  # keep serving with the model in use; retried later
             return False
+        found, layer_error = self._layer_for(info["hash"], weights, dims, fit_layer)
         with self._lock:
             side = recommend.item_side({k: v.numpy() for k, v in weights.items()}, self.items.category,
                                        self.items.brand)
@@ -170,14 +198,81 @@ class StoreServing:
             # float32 keeps their differences to ~1e-6); states are built in float64.
             states.u, states.log_z = states.u.astype(np.float32), states.log_z.astype(np.float32)
             states.gate, states.rep_prob = states.gate.astype(np.float32), states.rep_prob.astype(np.float32)
-            cand_v = np.where(self.cold[self.candidates, None], side.cat_brand[self.candidates],
-                              side.V[self.candidates]).astype(np.float32)
-            cand_b = np.where(self.cold[self.candidates], float(side.b.mean()),
-                              side.b[self.candidates]).astype(np.float32)
-            self.bundle = Bundle(info, side, states, cand_v, cand_b)
+            item_v = np.where(self.cold[:, None], side.cat_brand, side.V).astype(np.float32)
+            item_b = np.where(self.cold, float(side.b.mean()), side.b).astype(np.float32)
+            bundle = Bundle(info, side, states, item_v[self.candidates], item_b[self.candidates], item_v, item_b,
+                            weights=weights, dims=dims)
+            if found is not None:
+                bundle.layer, bundle.layer_meta = found
+                bundle.served = self._served_all(bundle)
+            self.bundle = bundle  # model and layer swap as one reference
             self._model_stamp = stamp
             self.model_error = None
+            self.layer_pending = found is None and not fit_layer
+            self.layer_error = ("the store-local layer of this model is being fitted; the global model answers "
+                                "meanwhile") if self.layer_pending else layer_error
         return True
+
+    def _fit_pending_layer(self) -> bool:
+        """Fit the layer of the model in use (left for later at start-up) and swap it in with it."""
+        bundle = self.bundle
+        if bundle is None or not self.layer_pending:
+            return False
+        self.layer_pending = False  # one attempt per model: a store that cannot have one keeps the global model
+        found, note = self._layer_for(bundle.info["hash"], bundle.weights, bundle.dims, True)
+        with self._lock:
+            if found is not None and self.bundle is bundle:
+                with_layer = dataclasses.replace(bundle, layer=found[0], layer_meta=found[1])
+                with_layer.served = self._served_all(with_layer)
+                self.bundle = with_layer
+            self.layer_error = note
+        return found is not None
+
+    def _layer_for(self, model_hash: str, weights: dict, dims: tuple[int, int],
+                   fit: bool) -> tuple[tuple | None, str | None]:
+        """((layer, meta) for the model of ``model_hash``, None) — read from the state directory,
+        else (``fit``) fitted here on the store's data and kept there; (None, why) otherwise."""
+        found = layer_store.read_layer(self.state_dir, model_hash)
+        if found is not None and self._usable(found[0]):
+            return found, None
+        if not fit:
+            return None, None
+        try:
+            model = Recommender(self.items, ModelConfig(dim=dims[0], hidden=dims[1]))
+            model.load_state_dict(weights)
+            data = build_store_data(self.store_id, self.lines, self.anonymous, self.member_rows, self.items, self.cfg)
+            layer = adapt(model, data)
+        except Exception as exc:  # a store too small or too new to split: the global model alone
+            return None, f"no store-local layer: {exc.__class__.__name__}: {exc}"
+        try:
+            meta = layer_store.keep_layer(self.state_dir, layer, model_hash, "serve")
+        except (OSError, TypeError, ValueError) as exc:  # e.g. a read-only state directory: used here, fitted again next start
+            meta = {"model_hash": model_hash, "fitted_by": "serve", "fitted_on": int(layer.fitted_on)}
+            return (layer, meta), f"the layer is used but could not be kept: {exc}"
+        return (layer, meta), None
+
+    def _usable(self, layer: LocalLayer) -> bool:
+        """Whether a kept layer scores this catalog (one member without history): a file that
+        does not fit it (another catalog, a damaged field) is fitted again, never served."""
+        n = self.items.n_items
+        empty = Histories([np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)], self.now_day)
+        try:
+            out = np.asarray(layer.scores(np.zeros((1, n), np.float32), empty))
+        except (ValueError, IndexError, RuntimeError, TypeError):
+            return False
+        return out.shape == (1, n) and bool(np.isfinite(out).all())
+
+    def _served_all(self, bundle: Bundle) -> np.ndarray:
+        """The layer's scores of every catalog item for every consenting member, [members, n_items]."""
+        out = np.empty((len(self.member_ids), self.items.n_items), dtype=np.float32)
+        for a in range(0, len(self.member_ids), _ENCODE_BATCH):
+            rows = np.arange(a, min(a + _ENCODE_BATCH, len(self.member_ids)))
+            out[rows] = self._served_rows(bundle, rows)
+        return out
+
+    def _served_rows(self, bundle: Bundle, rows: np.ndarray) -> np.ndarray:
+        g = recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b)
+        return bundle.layer.scores(g, self.layer_hist.subset(rows))
 
     def _encode_all(self, side: recommend.ItemSide) -> recommend.MemberState:
         parts = [recommend.encode_members(side, self.hist_items[a:a + _ENCODE_BATCH],
@@ -199,6 +294,15 @@ class StoreServing:
         return {"run_id": b.info.get("run_id"), "round": b.info.get("round"), "hash": b.info.get("hash"),
                 "epsilon": b.info.get("epsilon")}
 
+    def layer_info(self) -> dict | None:
+        """The store-local layer in use (None: the global model alone): when, by whom, on how many members."""
+        b = self.bundle
+        if b is None or b.layer is None:
+            return None
+        meta = b.layer_meta or {}
+        return {"model_hash": meta.get("model_hash"), "fitted_by": meta.get("fitted_by"),
+                "fitted_at": meta.get("fitted_at"), "fitted_on": meta.get("fitted_on")}
+
     # -- answers ------------------------------------------------------------------------
     def recommendations(self, member_id: str, k: int) -> list[dict] | None:
         """Top-k items for a member (None: unknown member)."""
@@ -210,7 +314,10 @@ class StoreServing:
             top = self.popular[:k]
             return [{"item_id": str(self.items.item_ids[i]), "score": float(s), "reason": "popular_here"}
                     for i, s in zip(top, self.popular_share[:k])]
-        scores = recommend.scores_for_member(bundle.states, row, bundle.cand_v, bundle.cand_b, self.cand_pos)
+        if bundle.served is not None:  # the store-local layer's scores, over the assortment
+            scores = bundle.served[row, self.candidates]
+        else:
+            scores = recommend.scores_for_member(bundle.states, row, bundle.cand_v, bundle.cand_b, self.cand_pos)
         bought = self.bought.get(member_id, set())
         out = []
         for pos in recommend.top_k(scores, k):
@@ -227,11 +334,10 @@ class StoreServing:
         bundle = self.bundle
         if bundle is None or len(self.member_ids) == 0:
             return []
-        side = bundle.side
-        cold = bool(self.cold[item])
-        v = (side.cat_brand[item] if cold else side.V[item]).astype(np.float32)
-        b = float(side.b.mean()) if cold else float(side.b[item])
-        scores = recommend.scores_for_item(bundle.states, v, b, item)
+        if bundle.served is not None:
+            scores = bundle.served[:, item]
+        else:
+            scores = recommend.scores_for_item(bundle.states, bundle.item_v[item], float(bundle.item_b[item]), item)
         return [{"member_id": str(self.member_ids[m]), "score": float(scores[m])} for m in recommend.top_k(scores, k)]
 
     # -- receipts -----------------------------------------------------------------------
@@ -314,11 +420,16 @@ class StoreServing:
         items, feat, mask = history_arrays(log, log.n_receipts(), np.array([max(self.now_day, receipt["_day"])]),
                                            self.cfg)
         self.hist_items[row], self.hist_feat[row], self.hist_mask[row] = items[0], feat[0], mask[0]
+        h = member_histories(log, np.array([0]), log.n_receipts(), self.now_day)
+        self.layer_hist.items[row], self.layer_hist.counts[row], self.layer_hist.last_day[row] = \
+            h.items[0], h.counts[0], h.last_day[0]
         bundle = self.bundle
         if bundle is not None:
             one = recommend.encode_members(bundle.side, items, feat, mask, self.profile[row:row + 1])
             for f in ("u", "log_z", "gate", "rep_items", "rep_prob"):
                 getattr(bundle.states, f)[row] = getattr(one, f)[0]
+            if bundle.served is not None:
+                bundle.served[row] = self._served_rows(bundle, np.array([row]))[0]
 
 
 def _dims_of(state_dir: Path) -> tuple[int, int]:

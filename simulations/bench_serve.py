@@ -12,6 +12,7 @@ requests per second, errors, and the CPU both processes used (% of one core).
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import random
@@ -42,7 +43,9 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     """A one-store chain with an (untrained) model in the store's state; (store, member ids, item ids)."""
     import torch
 
+    from client.layer_store import keep_layer
     from client.model_store import keep_model
+    from common.learning import local_layer as ll
     from common.data.dataset import ItemIndex
     from common.data.storefiles import read_catalog, write_chain
     from common.data.synth import ChainSpec, generate_chain
@@ -54,14 +57,33 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     store = out / "chain" / "stores" / "S001"
     torch.manual_seed(0)
     model = Recommender(ItemIndex.from_catalog(read_catalog(out / "chain")), ModelConfig())
-    keep_model(store / "state", {k: v.numpy() for k, v in model.state_dict().items()}, run_id="bench",
-               server_round=0, epsilon=0.0, final=True)
+    info = keep_model(store / "state", {k: v.numpy() for k, v in model.state_dict().items()}, run_id="bench",
+                      server_round=0, epsilon=0.0, final=True)
+    # Its store-local layer, kept with it as a delivery does. Like the model, its values do not
+    # change what serving costs (a row of scores per member either way), so it is the unfitted
+    # layer (the blend's starting weights) with every blend term switched on, not a fit of
+    # minutes on a model that learned nothing. The fit's own cost: README "Serve recommendations".
+    n = model.n_items
+    layer = ll.fit(np.zeros((1, n)), ll.Histories([np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)], 0.0),
+                   [np.zeros(0, np.int64)], np.ones(n), np.ones(n, dtype=bool), None)
+    layer.weights = layer.weights + 0.1
+    keep_layer(store / "state", layer, info["hash"], "delivery")
     import pandas as pd
 
     frame = pd.read_csv(store / "members.csv", dtype=str, keep_default_na=False)
     consenting = frame.loc[frame["consent_training"].str.lower().isin(["true", "1", "yes"]), "member_id"].tolist()
     sold = pd.read_csv(store / "transactions.csv", dtype=str, usecols=["item_id"])["item_id"].value_counts()
     return store, consenting, sold.index[:1000].tolist()
+
+
+def _health(port: int) -> dict:
+    """GET /v1/health, on its own connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return json.loads(reply.split(b"\r\n\r\n", 1)[1])
 
 
 async def _connection(port: int, paths: list[bytes], until: float, out: list[float], errors: list[int]) -> None:
@@ -152,9 +174,21 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
                     break
                 except OSError:
                     if server.poll() is not None or time.time() > deadline:
+                        if server.poll() is None:  # its output ends only when it does
+                            server.kill()
                         raise RuntimeError("storefed serve did not start: " + (server.stdout.read() or ""))
                     time.sleep(0.2)
             startup_s = time.perf_counter() - t0
+            # The store has no layer for this model: serve answers at once with the global model
+            # and fits the layer aside; the cases are measured once it answers with the layer.
+            health = _health(port)
+            deadline = time.time() + 3600
+            while not health.get("local_layer") and "being fitted" in str(health.get("local_layer_note")):
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("storefed serve did not fit its layer: " + str(health))
+                time.sleep(0.5)
+                health = _health(port)
+            layer_s = time.perf_counter() - t0
             rng = random.Random(0)
             rec_paths = [f"/v1/members/{m}/recommendations?k=10" for m in rng.sample(member_ids, min(2000, len(member_ids)))]
             aud_paths = [f"/v1/items/{i}/audience?k=100" for i in item_ids]
@@ -171,7 +205,10 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
                 server.wait()
     return {"members": members, "consenting_members": len(member_ids), "items": items, "duration_s": duration_s,
             "cores": os.cpu_count(), "prepare_s": prepare_s, "server_startup_s": startup_s,
+            "server_with_layer_s": layer_s,
             "model": "untrained Recommender (dim 64, hidden 128, seed 0): serving cost depends on shapes only",
+            # With the store-local layer kept with the model (see _prepare).
+            "local_layer": bool(health.get("local_layer")), "local_layer_fit": health.get("local_layer_fit"),
             "cases": cases, "targets": [verdict(cases, *key) for key in TARGETS]}
 
 
@@ -190,7 +227,9 @@ def render(result: dict) -> str:
     """The human table."""
     lines = [f"storefed serve on a generated store: {result['members']} members "
              f"({result['consenting_members']} consenting), {result['items']} items, {result['cores']} cores; "
-             f"{result['duration_s']:g} s per case; server ready in {result['server_startup_s']:.1f} s",
+             f"{result['duration_s']:g} s per case; server ready in {result['server_startup_s']:.1f} s; "
+             + (f"with the store-local layer (in use at {result['server_with_layer_s']:.0f} s)"
+                if result.get("local_layer") else "global model alone"),
              f"{'endpoint':<16} {'conc':>4} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
              f"{'server CPU':>10} {'CPU ms/req':>10} {'load CPU':>9}"]
     for c in result["cases"]:

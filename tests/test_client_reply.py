@@ -134,7 +134,7 @@ def test_a_deployed_store_never_repeats_its_noise_but_a_simulation_reproduces(sm
     assert torch.allclose(c, d, rtol=0, atol=1e-6)
 
 
-def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path):
+def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path, monkeypatch):
     """query.model: the store keeps checked weights and answers only its id and the hash."""
     from client.client_app import handle_model, keep_model_if_none
     from client.model_store import read_info
@@ -147,6 +147,22 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     cfg = RunConfig.from_mapping(context.run_config)
     msg = _message(small_chain_dir, wire.MODEL_MESSAGE)
     digest = weights_digest(msg.content[wire.TRAIN_ARRAYS].to_torch_state_dict())
+    # The store-local layer is fitted at delivery on the delivered model (the fit itself is
+    # tested in test_local_layer; here the layer-free prior stands in for it, to keep this fast).
+    import numpy as np
+
+    from client import local_layer
+    from common.learning import local_layer as ll
+
+    fitted_on = []
+
+    def fit(store_key, model, data):
+        fitted_on.append(weights_digest(model.state_dict()))
+        n = data.items.n_items
+        return ll.fit(np.zeros((1, n)), ll.Histories([np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)], 0.0),
+                      [np.zeros(0, np.int64)], data.store_counts, data.assortment, None)
+
+    monkeypatch.setattr(local_layer, "layer_for", fit)
     msg.content["config"] = ConfigRecord({"run-id": "run-9", "server-round": 4, "hash": digest})
     reply = handle_model(msg, context, cfg)
     arrays, metrics, configs = _keys(reply)
@@ -154,6 +170,10 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     assert reply.content["store"]["model-hash"] == digest
     info = read_info(tmp_path)
     assert (info["run_id"], info["round"], info["hash"], info["epsilon"], info["final"]) == ("run-9", 4, digest, 0.0, True)
+    # The store-local layer of this model is kept next to it, tied to its hash; nothing of it is in the reply.
+    from client import layer_store
+
+    assert layer_store.read_layer(tmp_path, digest)[1]["fitted_by"] == "delivery" and fitted_on == [digest]
     # A wrong announced hash, or weights of another shape, are refused and nothing changes.
     msg.content["config"] = ConfigRecord({"run-id": "run-10", "server-round": 5, "hash": "0" * 64})
     with pytest.raises(ValueError, match="hash differs"):

@@ -111,6 +111,7 @@ def test_every_store_keeps_the_final_model(run):
     """Model delivery (DESIGN §5.2): each store's state holds the server's final weights."""
     import torch
 
+    from client.layer_store import read_layer
     from client.model_store import read_info
     from common.learning.weights import weights_digest
 
@@ -123,6 +124,8 @@ def test_every_store_keeps_the_final_model(run):
         info = read_info(state)
         assert info["hash"] == server_hash and info["round"] == 2 and info["final"] is True
         assert weights_digest(torch.load(state / "model.pt", weights_only=True)) == server_hash
+        # With it, the store-local layer fitted on it (the final evaluation's), for serving.
+        assert read_layer(state, server_hash)[1]["fitted_by"] == "delivery"
         assert info["epsilon"] == pytest.approx(results["privacy"][store]["epsilon"], rel=1e-9)
         # The first message with a trained global model (round 1's evaluation or round 2's
         # training) was kept, and is now the previous model.

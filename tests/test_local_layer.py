@@ -24,8 +24,8 @@ def test_scores_are_the_blend_written_out_by_hand():
     pop = ll.store_pop_feature(np.array([9.0, 3.0, 0.0, 1.0]))
     groups = np.array([0, 1, 1, 0])
     share = np.array([0.5, 0.5])
-    side = ll.StoreSide(groups={"category": (groups, share)}, group_pseudo=2.0)
-    layer = ll.LocalLayer(w, bias, pop, None, tau_days=10.0, side=side)
+    layer = ll.LocalLayer(w, bias, pop, None, tau_days=10.0, item_category=groups, category_share=share,
+                          group_pseudo=2.0)
     g = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
     hist = ll.Histories([np.array([1, 3]), np.array([], dtype=np.int64)], [np.array([2.0, 1.0]), np.array([])],
                         [np.array([95.0, 80.0]), np.array([])], at_day=100.0)
@@ -171,6 +171,9 @@ def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_
     evaluated = handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE, 2), ctx,
                                 RunConfig.from_mapping(ctx.run_config))
     assert len(store_layer._CACHE) == 1  # the store now holds a fitted layer
+    from client.layer_store import keep_layer  # ... in its process, and as the file serving reads
+
+    keep_layer(tmp_path / "c", next(iter(store_layer._CACHE.values()))[1], "f" * 64, "delivery")
     with_layer = train("c")
     a = without.content["arrays"].to_torch_state_dict()
     b = with_layer.content["arrays"].to_torch_state_dict()
@@ -199,6 +202,23 @@ def test_reach_counts_buyers_not_units_and_scores_only_new_items():
     np.testing.assert_allclose(reach, np.log1p([3.0, 1.0, 1.0, 0.0]) - np.log(4.0))  # 9 units of item 0 count once
     w = np.zeros(ll.N_FEATURES)
     w[ll.FEATURES.index("reach")] = 2.0
-    layer = ll.LocalLayer(w, np.zeros(4), np.zeros(4), None, 30.0, side=ll.StoreSide(reach=reach))
+    layer = ll.LocalLayer(w, np.zeros(4), np.zeros(4), None, 30.0, reach=reach)
     got = layer.scores(np.zeros((1, 4)), ll.Histories([np.array([1])], [np.ones(1)], [np.zeros(1)], 1.0))
     np.testing.assert_allclose(got[0], [2 * reach[0], 0.0, 2 * reach[2], 2 * reach[3]], rtol=1e-6)  # item 1: own
+
+
+def test_a_layer_with_every_term_survives_the_layer_file():
+    from common.learning.layer_codec import decode_layer, encode_layer
+
+    h = ll.Histories([np.array([0, 1]), np.array([1, 2])], [np.array([2.0, 1.0]), np.ones(2)],
+                     [np.array([5.0, 9.0]), np.array([8.0, 9.0])], 10.0)
+    items = ItemIndex(np.array(["a", "b", "c", "d"]), np.array([0, 0, 1, 1]), np.array([0, 1, 2, 2]), 2, 3)
+    cfg = ll.LocalConfig(features=ll.FEATURES)
+    side = ll.store_side(h, items, np.array([3.0, 4.0, 1.0, 0.0]), cfg)
+    w = np.linspace(0.1, 1.2, ll.N_FEATURES)
+    layer = ll.LocalLayer(w, np.zeros(4), ll.store_pop_feature(np.array([3.0, 4.0, 1.0, 0.0])), None, 30.0)
+    layer.set_side(side)
+    back, meta = decode_layer(encode_layer(layer, {"model": "x"}))
+    g = np.log(np.full((2, 4), 0.25))
+    np.testing.assert_array_equal(back.scores(g, h), layer.scores(g, h))
+    assert meta == {"model": "x"} and back.ease is not None and back.reach is not None

@@ -3,6 +3,7 @@ key, a receipt seen at once and kept over a restart, a model swapped under load.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from client import layer_store
 from client.model_store import keep_model, read_info
 from common.data.dataset import ItemIndex
 from common.data.storefiles import read_catalog
 from common.learning.model import ModelConfig, Recommender
+from common.learning.weights import weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +100,22 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
     try:
         status, health = server.call("GET", "/v1/health")
         info = read_info(store / "state")
+        # No layer was delivered with this model: the global model answers while serve fits one.
+        deadline = time.time() + 120
+        while status == 200 and not health["local_layer"] and time.time() < deadline:
+            assert health["local_layer_fit"] is None and "being fitted" in health["local_layer_note"]
+            time.sleep(0.2)
+            status, health = server.call("GET", "/v1/health")
+        fit = health.pop("local_layer_fit")
         assert status == 200 and health == {"status": "ok", "model": {"run_id": "run-7", "round": 5,
-                                                                      "hash": info["hash"], "epsilon": 3.25}}
+                                                                      "hash": info["hash"], "epsilon": 3.25},
+                                            "local_layer": True, "local_layer_note": None}
+        # ... and keeps it for that model.
+        assert fit["fitted_by"] == "serve" and fit["model_hash"] == info["hash"] and fit["fitted_on"] > 0
+        assert layer_store.read_layer(store / "state", info["hash"])[1]["fitted_at"] == fit["fitted_at"]
         member = consenting[0]
         status, rec = server.call("GET", f"/v1/members/{member}/recommendations?k=7")
-        assert status == 200 and rec["member_id"] == member and rec["model"] == health["model"]
+        assert status == 200 and rec["member_id"] == member and rec["model"] == health["model"] and rec["local_layer"]
         assert len(rec["items"]) == 7 and set(rec["items"][0]) == {"item_id", "score", "reason"}
         scores = [i["score"] for i in rec["items"]]
         assert scores == sorted(scores, reverse=True)
@@ -185,8 +199,12 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
         threads = [threading.Thread(target=load) for _ in range(2)]
         for t in threads:
             t.start()
-        new = keep_model(store / "state", _model_state(store.parent.parent, 2), run_id="run-8", server_round=6,
-                         epsilon=4.0, final=True)
+        # As a delivery does it: the new model's layer first (here the old one's, re-tied), then the model.
+        state2 = _model_state(store.parent.parent, 2)
+        new_hash = weights_digest(state2)
+        old_layer, _ = layer_store.read_layer(store / "state", info["hash"])
+        layer_store.keep_layer(store / "state", dataclasses.replace(old_layer, fitted_on=7), new_hash, "delivery")
+        new = keep_model(store / "state", state2, run_id="run-8", server_round=6, epsilon=4.0, final=True)
         deadline = time.time() + 20
         while time.time() < deadline and server.call("GET", "/v1/health", key="s3cret")[1]["model"]["hash"] != new["hash"]:
             time.sleep(0.2)
@@ -194,7 +212,11 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
         stop.set()
         for t in threads:
             t.join()
-        assert server.call("GET", "/v1/health", key="s3cret")[1]["model"]["run_id"] == "run-8"
+        health = server.call("GET", "/v1/health", key="s3cret")[1]
+        # Model and layer swapped together: the layer in use is the one fitted on the new model.
+        assert health["model"]["run_id"] == "run-8" and health["local_layer"]
+        assert health["local_layer_fit"] == {**health["local_layer_fit"], "model_hash": new["hash"], "fitted_on": 7,
+                                             "fitted_by": "delivery"}
         assert failures == [] and answered[0] > 20
     finally:
         server.stop()

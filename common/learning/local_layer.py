@@ -121,7 +121,17 @@ class LocalLayer:
     tau_days: float
     fitted_on: int = 0  # validation members the weights were fitted on (0: the prior, unfitted)
     valid_loss: dict = field(default_factory=dict)  # mean basket loss on the validation split
-    side: StoreSide | None = None  # EASE, groups, … (None: only `similarity`)
+    # The store-side inputs of the other member-similarity terms (StoreSide, kept flat so that
+    # common.learning.layer_codec writes them as plain arrays and numbers); None: term off.
+    ease_items: np.ndarray | None = None
+    ease: np.ndarray | None = None
+    item_category: np.ndarray | None = None
+    category_share: np.ndarray | None = None
+    item_brand: np.ndarray | None = None
+    brand_share: np.ndarray | None = None
+    reach: np.ndarray | None = None
+    group_pseudo: float = 5.0
+    repeat_pseudo: float = 2.0
 
     def scores(self, global_logp: np.ndarray, histories: Histories) -> np.ndarray:
         """The store's scores of every catalog item for each member, [N, n_items]."""
@@ -133,9 +143,18 @@ class LocalLayer:
                       torch.as_tensor(self.item_bias, dtype=torch.float32)).numpy()
 
     def _side(self) -> StoreSide:
-        if self.side is None:
-            return StoreSide(similarity=self.similarity)
-        return dataclasses.replace(self.side, similarity=self.similarity)
+        groups = {name: (grp, share) for name, grp, share in (("category", self.item_category, self.category_share),
+                                                              ("brand", self.item_brand, self.brand_share))
+                  if grp is not None and share is not None}
+        return StoreSide(self.similarity, self.ease_items, self.ease, groups, self.reach, self.group_pseudo,
+                         self.repeat_pseudo)
+
+    def set_side(self, side: StoreSide) -> None:
+        """Keep ``side``'s inputs (the serving ones, after a fit on the validation ones)."""
+        self.similarity, self.ease_items, self.ease, self.reach = side.similarity, side.ease_items, side.ease, side.reach
+        self.item_category, self.category_share = side.groups.get("category", (None, None))
+        self.item_brand, self.brand_share = side.groups.get("brand", (None, None))
+        self.group_pseudo, self.repeat_pseudo = side.group_pseudo, side.repeat_pseudo
 
 
 def store_pop_feature(store_counts: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
@@ -361,7 +380,7 @@ def fit(global_logp: np.ndarray, histories: Histories, targets: list[np.ndarray]
     allowed = np.asarray(assortment, dtype=bool)
     keep = [n for n, t in enumerate(targets) if allowed[t].any()]
     if not keep:
-        return LocalLayer(PRIOR.copy(), np.zeros(n_items), pop, similarity, cfg.tau_days, side=side)
+        return _with_side(LocalLayer(PRIOR.copy(), np.zeros(n_items), pop, similarity, cfg.tau_days), side)
     t = [targets[n][allowed[targets[n]]] for n in keep]
     g = torch.as_tensor(np.maximum(global_logp[keep], _FLOOR), dtype=torch.float64)
     feats = _features(histories.subset(keep), side, cfg.tau_days, n_items)
@@ -398,8 +417,14 @@ def fit(global_logp: np.ndarray, histories: Histories, targets: list[np.ndarray]
         bias = b.detach().numpy().copy()
         end = float(loss_at(torch.as_tensor(w), torch.as_tensor(bias)))
     if not (np.isfinite(w).all() and np.isfinite(bias).all() and end <= start):
-        return LocalLayer(PRIOR.copy(), np.zeros(n_items), pop, similarity, cfg.tau_days, n, {"prior": start}, side)
-    return LocalLayer(w, bias, pop, similarity, cfg.tau_days, n, {"prior": start, "fitted": end}, side)
+        return _with_side(LocalLayer(PRIOR.copy(), np.zeros(n_items), pop, similarity, cfg.tau_days, n,
+                                     {"prior": start}), side)
+    return _with_side(LocalLayer(w, bias, pop, similarity, cfg.tau_days, n, {"prior": start, "fitted": end}), side)
+
+
+def _with_side(layer: LocalLayer, side: StoreSide) -> LocalLayer:
+    layer.set_side(side)
+    return layer
 
 
 def adapt(global_model, data: StoreData, cfg: LocalConfig = LocalConfig()) -> LocalLayer:
@@ -419,6 +444,5 @@ def adapt(global_model, data: StoreData, cfg: LocalConfig = LocalConfig()) -> Lo
         layer = LocalLayer(PRIOR.copy(), np.zeros(data.items.n_items), store_pop_feature(data.store_counts),
                            None, cfg.tau_days)
     if layer.weights[[FEATURES.index(f) for f in _DENSE]].any():  # serve from every member's whole history
-        layer.side = store_side(training_member_histories(data), data.items, data.store_counts, cfg)
-        layer.similarity = layer.side.similarity
+        layer.set_side(store_side(training_member_histories(data), data.items, data.store_counts, cfg))
     return layer

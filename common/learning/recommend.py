@@ -114,6 +114,18 @@ def scores_for_member(state: MemberState, m: int, cand_v: np.ndarray, cand_b: np
     return np.log(np.maximum(prob, 1e-30))
 
 
+def scores_for_members(state: MemberState, rows: np.ndarray, item_v: np.ndarray, item_b: np.ndarray) -> np.ndarray:
+    """Log-probability of every item (vectors ``item_v`` [I, d], biases ``item_b`` [I]) for the
+    member rows ``rows``, [len(rows), I]: :func:`scores_for_member` for a batch, over all items
+    (the store-local layer re-scores whole rows)."""
+    gate = state.gate[rows][:, None]
+    prob = (1.0 - gate) * np.exp(state.u[rows] @ item_v.T + item_b - state.log_z[rows][:, None])
+    rep = gate * state.rep_prob[rows]
+    r, h = np.nonzero(rep > 0)
+    np.add.at(prob, (r, state.rep_items[rows][r, h]), rep[r, h])
+    return np.log(np.maximum(prob, 1e-30))
+
+
 def scores_for_item(state: MemberState, v: np.ndarray, b: float, item: int) -> np.ndarray:
     """Log-probability of ``item`` (vector ``v``, bias ``b``) for every member row, [M]."""
     prob = (1.0 - state.gate) * np.exp(state.u @ v + b - state.log_z)
