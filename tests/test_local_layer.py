@@ -16,20 +16,72 @@ from common.learning.model import Recommender
 
 
 def test_scores_are_the_blend_written_out_by_hand():
-    w = np.array([0.5, 0.3, 0.0, 1.0, 0.7, 0.2, -0.4, 0.1])
+    w = np.zeros(ll.N_FEATURES)
+    w[:8] = [0.5, 0.3, 0.0, 1.0, 0.7, 0.2, -0.4, 0.1]
+    w[ll.FEATURES.index("repeat_ratio")] = 0.6
+    w[ll.FEATURES.index("category")] = 0.8
     bias = np.array([0.0, 0.05, -0.1, 0.2])
     pop = ll.store_pop_feature(np.array([9.0, 3.0, 0.0, 1.0]))
-    layer = ll.LocalLayer(w, bias, pop, None, tau_days=10.0)
+    groups = np.array([0, 1, 1, 0])
+    share = np.array([0.5, 0.5])
+    layer = ll.LocalLayer(w, bias, pop, None, tau_days=10.0, item_category=groups, category_share=share,
+                          group_pseudo=2.0)
     g = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
     hist = ll.Histories([np.array([1, 3]), np.array([], dtype=np.int64)], [np.array([2.0, 1.0]), np.array([])],
                         [np.array([95.0, 80.0]), np.array([])], at_day=100.0)
     got = layer.scores(g, hist)
-    expect = 0.5 * g + 0.3 * pop[None, :] + bias[None, :]
+    # Member 0 bought 2 receipts of item 1 (group 1) and 1 of item 3 (group 0): lift of group 1
+    # = (2 + 2·0.5) / ((3 + 2)·0.5), of group 0 = (1 + 1) / 2.5; member 1 has no history: 0.
+    lift = np.array([[np.log(2 / 2.5), np.log(3 / 2.5), np.log(3 / 2.5), np.log(2 / 2.5)], [0.0] * 4])
+    expect = 0.5 * g + 0.3 * pop[None, :] + bias[None, :] + 0.8 * lift
+    ratio = (3.0 - 2.0 + 0.5 * 2.0) / (3.0 + 2.0)  # 1 rebuy in 3 lines, 2 pseudo-lines at 1/2
     for item, count, last in ((1, 2.0, 95.0), (3, 1.0, 80.0)):
         expect[0, item] += (1.0 + 0.7 * np.log1p(count) + 0.2 * np.exp(-(100.0 - last) / 10.0)
-                            - 0.4 * g[0, item] + 0.1 * pop[item])
+                            - 0.4 * g[0, item] + 0.1 * pop[item] + 0.6 * np.log(ratio / (1 - ratio))
+                            - 0.8 * lift[0, item])  # own items: ranked by the own-history block alone
     assert pop[0] == 0.0 and pop[2] == -np.log(10.0)
     np.testing.assert_allclose(got, expect, rtol=1e-6)  # served in float32
+
+
+def test_store_pop_spreads_its_pseudo_count_by_the_model_popularity():
+    counts = np.array([9.0, 0.0, 0.0, 3.0])
+    prior = np.array([0.1, 0.6, 0.1, 0.2])  # 4 pseudo-units: 0.4, 2.4, 0.4, 0.8
+    f = ll.store_pop_feature(counts, prior)
+    np.testing.assert_allclose(f, np.log([9.4, 2.4, 0.4, 3.8]) - np.log(9.4))
+    assert f[1] > f[2]  # two unsold items: the one the model likes ranks first
+    np.testing.assert_allclose(ll.store_pop_feature(counts, np.full(4, 0.25)), ll.store_pop_feature(counts))
+
+
+def test_ease_is_the_closed_form_ridge_regression():
+    h = ll.Histories([np.array([0, 1]), np.array([1, 2]), np.array([0, 1, 2]), np.array([3])],
+                     [np.ones(2), np.ones(2), np.ones(3), np.ones(1)], [np.zeros(2), np.zeros(2), np.zeros(3),
+                                                                         np.zeros(1)], 1.0)
+    items, b = ll.ease_matrix(h, 5, l2=2.0)
+    assert items.tolist() == [0, 1, 2, 3]  # item 4: bought by no one, not scored
+    x = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]], float)
+    # B solves min ‖X − XB‖² + λ‖B‖² with diag(B) = 0: each column j is a ridge regression of
+    # x_j on the other columns (hand-check column 0 that way).
+    others = [1, 2, 3]
+    a = x[:, others]
+    col0 = np.linalg.solve(a.T @ a + 2.0 * np.eye(3), a.T @ x[:, 0])
+    np.testing.assert_allclose(b[others, 0], col0, atol=1e-12)
+    assert np.all(np.diag(b) == 0)
+    side = ll.StoreSide(ease_items=items, ease=b)
+    feats = ll._features(ll.Histories([np.array([1, 3])], [np.ones(2)], [np.zeros(2)], 1.0), side, 30.0, 5)
+    np.testing.assert_allclose(feats["ease"][0].numpy(), [*(b[1] + b[3]), 0.0])
+
+
+def test_group_lift_is_the_smoothed_share_over_the_store_share():
+    groups = np.array([0, 0, 1, 2])
+    share = ll.group_shares(groups, 3, np.array([5.0, 3.0, 2.0, 0.0]))
+    np.testing.assert_allclose(share, [9 / 13, 3 / 13, 1 / 13])  # one pseudo-unit per group
+    h = ll.Histories([np.array([2, 3]), np.array([], dtype=np.int64)], [np.array([3.0, 1.0]), np.array([])],
+                     [np.zeros(2), np.zeros(0)], 1.0)
+    lift = ll._group_lift(h, groups, share, pseudo=5.0)
+    n = np.array([0.0, 3.0, 1.0])
+    expect0 = np.log((n + 5 * share) / ((4 + 5) * share))
+    np.testing.assert_allclose(lift[0], expect0[groups])
+    np.testing.assert_allclose(lift[1], 0.0, atol=1e-12)  # no history: no lift
 
 
 def _recency_world(rng, members=300, items=30):
@@ -52,6 +104,7 @@ def test_the_fit_learns_what_the_store_data_says_and_lowers_the_validation_loss(
     ranked = np.argsort(-layer.scores(g, h), axis=1)[:, 0]
     assert np.mean(ranked == np.concatenate(targets)) > 0.95
     assert layer.weights[ll.FEATURES.index("item_knn")] == 0.0  # not an active feature by default
+    assert layer.weights[ll.FEATURES.index("ease")] == 0.0
 
 
 def test_no_rankable_target_leaves_the_global_model_alone(rng):
@@ -139,3 +192,33 @@ def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_
     assert m["ndcg@10"] == pytest.approx(evaluate_scores(layer.scores(global_scores, ll.test_histories(data)),
                                                          data)["ndcg@10"], abs=1e-9)
     assert m["ndcg@10"] != m["global_model.ndcg@10"]
+
+
+def test_reach_counts_buyers_not_units_and_scores_only_new_items():
+    h = ll.Histories([np.array([0, 1]), np.array([0]), np.array([0, 2])], [np.array([9.0, 1.0]), np.ones(1),
+                                                                           np.ones(2)],
+                     [np.zeros(2), np.zeros(1), np.zeros(2)], 1.0)
+    reach = ll.reach_feature(h, 4)
+    np.testing.assert_allclose(reach, np.log1p([3.0, 1.0, 1.0, 0.0]) - np.log(4.0))  # 9 units of item 0 count once
+    w = np.zeros(ll.N_FEATURES)
+    w[ll.FEATURES.index("reach")] = 2.0
+    layer = ll.LocalLayer(w, np.zeros(4), np.zeros(4), None, 30.0, reach=reach)
+    got = layer.scores(np.zeros((1, 4)), ll.Histories([np.array([1])], [np.ones(1)], [np.zeros(1)], 1.0))
+    np.testing.assert_allclose(got[0], [2 * reach[0], 0.0, 2 * reach[2], 2 * reach[3]], rtol=1e-6)  # item 1: own
+
+
+def test_a_layer_with_every_term_survives_the_layer_file():
+    from common.learning.layer_codec import decode_layer, encode_layer
+
+    h = ll.Histories([np.array([0, 1]), np.array([1, 2])], [np.array([2.0, 1.0]), np.ones(2)],
+                     [np.array([5.0, 9.0]), np.array([8.0, 9.0])], 10.0)
+    items = ItemIndex(np.array(["a", "b", "c", "d"]), np.array([0, 0, 1, 1]), np.array([0, 1, 2, 2]), 2, 3)
+    cfg = ll.LocalConfig(features=ll.FEATURES)
+    side = ll.store_side(h, items, np.array([3.0, 4.0, 1.0, 0.0]), cfg)
+    w = np.linspace(0.1, 1.2, ll.N_FEATURES)
+    layer = ll.LocalLayer(w, np.zeros(4), ll.store_pop_feature(np.array([3.0, 4.0, 1.0, 0.0])), None, 30.0)
+    layer.set_side(side)
+    back, meta = decode_layer(encode_layer(layer, {"model": "x"}))
+    g = np.log(np.full((2, 4), 0.25))
+    np.testing.assert_array_equal(back.scores(g, h), layer.scores(g, h))
+    assert meta == {"model": "x"} and back.ease is not None and back.reach is not None
