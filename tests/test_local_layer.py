@@ -222,3 +222,18 @@ def test_a_layer_with_every_term_survives_the_layer_file():
     g = np.log(np.full((2, 4), 0.25))
     np.testing.assert_array_equal(back.scores(g, h), layer.scores(g, h))
     assert meta == {"model": "x"} and back.ease is not None and back.reach is not None
+
+
+def test_fit_rows_spread_evenly_and_subset_examples():
+    from common.data.dataset import Examples
+    from common.learning.local_layer import fit_rows, subset_examples
+
+    assert fit_rows(5, 10).tolist() == [0, 1, 2, 3, 4]
+    # linspace(0, 9, 4) = 0, 3, 6, 9 by hand
+    assert fit_rows(10, 4).tolist() == [0, 3, 6, 9]
+    ex = Examples(np.arange(10).reshape(5, 2), np.zeros((5, 2, 1)), np.ones((5, 2)), np.arange(5)[:, None] * 1.0,
+                  np.arange(5)[:, None] + 10, np.ones((5, 1)))
+    sub = subset_examples(ex, np.array([1, 4]))
+    assert sub.hist_items.tolist() == [[2, 3], [8, 9]]
+    assert sub.target_items.tolist() == [[11], [14]]
+    assert len(sub) == 2
