@@ -4,14 +4,15 @@ SuperNodes and store executors costs tens of seconds on 2 cores, so it is done o
 
 1. ``storefed local-deploy up`` (simulations/local_deploy.py): 3 stores S001–S003.
 2. Issue 14's scenario: the operator trains one round with ``storefed train`` (at a low target ε,
-   so the stores keep budget for step 4, see TRAIN_TARGET_EPSILON), then the attacks run one after the other.
+   so the stores keep budget for step 4, see TRAIN_TARGET_EPSILON), then the attacks run, all at once.
 3. Two more stores join as test_deploy.py needs them: S004 (registered, its transactions lack a
    column: it must refuse, not crash) and S005, whose key nobody registered (turned away).
 4. A signed run of 3 rounds that stops after round 2; S003's daemon is killed (SIGKILL) right
    after round 1; S003 restarts and a signed ``resume=true`` run trains round 3.
 
 Ledgers and Flower's run list then hold both scenarios, so what step 4 checks is taken relative
-to the state just before it (ledgers are append-only). Every process is stopped by pid at the end.
+to the state just before it (ledgers are append-only). Every process is stopped by pid as soon as
+the scenario ends, before the tests read what it recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -77,6 +80,30 @@ def _add_stores(chain: Path) -> None:
     tx.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != drop) for line in lines) + "\n")
 
 
+class _LaunchGate(io.StringIO):
+    """A run's streamed lines. Holds ``lock`` from creation until the run's ServerApp process
+    has connected to the SuperLink (its first line, "Start `flwr-serverapp` process", comes
+    through the SuperLink's log stream) or the run ended."""
+
+    CONNECTED = "Start `flwr-serverapp` process"
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        lock.acquire()
+        self._lock: threading.Lock | None = lock
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if self.CONNECTED in text:
+            self.launched()
+        return written
+
+    def launched(self) -> None:
+        if self._lock is not None:
+            self._lock, lock = None, self._lock
+            lock.release()
+
+
 def _security(root: Path, record: dict, out: dict) -> None:
     """Issue 14: one signed round through the CLI, then every attack (each a run the stores refuse)."""
     home, fed = Path(record["flwr_home"]), record["federation"]
@@ -117,11 +144,23 @@ def _security(root: Path, record: dict, out: dict) -> None:
     out["state_before_attacks"] = out["state_after_train"]
     out["foreign_signed_overrides"] = attacks["foreign signed"]
     t = time.time()
-    out["attacks"] = {}
-    for name, overrides in attacks.items():
-        lines = io.StringIO()
+    # The attacks are independent runs, so they overlap: one after the other they cost
+    # 6 × (CLI and ServerApp start-ups, Flower's 3 s polls, `flwr ls`). Each store's daemon
+    # still answers one task at a time (its executor is sequential). Only the launches take
+    # turns: the SuperLink gives a ServerApp process 30 s from being claimed to connect, which
+    # six starting at once on a busy 2-core machine can miss.
+    launching = threading.Lock()
+
+    def attack(name: str) -> tuple[tuple[int, dict | None], str]:
         app = FOREIGN if name.startswith("foreign") else ROOT
-        out["attacks"][name] = (start_and_wait(fed, overrides, flwr_home=home, app=app, lines=lines), lines.getvalue())
+        lines = _LaunchGate(launching)
+        try:
+            return start_and_wait(fed, attacks[name], flwr_home=home, app=app, lines=lines), lines.getvalue()
+        finally:
+            lines.launched()  # the run ended (or never connected): let the next one launch
+
+    with ThreadPoolExecutor(max_workers=len(attacks)) as pool:
+        out["attacks"] = dict(zip(attacks, pool.map(attack, attacks)))
     out["timings"]["attacks_s"] = round(time.time() - t, 1)
     out["state_after_attacks"] = {s: files(state[s]) for s in SECURITY_STORES}
     out["foreign"] = {v: json.loads((root / f"foreign-{v}.json").read_text()) for v in ("unsigned", "signed")}
@@ -221,8 +260,10 @@ def _deploy(root: Path, record: dict, out: dict, timings: dict) -> None:
 
 
 def shared_deployment(root: Path):
-    """Generator for the session fixture: yields {"security": …, "deploy": …}, then stops everything
-    and asserts that no process is left."""
+    """Generator for the session fixture: runs the whole scenario, stops every process (the
+    tests only read what it recorded and the files it left, so nothing keeps polling on the
+    machine while the rest of the suite runs), yields {"security": …, "deploy": …}, then
+    asserts that no process was left."""
     started = time.time()
     timings: dict = {}
     security: dict = {"timings": timings}
@@ -236,9 +277,9 @@ def shared_deployment(root: Path):
         _security(root / "security", record, security)
         (root / "deploy").mkdir()
         _deploy(root / "deploy", record, deploy, timings)
-        yield {"security": security, "deploy": deploy}
     finally:
         left = [*deploy.get("left", []), *local_deploy.down(root / "deployment")]
         timings["total_s"] = round(time.time() - started, 1)
         print(f"\nshared deployment timings: {timings}", file=sys.stderr)
-    assert left == [], f"still running after the tests: {left}"
+    yield {"security": security, "deploy": deploy}
+    assert left == [], f"still running after the scenario: {left}"

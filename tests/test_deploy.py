@@ -17,9 +17,9 @@ count from the state just before step 4):
    is killed (SIGKILL) right after round 1;
 5. S003's daemon restarts and rejoins, and a signed ``flwr run`` with ``resume=true`` trains round 3.
 
-Select with ``-m deploy``, skip with ``-m "not deploy"``. Most of this scenario's time is
-Flower's heartbeat timeout for the killed daemon; the processes are stopped by pid at the end,
-whatever happened.
+Select with ``-m deploy``, skip with ``-m "not deploy"``. Much of this scenario's time is
+Flower's heartbeat timeout for the killed daemon; the processes are stopped by pid as soon as
+the scenario ends, whatever happened.
 """
 
 from __future__ import annotations

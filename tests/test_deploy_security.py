@@ -2,8 +2,8 @@
 
 One deployment, shared with tests/test_deploy.py (tests/deploy_scenario.py runs this scenario
 first, on 3 stores). First the operator trains one round with `storefed train`
-(a signed run). Then, one run after the other, everything the issue says an outsider (or a careless
-operator) could do: unsigned runs of storefed itself (``dp=false``; ``state-dir`` pointing
+(a signed run). Then, all at once (independent runs), everything the issue says an outsider
+(or a careless operator) could do: unsigned runs of storefed itself (``dp=false``; ``state-dir`` pointing
 at an empty directory), an expired signature, a signature by another key, the trained
 run's signature replayed, and the foreign app (same publisher, name and version; its
 ClientApp would mark the store and send its files), unsigned and even operator-signed.

@@ -141,15 +141,24 @@ LIST_KEYS = {f"{m}@{k}" for m in ("ndcg", "recall", "hit", "map", "coverage", "d
 
 @pytest.mark.slow
 def test_quick_bench_writes_every_file_and_key(tmp_path, capsys, monkeypatch):
+    """Every method, file, key and target of `bench quality --quick`, on a small 4-store chain
+    given with --data: what is checked here does not depend on the chain's size, and the
+    generated default (2,000 members, 2,000 SKUs) costs minutes more of the same code."""
+    from common.data.storefiles import write_chain
+    from common.data.synth import ChainSpec, generate_chain
     from simulations.cli import main
 
     monkeypatch.setenv("STOREFED_CACHE", str(tmp_path / "cache"))
+    chain = tmp_path / "chain"
+    write_chain(generate_chain(ChainSpec(stores=4, members=600, items=400, categories=12, brands=40, seed=5)), chain)
     out = tmp_path / "out"
-    assert main(["bench", "quality", "--quick", "--json", "--out", str(out)]) == 0
+    assert main(["bench", "quality", "--quick", "--json", "--data", str(chain), "--out", str(out)]) == 0
     results = json.loads(capsys.readouterr().out)
     for name in ("results.json", "report.md", "ndcg_vs_epsilon.png", "ndcg_per_round.png", "per_store_vs_size.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "results.json").read_text())["targets"] == results["targets"]
+    assert results["settings"]["data"] == str(chain.resolve()) and results["settings"]["quick"] is True
+    assert results["settings"]["rounds"] == 2
     for name in METHODS:
         m = results["methods"][name]
         for weighting in ("member_weighted", "store_weighted"):
@@ -166,4 +175,6 @@ def test_quick_bench_writes_every_file_and_key(tmp_path, capsys, monkeypatch):
     assert all(isinstance(t["pass"], bool) for t in results["targets"].values())
     assert max(p["epsilon"] for p in results["methods"]["local_dp_eps8"]["privacy"]) <= 8.0
     assert results["methods"]["fed_dp_eps1"]["max_epsilon"] <= 1.0 + 1e-6
+    for name in ("fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "fed_dp_eps0.3"):
+        assert [r["round"] for r in results["methods"][name]["per_round"]] == [1, 2], name
     assert "| target | value | threshold | result |" in (out / "report.md").read_text()
