@@ -8,8 +8,6 @@ package to install.
 
 from __future__ import annotations
 
-import fcntl
-import json
 from dataclasses import dataclass
 from datetime import date
 from importlib import metadata
@@ -19,7 +17,7 @@ import pandas as pd
 
 from common.config import cache_root
 from common.data import importers
-from common.data.storefiles import DataError, atomic_write_text, write_chain
+from common.data.storefiles import DataError, atomic_write_text, build_once, write_chain
 
 QUARANTINE_FILE = "import_quarantine.csv"
 
@@ -120,14 +118,10 @@ def dataset_chain(dataset: str, stores: int | None = None) -> Path:
     stores = stores or spec.stores
     source = packaged_file(spec.package)
     out = cache_root() / f"real-{dataset}-{spec.package}{metadata.version(spec.package)}-stores{stores}"
-    marker = out / ".complete"
-    if marker.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            write_import(import_instacart(source, stores, DEFAULT_END), out)
-            atomic_write_text(marker, json.dumps({"dataset": dataset, "package": spec.package, "stores": stores,
-                                                  "source": str(source)}) + "\n")
+
+    def build(path: Path) -> dict:
+        write_import(import_instacart(source, stores, DEFAULT_END), path)
+        return {"dataset": dataset, "package": spec.package, "stores": stores, "source": str(source)}
+
+    build_once(out, build)
     return out

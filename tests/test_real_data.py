@@ -137,3 +137,21 @@ def test_a_joined_file_without_the_order_columns_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{src}: missing column(s) user_id, order_number, order_hour_of_day, days_since_prior_order;" in err
     assert "Traceback" not in err
+
+
+def test_build_once_builds_then_reuses_and_marks_what_it_built(tmp_path):
+    from common.data.storefiles import build_once
+
+    calls = []
+
+    def build(path):
+        calls.append(path)
+        path.mkdir()
+        (path / "x.txt").write_text("1")
+        return {"n": len(calls)}
+
+    out = tmp_path / "thing"
+    assert build_once(out, build) is True
+    assert build_once(out, build) is False
+    assert calls == [out]
+    assert json.loads((out / ".complete").read_text()) == {"n": 1}

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -171,15 +172,14 @@ def store_dirs(chain_dir: Path) -> list[Path]:
     return dirs
 
 
-def ensure_generated_chain(out: Path, spec: ChainSpec) -> bool:
-    """Generate the chain ``spec`` into ``out`` unless a complete one is there already.
+def build_once(out: Path, build: Callable[[Path], dict]) -> bool:
+    """Run ``build(out)`` unless ``out`` holds a complete build already (its ``.complete``
+    marker, written last with what ``build`` returns).
 
-    Safe when many processes ask at once (a file lock; the chain appears by rename).
-    Returns True when this call generated it.
+    Safe when many processes ask at once: a file lock beside ``out``; ``build`` is expected to
+    make ``out`` appear by rename. Returns True when this call built it.
     """
     import fcntl
-
-    from common.data.synth import generate_chain
 
     out = Path(out)
     marker = out / ".complete"
@@ -190,6 +190,17 @@ def ensure_generated_chain(out: Path, spec: ChainSpec) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
             return False
-        write_chain(generate_chain(spec), out)
-        atomic_write_text(marker, json.dumps({"seed": spec.seed, "stores": spec.stores}) + "\n")
+        atomic_write_text(marker, json.dumps(build(out)) + "\n")
         return True
+
+
+def ensure_generated_chain(out: Path, spec: ChainSpec) -> bool:
+    """Generate the chain ``spec`` into ``out`` unless a complete one is there already
+    (:func:`build_once`). Returns True when this call generated it."""
+    from common.data.synth import generate_chain
+
+    def build(path: Path) -> dict:
+        write_chain(generate_chain(spec), path)
+        return {"seed": spec.seed, "stores": spec.stores}
+
+    return build_once(out, build)
