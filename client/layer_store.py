@@ -53,11 +53,12 @@ def keep_layer(state_dir: Path, layer: LocalLayer, model_hash: str, fitted_by: s
     current = state_dir / LAYER_FILE
     if current.exists():
         try:
-            old = decode_layer(current.read_bytes())[1]
+            old_bytes = current.read_bytes()
+            old = decode_layer(old_bytes)[1]
         except (OSError, LayerFileError):
             old = None
         if old is not None and old.get("model_hash") != model_hash:
-            atomic_write_bytes(state_dir / PREV_LAYER_FILE, current.read_bytes())
+            atomic_write_bytes(state_dir / PREV_LAYER_FILE, old_bytes)
     atomic_write_bytes(current, data)
     return meta
 

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from client import layer_store
 from client.model_store import keep_model
@@ -18,19 +17,7 @@ from common.evaluation.evaluation import member_scores, model_scores
 from common.evaluation.metrics import top_k
 from common.learning import local_layer as ll
 from common.learning.layer_codec import LayerFileError, decode_layer, encode_layer
-from common.learning.model import ModelConfig, Recommender
-
-
-def _model(data) -> Recommender:
-    torch.manual_seed(5)
-    m = Recommender(data.items, ModelConfig(dim=16, hidden=32))
-    with torch.no_grad():  # a non-trivial gate and repeat head, so both parts of the mixture count
-        m.gate.weight.normal_(0, 0.3)
-        m.gate.bias.fill_(0.4)
-        m.repeat_mix.weight.normal_(0, 0.5)
-        m.item_out.bias.normal_(0, 0.5)
-    m.refresh_item_snapshot()
-    return m
+from model_fixtures import mixture_model as _model
 
 
 @pytest.fixture(scope="module")

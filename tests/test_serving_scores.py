@@ -12,21 +12,13 @@ import torch
 from client.model_store import keep_model, read_info, read_model
 from common.data.ingest import validate_store
 from common.learning import recommend
-from common.learning.model import ModelConfig, Recommender
+from model_fixtures import mixture_model
 from common.learning.weights import ModelFileError, check_weights, decode_weights, encode_weights, weights_digest
 
 
 @pytest.fixture
 def model(small_store):
-    torch.manual_seed(5)
-    m = Recommender(small_store.items, ModelConfig(dim=16, hidden=32))
-    with torch.no_grad():  # a non-trivial gate and repeat head, so the mixture is exercised
-        m.gate.weight.normal_(0, 0.3)
-        m.gate.bias.fill_(0.4)
-        m.repeat_mix.weight.normal_(0, 0.5)
-        m.item_out.bias.normal_(0, 0.5)
-    m.refresh_item_snapshot()
-    return m
+    return mixture_model(small_store)
 
 
 def test_member_and_item_scores_equal_the_models_log_probabilities(small_store, model):
