@@ -22,8 +22,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import layer_store, ledger, local_layer
-from client.model_store import keep_model, read_info
+from client import evaluate_quota, layer_store, ledger, local_layer
+from client.model_store import check_delivery, keep_model, read_info
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.run_authorization import RunNotAuthorized, authorize
@@ -36,7 +36,8 @@ from common.exchange import update_codec, wire
 from common.learning.local_layer import test_histories, training_member_histories
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
-from common.learning.weights import ModelFileError, check_weights, weights_digest
+from common.data.dataset import ItemIndex
+from common.learning.weights import ArraySpec, ModelFileError, check_array_specs, check_weights, weights_digest
 from common.privacy import accountant as privacy
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
 from common.privacy.published_size import size_warning
@@ -52,7 +53,8 @@ torch.set_num_threads(1)  # simulation runs one store per core; a store daemon m
 _MODEL: dict[tuple, Recommender] = {}
 
 
-def _model(node: StoreNode, cfg: RunConfig, msg: Message) -> Recommender:
+def _model_object(node: StoreNode, cfg: RunConfig) -> Recommender:
+    """This process's model object for the store's catalog and the run's shape."""
     items, mcfg = node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"]))
     # What shapes the model: its config, the catalog's size and each item's category and brand.
     key = (mcfg, items.n_items, items.n_categories, items.n_brands,
@@ -61,8 +63,55 @@ def _model(node: StoreNode, cfg: RunConfig, msg: Message) -> Recommender:
     if model is None:
         _MODEL.clear()
         model = _MODEL[key] = Recommender(items, mcfg)
-    model.load_state_dict(msg.content[wire.TRAIN_ARRAYS].to_torch_state_dict())
     return model
+
+
+def _model(node: StoreNode, cfg: RunConfig, weights: Mapping[str, torch.Tensor]) -> Recommender:
+    """The model object holding ``weights`` (already checked: :func:`checked_global`)."""
+    model = _model_object(node, cfg)
+    model.load_state_dict(weights)
+    return model
+
+
+# The names and ranks of the model's tensors, whatever the catalog: the structural check of
+# a message's arrays runs on them before the store reads anything (see precheck_arrays).
+_TENSOR_NAMES: tuple[str, ...] = tuple(Recommender(ItemIndex(
+    item_ids=np.array(["x"]), category=np.zeros(1, np.int64), brand=np.zeros(1, np.int64),
+    n_categories=1, n_brands=1), ModelConfig(dim=1, hidden=1)).state_dict())
+
+
+def _array_specs(msg: Message) -> dict[str, ArraySpec]:
+    """What the message says of each array of its model, without decoding any."""
+    records = msg.content.array_records if msg.has_content() else {}
+    if wire.TRAIN_ARRAYS not in records:
+        raise ModelFileError(f"the message carries no model (no '{wire.TRAIN_ARRAYS}' arrays)")
+    return {str(name): ArraySpec(str(arr.dtype), tuple(arr.shape), len(arr.data or b""))
+            for name, arr in records[wire.TRAIN_ARRAYS].items()}
+
+
+def precheck_arrays(msg: Message) -> None:
+    """Names, dtypes and total size of the message's model, before the store reads its data.
+    Raises ModelFileError (a refusal that spends nothing)."""
+    check_array_specs(_array_specs(msg), dict.fromkeys(_TENSOR_NAMES))
+
+
+def checked_global(msg: Message, node: StoreNode, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The message's global weights, checked against this store's catalog (untrusted input).
+
+    Names, dtypes, shapes and byte lengths are checked from what the message says before any
+    array is decoded; then each array is decoded (NumPy without pickles) and checked again,
+    finite values included. Depends on the message and the public catalog only, never on
+    member data, so a refusal tells the server nothing about members. Raises ModelFileError.
+    """
+    expected = {k: tuple(v.shape) for k, v in _model_object(node, cfg).state_dict().items()}
+    check_array_specs(_array_specs(msg), expected)
+    state = {}
+    for name, arr in msg.content[wire.TRAIN_ARRAYS].items():
+        try:
+            state[name] = arr.numpy()
+        except Exception as exc:  # a damaged .npy payload, or another serialisation
+            raise ModelFileError(f"tensor '{name}' cannot be decoded ({exc.__class__.__name__})") from None
+    return check_weights(state, expected)
 
 
 def _allow_local_metrics(context: Context, node: StoreNode) -> bool:
@@ -103,14 +152,17 @@ def _proximal_mu(msg: Message) -> float:
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train the global model on this store's members with DP-SGD; reply per DESIGN §4.3."""
     cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
+    precheck_arrays(msg)  # likewise: a foreign model is refused before anything is read or decoded
     node = load_store(context.node_config, cfg)
+    # Before the reservation: a model that fails is refused and spends nothing.
+    weights = checked_global(msg, node, cfg)
     fault = injected_fault(node, context, cfg)
     if fault == "crash":
         raise RuntimeError(f"injected fault: store {node.store_id} crashed")
     if fault == "slow":
         time.sleep(float(cfg["fault-slow-s"]))
-    keep_model_if_none(msg, context, cfg, node, final=False)
-    reply = _train(msg, context, cfg, node)
+    keep_model_if_none(msg, context, cfg, node, weights, final=False)
+    reply = _train(msg, context, cfg, node, weights)
     return send(misbehave(reply, fault) if fault in ("nan", "scale", "shape") else reply)
 
 
@@ -142,9 +194,10 @@ def misbehave(reply: Message, fault: str) -> Message:
     return reply
 
 
-def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
+def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode,
+           weights: Mapping[str, torch.Tensor]) -> Message:
     if not cfg["dp"]:
-        return _train_without_dp(msg, context, cfg, node)
+        return _train_without_dp(msg, context, cfg, node, weights)
     accountant = str(cfg["accountant"])
     plan = dp_plan(node, cfg)  # from the published size only: the exact count stays here
     warn_size(node, plan.published_size)
@@ -175,7 +228,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
                 "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
         return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg)
     try:
-        model = _model(node, cfg, msg)
+        model = _model(node, cfg, weights)
         train_cfg = TrainConfig(
             local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
             optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
@@ -207,7 +260,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> M
     }
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
-    return _train_reply(msg, model, metrics, node, accountant, cfg, train_cfg.seed)
+    return _train_reply(msg, model, weights, metrics, node, accountant, cfg, train_cfg.seed)
 
 
 _SIZE_WARNED: set[str] = set()
@@ -222,9 +275,10 @@ def warn_size(node: StoreNode, published: int) -> None:
         print(f"storefed: store {node.store_id}: {text}", file=sys.stderr, flush=True)
 
 
-def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode) -> Message:
+def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: StoreNode,
+                      weights: Mapping[str, torch.Tensor]) -> Message:
     """Non-private training, for reference runs only: ε is reported as infinite."""
-    model = _model(node, cfg, msg)
+    model = _model(node, cfg, weights)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
                             lr=float(cfg["lr"]), seed=training_seed(node, cfg, server_round),
@@ -236,17 +290,17 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
                "epsilon-budget": float("inf")}
     if _allow_local_metrics(context, node):
         metrics["train-loss"] = result.loss
-    return _train_reply(msg, model, metrics, node, "none", cfg, train_cfg.seed)
+    return _train_reply(msg, model, weights, metrics, node, "none", cfg, train_cfg.seed)
 
 
-def _train_reply(msg: Message, model: Recommender, metrics: dict, node: StoreNode, accountant: str,
-                 cfg: RunConfig, seed: int) -> Message:
+def _train_reply(msg: Message, model: Recommender, sent_model: Mapping[str, torch.Tensor], metrics: dict,
+                 node: StoreNode, accountant: str, cfg: RunConfig, seed: int) -> Message:
     encoding = str(cfg["update-encoding"])
     if encoding == "float32":
         arrays = ArrayRecord(model.state_dict())
     else:
         # Post-processing of the DP output against the (public) global model: see update_codec.
-        sent = {k: v.numpy() for k, v in msg.content[wire.TRAIN_ARRAYS].items()}
+        sent = {k: v.numpy() for k, v in sent_model.items()}
         weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         encoded = update_codec.encode(weights, sent, encoding, np.random.default_rng(seed + 2))
         arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
@@ -262,12 +316,18 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model, the model the store serves (the global model with the store-local
     layer, fitted in the last round) and the baselines on this store's test split."""
     cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
+    precheck_arrays(msg)
     node = load_store(context.node_config, cfg)
     if not _allow_local_metrics(context, node):
         raise PermissionError(f"store {node.store_id} does not send evaluation metrics "
                               "(node config allow-local-metrics = false)")
-    keep_model_if_none(msg, context, cfg, node, final=False)
-    model = _model(node, cfg, msg)
+    # Not DP: bounded in how often and on how few members the store answers (client.evaluate_quota).
+    cap, minimum = evaluate_quota.limits(context.node_config, deployed=not node.simulated)
+    evaluate_quota.check_members(len(node.data.eval_member_ids), minimum)
+    evaluate_quota.take(state_dir(node, context.node_config, cfg), str(context.run_id), cap)
+    weights = checked_global(msg, node, cfg)
+    keep_model_if_none(msg, context, cfg, node, weights, final=False)
+    model = _model(node, cfg, weights)
     global_scores = model_scores(model, node.data)
     global_metrics = evaluate_scores(global_scores, node.data)
     metrics = {"num-examples": len(node.data.eval_member_ids), **global_metrics,
@@ -294,15 +354,8 @@ def _spent_epsilon(node: StoreNode, context: Context, cfg: RunConfig) -> float |
     return eps if np.isfinite(eps) else None
 
 
-def _checked_global(msg: Message, node: StoreNode, cfg: RunConfig) -> dict:
-    """The message's global weights, checked against this store's catalog (untrusted input)."""
-    expected = {k: tuple(v.shape) for k, v in Recommender(
-        node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"]))).state_dict().items()}
-    state = {k: v.numpy() for k, v in msg.content[wire.TRAIN_ARRAYS].items()}
-    return check_weights(state, expected)
-
-
-def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: StoreNode, *, final: bool) -> None:
+def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: StoreNode,
+                       weights: Mapping[str, torch.Tensor] | None = None, *, final: bool) -> None:
     """A store without a model keeps the global model a train or evaluate message carries.
 
     This is how a store that was offline when a run ended gets a model at its next contact.
@@ -313,30 +366,30 @@ def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: Sto
     where = state_dir(node, context.node_config, cfg)
     if read_info(where) is not None:
         return
-    try:
-        weights = _checked_global(msg, node, cfg)
-    except ModelFileError:
-        return  # training checks the same arrays and reports the problem
+    if weights is None:
+        weights = checked_global(msg, node, cfg)
     keep_model(where, weights, run_id=str(context.run_id), server_round=_server_round(msg),
+               delivered_in_run=str(context.run_id),
                epsilon=_spent_epsilon(node, context, cfg), final=final)
 
 
 def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Keep the run's final global model for serving; answer with the hash kept."""
     cfg = store_policy_for(msg, context.node_config, cfg)  # as for train and evaluate
+    precheck_arrays(msg)
     node = load_store(context.node_config, cfg)
     conf = msg.content["config"]
     claimed = str(conf.get("hash", ""))
-    try:
-        weights = _checked_global(msg, node, cfg)
-    except ModelFileError as exc:
-        raise ValueError(f"store {node.store_id} refuses the final model: {exc}") from None
+    weights = checked_global(msg, node, cfg)
     if weights_digest(weights) != claimed:
         raise ValueError(f"store {node.store_id} refuses the final model: its hash differs from the one announced")
+    where = state_dir(node, context.node_config, cfg)
+    # One final model per run, checked before the layer is fitted on member data for it.
+    check_delivery(where, claimed, str(context.run_id))
     if bool(cfg["local-layer"]):  # kept before the model, so that serving finds both at once
-        layer_store.keep_for_delivery(state_dir(node, context.node_config, cfg), claimed,
-                                      lambda: local_layer.layer_for(str(node.store_dir), _model(node, cfg, msg), node.data))
-    info = keep_model(state_dir(node, context.node_config, cfg), weights, run_id=str(conf.get("run-id", "")),
+        layer_store.keep_for_delivery(where, claimed,
+                                      lambda: local_layer.layer_for(str(node.store_dir), _model(node, cfg, weights), node.data))
+    info = keep_model(where, weights, run_id=str(conf.get("run-id", "")), delivered_in_run=str(context.run_id),
                       server_round=_server_round(msg),  # range-checked by the policy (≥ 0)
                       epsilon=_spent_epsilon(node, context, cfg), final=True)
     content = RecordDict({"store": ConfigRecord({"store-id": node.store_id, "model-hash": info["hash"]})})
@@ -386,7 +439,7 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, reason)), reply_to=msg)
     try:
         return handler()
-    except (DataError, LedgerError, PolicyError, ConfigError, RunNotAuthorized) as exc:
+    except (DataError, LedgerError, PolicyError, ConfigError, RunNotAuthorized, ModelFileError) as exc:
         store = store_label(context.node_config)
         print(f"storefed: store {store} refuses {msg.metadata.message_type}: {exc}", file=sys.stderr, flush=True)
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, str(exc))), reply_to=msg)

@@ -33,7 +33,10 @@ def enforce(msg: Message, node_config: Mapping[str, Any], cfg: RunConfig) -> Run
     """The run config this store uses for ``msg``: ``cfg`` checked, and at a deployed store
     with the store's own settings in place. Raises PolicyError (or ConfigError) to refuse."""
     check_values(cfg.values)  # a RunConfig built without from_mapping is checked here too
-    store_policy.check_message_config(msg.content["config"] if "config" in msg.content else {})
+    conf = msg.content["config"] if "config" in msg.content else {}
+    store_policy.check_message_config(conf)
+    if "proximal-mu" in conf:  # FedProx's pull, read by training (client.client_app)
+        store_policy.check_proximal_step(float(cfg["dp-lr"] if cfg["dp"] else cfg["lr"]), float(conf["proximal-mu"]))
     if not is_deployed(node_config):
         return cfg  # simulation: the run's settings, in range (no-DP references, other budgets)
     reasons = store_policy.refusals(cfg.values)

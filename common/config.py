@@ -125,9 +125,11 @@ RANGES: dict[str, Range] = {
     "rounds": Range.whole(1),
     "local-epochs": Range.whole(1),
     "batch-size": Range.whole(1),
-    "lr": Range(low=0, low_open=True),
+    # Step sizes are bounded so that no step can carry a weight past float32's range: with
+    # |Δw| ≤ lr·(clipped sum + noise)/B per step, a reply stays finite for any finite model.
+    "lr": Range(low=0, low_open=True, high=100),
     "dp-optimizer": Range(choices=("sgd", "adam")),
-    "dp-lr": Range(low=0, low_open=True),
+    "dp-lr": Range(low=0, low_open=True, high=100),
     "dim": Range.whole(1),
     "hidden": Range.whole(1),
     "history-len": Range.whole(1),
@@ -149,7 +151,8 @@ RANGES: dict[str, Range] = {
                                "fedtrimmedavg", "krum", "multikrum")),
     "server-lr": Range(low=0),
     "server-momentum": Range(low=0, high=1, high_open=True),
-    "proximal-mu": Range(low=0),
+    # FedProx's pull is stable only while dp-lr·μ < 1 (client.policy checks the product).
+    "proximal-mu": Range(low=0, high=10),
     "trim-beta": Range(low=0, high=0.5, high_open=True),
     "krum-malicious": Range.whole(0),
     "min-stores": Range.whole(0),

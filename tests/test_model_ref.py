@@ -145,9 +145,9 @@ def test_the_reused_model_object_trains_and_scores_bit_identically_to_a_fresh_on
     want_state, want_scores = run(fresh)
     node = SimpleNamespace(data=small_store)
     client_app._MODEL.clear()
-    first = client_app._model(node, cfg, message(other))
+    first = client_app._model(node, cfg, client_app.checked_global(message(other), node, cfg))
     run(first)  # the object now holds another task's trained weights, snapshot and gradients
-    again = client_app._model(node, cfg, message(weights))
+    again = client_app._model(node, cfg, client_app.checked_global(message(weights), node, cfg))
     assert again is first  # one object, weights loaded in place
     got_state, got_scores = run(again)
     assert all(torch.equal(want_state[k], got_state[k]) for k in want_state)

@@ -214,10 +214,19 @@ def test_an_out_of_range_number_is_refused_before_anything_is_read(small_chain_d
     assert not ledger_path(tmp_path).exists() and sent == []
 
 
-def test_a_message_config_number_out_of_range_is_refused(small_chain_dir, tmp_path, sent):
-    reply = _run(small_chain_dir, _deployed(small_chain_dir, tmp_path), {}, **{"proximal-mu": math.nan})
-    assert _refusal(reply) == "message config 'proximal-mu' must be a finite number ≥ 0, got nan"
-    assert sent == []
+@pytest.mark.parametrize("conf, reason", [
+    ({"proximal-mu": math.nan}, "message config 'proximal-mu' must be a finite number ≥ 0 and ≤ 10, got nan"),
+    ({"proximal-mu": 10.5}, "message config 'proximal-mu' must be a finite number ≥ 0 and ≤ 10, got 10.5"),
+    ({"server-round": 1_000_001}, "message config 'server-round' must be an integer ≥ 0 and ≤ 1e+06, got 1000001"),
+    # dp-lr 2 (the default) × μ 0.5 = 1: the proximal pull would no longer damp the weights.
+    ({"proximal-mu": 0.5}, "FedProx proximal-mu 0.5 with dp-lr 2: their product must be below 1, or the "
+                           "proximal term would make the weights diverge; lower either"),
+    ({"anything": math.inf}, "message config 'anything' must be a finite number, got inf"),
+])
+def test_a_message_config_number_out_of_range_is_refused(small_chain_dir, tmp_path, sent, conf, reason):
+    reply = _run(small_chain_dir, _deployed(small_chain_dir, tmp_path), {}, **conf)
+    assert _refusal(reply) == reason
+    assert sent == [] and not ledger_path(tmp_path).exists()
 
 
 # --- the pure parts -----------------------------------------------------------------------

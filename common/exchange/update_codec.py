@@ -20,6 +20,7 @@ import numpy as np
 ENCODINGS = ("float32", "float16", "int8")
 SCALE_SUFFIX = ".scale"
 Arrays = Mapping[str, np.ndarray]
+_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
@@ -36,7 +37,8 @@ def encode(weights: Arrays, reference: Arrays, encoding: str, rng: np.random.Gen
     for name, w in weights.items():
         delta = np.asarray(w, dtype=np.float32) - np.asarray(reference[name], dtype=np.float32)
         if encoding == "float16":
-            out[name] = delta.astype(np.float16)
+            # Clipped to half precision's range: a step beyond ±65504 would become ±inf on the wire.
+            out[name] = np.clip(delta, -_F16_MAX, _F16_MAX).astype(np.float16)
             continue
         rows = _rows(delta)
         scale = np.abs(rows).max(axis=1) / 127.0

@@ -122,6 +122,17 @@ def clipped_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, factors: tor
         layer.bias.grad = factors @ g.sum(1)
 
 
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """[B] bool: member ``i``'s slice of ``t`` holds only finite values."""
+    return torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
+
+
+def _zero_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` with the slices of members not in ``keep`` set to exactly 0."""
+    mask = keep.reshape((-1,) + (1,) * (t.dim() - 1))
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
+
+
 class ClippedLoss:
     """The batch loss (mean over members, for reporting) whose ``backward`` sets each
     parameter's ``.grad`` to the sum of per-member gradients clipped to ``clip_norm``."""
@@ -131,9 +142,14 @@ class ClippedLoss:
         self.tapped = tapped
         self.clip_norm = clip_norm
         self.factors: torch.Tensor | None = None  # c_i, kept for inspection and tests
+        self.finite: torch.Tensor | None = None  # which members counted (c_i = 0 for the others)
 
     def detach(self) -> torch.Tensor:
-        return self.per_member.detach().mean()
+        """The mean loss over the members whose loss is finite (0 when none is): the
+        reported value must stay a number whatever model the server sent."""
+        loss = self.per_member.detach()
+        finite = torch.isfinite(loss)
+        return loss[finite].mean() if bool(finite.any()) else loss.new_zeros(())
 
     def backward(self) -> None:
         records = [(layer, *self.tapped.records[layer]) for layer in self.tapped.layers
@@ -144,12 +160,25 @@ class ClippedLoss:
         grads = torch.autograd.grad(self.per_member.sum(), edges, allow_unused=True)
         batch = self.per_member.shape[0]
         sq = torch.zeros(batch, dtype=self.per_member.dtype)
+        # A member counts only when everything of theirs is finite: loss, every layer's
+        # input and output gradient rows, and the norm. Decided per member, from that
+        # member's rows alone (DESIGN §4.2, "any model"): a member whose forward pass a
+        # crafted model overflows contributes exactly zero, as if absent, instead of
+        # turning the whole noised sum into NaN (a membership oracle).
+        finite = torch.isfinite(self.per_member.detach())
         pairs = []
         for (layer, a, _, shape), g in zip(records, grads):
             g = torch.zeros(shape, dtype=a.dtype) if g is None else g.detach()
+            finite &= _finite_rows(a) & _finite_rows(g)
             sq += per_member_sq_norms(layer, a, g)
             pairs.append((layer, a, g))
-        self.factors = (self.clip_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        finite &= torch.isfinite(sq)
+        self.finite = finite
+        factors = (self.clip_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        self.factors = torch.where(finite, factors, torch.zeros_like(factors))
+        if not bool(finite.all()):
+            # 0 · NaN is NaN: the rows themselves are zeroed, not just their factors.
+            pairs = [(layer, _zero_rows(a, finite), _zero_rows(g, finite)) for layer, a, g in pairs]
         del grads
         used: set[nn.Linear] = set()
         while pairs:  # each G is freed as soon as its layer is done

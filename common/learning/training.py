@@ -166,6 +166,9 @@ def train_local(
             model, optimizer, criterion, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
             expected_batch_size=divisor, noise_generator=noise_generator)
     elif dp is not None:
+        # Opacus' path has no per-member guard against a model that makes one member's
+        # gradient non-finite (dp_fast has): a deployed store refuses it (store_policy.refusals),
+        # so it runs only in simulations and benchmarks, on models of storefed's own making.
         from opacus import PrivacyEngine  # imported lazily: plain training does not need it
 
         # Opacus' own accountant is not used: the store's ledger is the record (common.privacy.accountant).

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
 
-class ModelFileError(Exception):
+class ModelFileError(ValueError):
     """Weights that cannot be used with this store's catalog; the message says why."""
 
 
@@ -63,6 +65,8 @@ def check_weights(state: Mapping[str, object], expected: Mapping[str, tuple]) ->
         value = state[name]
         if not isinstance(value, (torch.Tensor, np.ndarray)):
             raise ModelFileError(f"tensor '{name}' is not an array")
+        if value.dtype not in (torch.float32, np.float32):
+            raise ModelFileError(f"tensor '{name}' is {value.dtype}; a store takes float32 weights only")
         arr = _as_array(value)
         if tuple(arr.shape) != tuple(shape):
             raise ModelFileError(f"tensor '{name}' has shape {tuple(arr.shape)}, the store's catalog needs "
@@ -71,6 +75,56 @@ def check_weights(state: Mapping[str, object], expected: Mapping[str, tuple]) ->
             raise ModelFileError(f"tensor '{name}' holds NaN or infinite values")
         out[name] = torch.from_numpy(arr.copy())
     return out
+
+
+# The largest global model a store accepts in one message, in bytes of array data: 4 M items
+# × d 64 in float32 is 1 GiB. A model beyond it is refused before any array is decoded.
+MAX_MODEL_BYTES = 1 << 30
+# What a NumPy ``.npy`` header may add to an array's data bytes (Flower sends arrays so).
+_NPY_HEADER_MAX = 4096
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What a message says about one array, read without decoding it."""
+
+    dtype: str
+    shape: tuple
+    nbytes: int  # length of its serialised data
+
+
+def check_array_specs(specs: Mapping[str, ArraySpec], expected: Mapping[str, tuple | None],
+                      max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """Refuse (:class:`ModelFileError`) arrays that are not exactly the model's, from what
+    the message *says* of them: names, dtype float32, shapes, data lengths and their total.
+
+    Runs before any array is decoded, so a foreign array (an int8 table under a weight's
+    name, a huge shape) costs no memory: only the expected float32 bytes are ever decoded.
+    The decision reads the message and the catalog's shapes only, never member data. A
+    shape of None in ``expected`` is not known yet (the catalog not read): not checked.
+    """
+    total = sum(max(0, int(s.nbytes)) for s in specs.values())
+    if total > max_bytes:
+        raise ModelFileError(f"the model's arrays hold {total:,} bytes, more than a store accepts "
+                             f"({max_bytes:,})")
+    missing = sorted(set(expected) - set(specs))
+    extra = sorted(set(specs) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"the model's tensors do not match this store's model (missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}); it was trained for another catalog or version")
+    for name, shape in expected.items():
+        spec = specs[name]
+        if spec.dtype != "float32":
+            raise ModelFileError(f"tensor '{name}' is {spec.dtype!r}; a store takes float32 weights only")
+        if shape is None:
+            continue
+        if tuple(spec.shape) != tuple(shape):
+            raise ModelFileError(f"tensor '{name}' has shape {tuple(spec.shape)}, the store's catalog needs "
+                                 f"{tuple(shape)}; the model was trained for another catalog")
+        want = 4 * math.prod(shape)
+        if not want <= spec.nbytes <= want + _NPY_HEADER_MAX:
+            raise ModelFileError(f"tensor '{name}' carries {spec.nbytes:,} bytes of data for {want:,} bytes "
+                                 "of float32 weights")
 
 
 def decode_weights(data: bytes, expected: Mapping[str, tuple]) -> dict[str, torch.Tensor]:

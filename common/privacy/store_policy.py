@@ -65,7 +65,7 @@ WHO: dict[str, tuple[str, str]] = {
     "strategy": (SERVER, ""),
     "server-lr": (SERVER, ""),
     "server-momentum": (SERVER, ""),
-    "proximal-mu": (SERVER, "the store reads FedProx's copy in the train message, range-checked"),
+    "proximal-mu": (SERVER, "the store reads FedProx's copy in the train message, range-checked (≤ 10, and dp-lr × μ < 1)"),
     "trim-beta": (SERVER, ""),
     "krum-malicious": (SERVER, ""),
     "min-stores": (SERVER, ""),
@@ -85,8 +85,8 @@ WHO: dict[str, tuple[str, str]] = {
 # The keys of a train or evaluate message's "config" record that a store reads (Flower's
 # strategies write them); outside numbers like the run config's.
 MESSAGE_RANGES: dict[str, Range] = {
-    "server-round": Range.whole(0),
-    "proximal-mu": Range(low=0),
+    "server-round": Range(low=0, high=1_000_000, integer=True),
+    "proximal-mu": Range(low=0, high=10),
 }
 
 STORE_DEFAULT_BUDGET = 8.0
@@ -206,3 +206,17 @@ def check_message_config(config: Mapping[str, Any]) -> None:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not rule.allows(value):
             raise PolicyError(f"message config '{key}' must be {rule.text()}, got {value!r}")
+    # Keys the store does not read are not used, but a number that is not finite is refused
+    # wherever it stands: nothing non-finite from outside goes any further.
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PolicyError(f"message config '{key}' must be a finite number, got {value!r}")
+
+
+def check_proximal_step(dp_lr: float, proximal_mu: float) -> None:
+    """Refuse FedProx settings whose pull would grow the weights instead of damping them:
+    the SGD step multiplies w − w_global by (1 − lr·μ), so lr·μ must stay below 1. Public
+    values only: the refusal says nothing about members."""
+    if dp_lr * proximal_mu >= 1.0:
+        raise PolicyError(f"FedProx proximal-mu {proximal_mu:g} with dp-lr {dp_lr:g}: their product must be "
+                          "below 1, or the proximal term would make the weights diverge; lower either")
