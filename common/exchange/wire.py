@@ -79,7 +79,9 @@ def decline_reason(info: dict) -> str:
 # (client/run_authorization.py, client/pinned_exec.py: unsigned, expired, replayed with the
 # earlier run's id, another key, another app or version); the messages it comes from
 # describe files, columns, settings and the run (a parser error gives line and field
-# numbers), not member data.
+# numbers), not member data. A refused model (client.client_app.checked_global) names the
+# tensor and what is wrong with it (name, dtype, shape, byte length, a non-finite value): a
+# function of the message and the public catalog, decided before any member data is read.
 REFUSE_CODE = 1002
 REFUSE_PREFIX = "storefed-refuse "
 REFUSE_KEYS = ("store-id", "reason")
