@@ -82,8 +82,8 @@ def _linear_layers(module: nn.Module) -> list[nn.Linear]:
         raise ValueError(f"the fast DP path supports nn.Linear layers only; also trainable: {other} "
                          "(use dp-path = \"opacus\")")
     for m in layers:
-        if not all(p.requires_grad for p in m.parameters(recurse=False)):
-            raise ValueError("the fast DP path needs a Linear's weight and bias both trainable or both frozen")
+        if m.bias is not None and not m.bias.requires_grad and m.weight.requires_grad:
+            raise ValueError("the fast DP path cannot train a Linear's weight with its bias frozen")
     return layers
 
 
@@ -93,7 +93,9 @@ def _as_sequence(t: torch.Tensor) -> torch.Tensor:
 
 
 def per_member_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each member's gradient of ``layer`` (weight and bias), [B]."""
+    """Squared norm of each member's gradient of ``layer`` (its trainable weight and bias), [B]."""
+    if not layer.weight.requires_grad:  # only the bias trains: its gradient is Σ_t g_t
+        return (g if g.dim() == 2 else _as_sequence(g).sum(1)).pow(2).sum(1)
     if a.dim() == 2:
         # vector_norm is one fused pass; g.pow(2).sum(1) would write a [B, out] temporary.
         g_sq = torch.linalg.vector_norm(g, dim=1).square()
@@ -110,7 +112,10 @@ def per_member_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> t
 
 
 def clipped_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> None:
-    """Set the layer's ``.grad`` to ``Σ_i c_i ∇_i`` (weight and bias)."""
+    """Set the layer's ``.grad`` to ``Σ_i c_i ∇_i`` (its trainable weight and bias)."""
+    if not layer.weight.requires_grad:
+        layer.bias.grad = factors @ (g if g.dim() == 2 else _as_sequence(g).sum(1))
+        return
     if a.dim() == 2:
         layer.weight.grad = g.t() @ (a * factors[:, None])
         if layer.bias is not None:
