@@ -21,6 +21,7 @@ import json
 import gc
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +29,9 @@ from fastapi.responses import Response
 
 from common.config import ConfigError
 from common.data.storefiles import read_store_meta
-from client.serving import ReceiptRejected, StoreServing
+
+if TYPE_CHECKING:  # the store's data and model (pandas, torch) load only once the key is checked
+    from client.serving import StoreServing
 
 K_MAX = 100
 AUDIENCE_K_MAX = 1_000  # members in one audience at most ...
@@ -170,6 +173,8 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
 
     ``key``: the bearer key every request must carry; without one the app is open only when
     ``open_api`` says so (``--no-auth``), else this refuses to build it."""
+    from client.serving import ReceiptRejected
+
     stop = threading.Event()
 
     def watch() -> None:
@@ -251,6 +256,8 @@ def serve(store_dir: Path, catalog: Path | None, host: str, port: int, state_dir
     import uvicorn
 
     key = check_access(read_store_meta(store_dir), Path(store_dir), host, key_file, no_auth)
+    from client.serving import StoreServing
+
     serving = StoreServing(store_dir, catalog, state_dir)
     model = serving.model_info()
     print(f"storefed serve: store {serving.store_id}, {len(serving.known_members)} members, "

@@ -265,21 +265,21 @@ def test_serve_does_not_start_without_a_key_and_opens_only_on_loopback(store, tm
         assert len(lines) == 1 and lines[0].startswith("storefed: ")
         return lines[0]
 
-    assert "serve_api_key_file" in refused(bare) and "--api-key-file" in refused(bare)
-    for content in ("", "\n", "  \t\n"):
-        (tmp_path / "empty.key").write_text(content)
-        assert "no bearer key" in refused(bare, "--api-key-file", str(tmp_path / "empty.key"))
+    line = refused(bare)
+    assert "no bearer key" in line and "serve_api_key_file" in line and "--api-key-file" in line
+    for content in ("", "\n"):  # a key file of nothing but whitespace is no key
         (bare / "serve.key").write_text(content)
         (bare / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "serve.key"}))
-        assert "serve_api_key_file" in refused(bare)
-    (bare / "store.json").write_text(json.dumps({**meta, "serve_api_key": ""}))
-    assert "no bearer key" in refused(bare)
+        assert "no bearer key" in refused(bare)
+    (tmp_path / "blank.key").write_text("  \t\n")
+    assert "no bearer key" in refused(bare, "--api-key-file", str(tmp_path / "blank.key"))
     (bare / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "missing.key"}))
-    assert "missing.key" in refused(bare) and "cannot be read" in refused(bare)
+    line = refused(bare)
+    assert "missing.key" in line and "cannot be read" in line
     (tmp_path / "spaced.key").write_text("two words\n")
     assert "whitespace" in refused(bare, "--api-key-file", str(tmp_path / "spaced.key"))
     (bare / "store.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "serve_api_key_file"}))
-    for host in ("0.0.0.0", "192.0.2.7", "::", "store.example"):
+    for host in ("0.0.0.0", "store.example"):
         assert "loopback" in refused(bare, "--no-auth", "--host", host)
     assert "--no-auth and a bearer key" in refused(store, "--no-auth")
 
@@ -365,3 +365,22 @@ def test_every_path_needs_the_key_and_bodies_are_bounded(store):
         assert server.call("GET", "/v1/health")[0] == 200  # still answering
     finally:
         server.stop()
+
+
+def test_which_hosts_are_loopback_and_which_keys_are_keys(tmp_path):
+    from client.serve_api import check_access, is_loopback
+    from common.config import ConfigError
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "::", "192.0.2.7", "10.0.0.1", "store.example", "")))
+    meta = {"store_id": "S9"}
+    for given in ({"serve_api_key": ""}, {"serve_api_key": " \n"}, {}):
+        with pytest.raises(ConfigError, match="no bearer key for store S9"):
+            check_access({**meta, **given}, tmp_path, "127.0.0.1", None, False)
+    assert check_access({**meta, "serve_api_key": " k1 "}, tmp_path, "0.0.0.0", None, False) == "k1"
+    (tmp_path / "f.key").write_text("k2\n")
+    # The flag wins over store.json; --no-auth is open (None) on loopback only.
+    assert check_access({**meta, "serve_api_key": "k1"}, tmp_path, "0.0.0.0", tmp_path / "f.key", False) == "k2"
+    assert check_access(meta, tmp_path, "::1", None, True) is None
+    with pytest.raises(ConfigError, match="loopback"):
+        check_access(meta, tmp_path, "0.0.0.0", None, True)
