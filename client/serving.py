@@ -6,8 +6,11 @@ costly work once (DESIGN §5.2): the store's files are validated as `storefed va
 with a model the member states (:class:`common.learning.recommend.MemberState`) of all of
 them are precomputed, so a request is one matrix-vector product and a top-k.
 
-* A receipt taken through the API is validated with the contract's row rules, appended to
-  the journal (fsync) and then folded into that member's history and state at once.
+* A receipt taken through the API is validated with the contract's row rules and the
+  intake's own (printable, length-limited text; a receipt id already used is refused unless
+  the receipt is the same; a return only of what that member bought here), committed to the
+  journal (:mod:`client.receipts_journal`, one SQLite transaction) and then folded into that
+  member's history and state at once.
 * A newly delivered model (``model.json`` changed) is loaded by a watcher thread, built
   completely aside and swapped in as one reference: requests never see half a model.
 * The store-local layer (DESIGN §5.1) kept for that model (:mod:`client.layer_store`; fitted
@@ -29,12 +32,13 @@ import pandas as pd
 
 from client import layer_store
 from client.model_store import INFO_FILE, read_model
-from client.receipts_journal import append_receipt, journal_path
+from client.receipts_journal import Journal, JournalError, journal_sources, read_journal, text_problem
 from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, build_store_data, days_since_epoch, \
     history_arrays, member_log, profile_matrix
-from common.data.ingest import validate_store
-from common.data.storefiles import DataError, read_catalog, read_store_meta
-from common.data.validation import FileReport, check_transaction_chunk
+from common.data import contract
+from common.data.ingest import read_chunks, sniff, validate_store
+from common.data.storefiles import DataError, locate, read_catalog, read_store_meta
+from common.data.validation import FileReport, check_transaction_chunk, parse_timestamps
 from common.learning import recommend
 from common.learning.local_layer import Histories, LocalLayer, adapt, member_histories
 from common.learning.model import ModelConfig, Recommender
@@ -45,11 +49,13 @@ _ENCODE_BATCH = 512  # members per batch when states are built (bounds a [batch,
 
 
 class ReceiptRejected(Exception):
-    """A receipt that breaks the data contract; ``reasons`` lists each problem."""
+    """A receipt not taken; ``reasons`` lists each problem, ``status`` the HTTP answer (422: it
+    breaks the data contract, 409: its id is taken by another receipt, 503: no journal)."""
 
-    def __init__(self, reasons: list[dict]) -> None:
+    def __init__(self, reasons: list[dict], status: int = 422) -> None:
         super().__init__("; ".join(f"{r.get('field', '')}: {r['reason']}" for r in reasons))
         self.reasons = reasons
+        self.status = status
 
 
 @dataclass
@@ -93,8 +99,9 @@ class StoreServing:
 
     # -- data ---------------------------------------------------------------------------
     def _load_data(self) -> None:
+        journal = read_journal(self.state_dir)
         checked = validate_store(self.store_dir, self.catalog_path, keep_data=True,
-                                 journal=journal_path(self.state_dir))
+                                 journal=journal_sources(self.state_dir, journal))
         if not checked.usable:
             raise DataError(f"store {self.store_id} cannot be served: " + "; ".join(checked.fatal))
         catalog = read_catalog(self.catalog_path)
@@ -134,7 +141,16 @@ class StoreServing:
             if len(self.member_ids) else np.zeros((0, 0), np.float32)
         self.bought = {m: set(g.tolist()) for m, g in self.lines.groupby("member")["item"]}
         self.extra: dict[str, list[dict]] = {}  # receipts taken since loading, per member
-        self.receipt_ids = self._journal_receipts()
+        self.net_taken: dict[str, dict[int, float]] = {}  # quantities taken since loading, per member and item
+        # Every receipt id the store knows (transactions.csv and the journal): an id is used once.
+        self.known_receipts = set(checked.receipt_ids.tolist())
+        self.legacy_receipts = journal.legacy_receipts
+        self.journal_warnings = [w for w in checked.warnings if "receipts.journal" in w]
+        try:
+            self.journal: Journal | None = Journal(self.state_dir)
+            self.journal_error: str | None = None
+        except JournalError as exc:  # serve all the same; receipts are refused until it is fixed
+            self.journal, self.journal_error = None, str(exc)
         self._refresh_popular()
 
     def _listed_assortment(self) -> np.ndarray:
@@ -147,13 +163,6 @@ class StoreServing:
             pos = self.catalog_ids.get_indexer(frame["item_id"].str.strip())
             listed[pos[pos >= 0]] = True
         return listed
-
-    def _journal_receipts(self) -> dict[str, str]:
-        path = journal_path(self.state_dir)
-        if not path.exists():
-            return {}
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip")
-        return dict(zip(frame["receipt_id"], frame["member_id"])) if "receipt_id" in frame else {}
 
     def _refresh_popular(self) -> None:
         counts = self.counts[self.candidates]
@@ -349,6 +358,8 @@ class StoreServing:
         for key in ("receipt_id", "ts", "member_id"):
             if not isinstance(body.get(key), str):
                 reasons.append({"field": key, "reason": "missing or not a string"})
+            elif text_problem(key, body[key].strip()):
+                reasons.append(_text_reason(key, key, body[key].strip()))
         lines = body.get("lines")
         if not isinstance(lines, list) or not lines:
             reasons.append({"field": "lines", "reason": "must be a non-empty list"})
@@ -359,6 +370,13 @@ class StoreServing:
                 if not isinstance(line, dict) or not isinstance(line.get("item_id"), str):
                     reasons.append({"field": f"lines[{n}].item_id", "reason": "missing or not a string"})
                     continue
+                if text_problem("item_id", line["item_id"].strip()):
+                    reasons.append(_text_reason(f"lines[{n}].item_id", "item_id", line["item_id"].strip()))
+                promo = line.get("promo")
+                if promo is not None and not isinstance(promo, str):
+                    reasons.append({"field": f"lines[{n}].promo", "reason": "not a string"})
+                elif promo and text_problem("promo", promo.strip()):
+                    reasons.append(_text_reason(f"lines[{n}].promo", "promo", promo.strip()))
                 for key in ("quantity", "unit_price"):
                     value = line.get(key)
                     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -382,25 +400,116 @@ class StoreServing:
             raise ReceiptRejected(reasons)
         return {"receipt_id": body["receipt_id"].strip(), "ts": body["ts"].strip(), "member_id": member,
                 "lines": [{"item_id": str(line["item_id"]).strip(), "quantity": float(line["quantity"]),
-                           "unit_price": float(line["unit_price"])} for line in lines],
+                           "unit_price": float(line["unit_price"]), "promo": str(line.get("promo") or "").strip()}
+                          for line in lines],
                 "_day": float(days_since_epoch(result.lines["ts"] if len(result.lines) else result.anonymous["ts"])[0])}
 
     def take_receipt(self, body: object) -> tuple[dict, bool]:
-        """Validate, journal durably, then reflect; returns (receipt, newly recorded)."""
+        """Validate, journal durably, then reflect; returns (receipt, newly recorded).
+
+        A receipt id already used (transactions.csv or the journal) is a retry when the
+        receipt is the same (member, time, lines: recorded once) and a conflict (409) otherwise."""
         receipt = self.check_receipt(body)
         with self._lock:
-            if receipt["receipt_id"] in self.receipt_ids:
-                if self.receipt_ids[receipt["receipt_id"]] != receipt["member_id"]:
-                    raise ReceiptRejected([{"field": "receipt_id", "reason": "duplicate_receipt_id"}])
-                return receipt, False  # a client's retry: recorded once
-            append_receipt(self.state_dir, receipt)
-            self.receipt_ids[receipt["receipt_id"]] = receipt["member_id"]
+            existing, where = self._existing(receipt["receipt_id"])
+            if where is not None:
+                if existing is not None and self._same(existing, receipt):
+                    return receipt, False  # a client's retry: recorded once
+                raise ReceiptRejected([{"field": "receipt_id", "value": receipt["receipt_id"],
+                                        "reason": "duplicate_receipt_id",
+                                        "detail": f"this id is another receipt's, in {where}; a receipt id is "
+                                                  "used once (the same receipt again is answered 200)"}], 409)
+            self._check_returns(receipt)
+            if self.journal is None:
+                raise ReceiptRejected([{"field": "", "reason": "journal_unavailable",
+                                        "detail": str(self.journal_error)}], 503)
+            try:
+                recorded = self.journal.record(receipt)
+            except JournalError as exc:
+                raise ReceiptRejected([{"field": "", "reason": "journal_unavailable", "detail": str(exc)}], 503) \
+                    from None
+            if not recorded:  # taken meanwhile by another process writing the same journal
+                raise ReceiptRejected([{"field": "receipt_id", "value": receipt["receipt_id"],
+                                        "reason": "duplicate_receipt_id", "detail": "recorded meanwhile"}], 409)
+            self.known_receipts.add(receipt["receipt_id"])
             self._reflect(receipt)
         return receipt, True
+
+    def _existing(self, receipt_id: str) -> tuple[dict | None, str | None]:
+        """(the receipt recorded under this id, where) — (None, None) when the id is free."""
+        if self.journal is not None:
+            found = self.journal.find(receipt_id)
+            if found is not None:
+                return found, "the receipts journal"
+        if receipt_id in self.legacy_receipts:
+            return self.legacy_receipts[receipt_id], "the receipts journal"
+        if receipt_id not in self.known_receipts:
+            return None, None
+        path = locate(self.store_dir, contract.TRANSACTIONS_FILE)
+        try:  # rare (an id reused): read the file's lines of that receipt
+            parts = [c[c["receipt_id"].str.strip() == receipt_id] for c in read_chunks(sniff(path))]
+        except (DataError, OSError, KeyError):
+            return None, contract.TRANSACTIONS_FILE
+        rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if rows.empty:
+            return None, "the receipts journal"
+        return {"receipt_id": receipt_id, "ts": rows["ts"].iloc[0], "member_id": rows["member_id"].iloc[0],
+                "ts_all": set(rows["ts"].str.strip()),
+                "lines": [{"item_id": i, "quantity": q, "unit_price": p}
+                          for i, q, p in zip(rows["item_id"], rows["quantity"], rows["unit_price"])]}, \
+            contract.TRANSACTIONS_FILE
+
+    def _same(self, existing: dict, receipt: dict) -> bool:
+        """Whether a recorded receipt is this one: the same member, time and lines (in any order)."""
+        try:
+            if len(existing.get("ts_all", ())) > 1:
+                return False
+            day = days_since_epoch(parse_timestamps(pd.Series([str(existing["ts"]).strip()]), self.tz))[0]
+            mine = sorted((str(x["item_id"]).strip(), float(x["quantity"]), float(x["unit_price"]))
+                          for x in existing["lines"])
+        except (ValueError, TypeError, KeyError):
+            return False
+        theirs = sorted((x["item_id"], x["quantity"], x["unit_price"]) for x in receipt["lines"])
+        return (str(existing["member_id"]).strip() == receipt["member_id"] and bool(np.isfinite(day))
+                and abs(float(day) - receipt["_day"]) < 1e-9 and mine == theirs)
+
+    def _check_returns(self, receipt: dict) -> None:
+        """A return (negative quantity) only of what the member bought here: per item, the
+        member's net quantity (their lines here, receipts taken since, this receipt) stays ≥ 0.
+
+        Checked for the members whose lines the store trains on (consenting); another
+        member's lines are excluded from training and popularity, so their returns change
+        nothing but are journaled as the POS sends them."""
+        member = receipt["member_id"]
+        if member not in self.consenting or not any(line["quantity"] < 0 for line in receipt["lines"]):
+            return
+        mine = self.lines[self.lines["member"] == member]
+        net = mine.groupby("item")["qty"].sum().to_dict()
+        for item, qty in self.net_taken.get(member, {}).items():
+            net[item] = net.get(item, 0.0) + qty
+        change: dict[int, float] = {}
+        for line in receipt["lines"]:
+            item = self.item_pos[line["item_id"]]
+            change[item] = change.get(item, 0.0) + line["quantity"]
+        reasons = []
+        for n, line in enumerate(receipt["lines"], 1):
+            item = self.item_pos[line["item_id"]]
+            if line["quantity"] < 0 and net.get(item, 0.0) + change[item] < -1e-9:
+                reasons.append({"field": f"lines[{n}].quantity", "value": line["quantity"],
+                                "reason": "return_exceeds_purchases",
+                                "detail": f"member {member} bought a net {float(net.get(item, 0.0)):g} of item "
+                                          f"{line['item_id']} at store {self.store_id}; this receipt's net is "
+                                          f"{change[item]:g}"})
+        if reasons:
+            raise ReceiptRejected(reasons)
 
     def _reflect(self, receipt: dict) -> None:
         """Fold an accepted receipt into popularity and, for a consenting member, their state."""
         member = receipt["member_id"]
+        taken = self.net_taken.setdefault(member, {})
+        for line in receipt["lines"]:
+            item = self.item_pos[line["item_id"]]
+            taken[item] = taken.get(item, 0.0) + line["quantity"]
         for line in receipt["lines"]:
             if line["quantity"] > 0:
                 self.counts[self.item_pos[line["item_id"]]] += line["quantity"]
@@ -410,7 +519,7 @@ class StoreServing:
             return
         self.extra.setdefault(member, []).extend(
             {"member": member, "item": self.item_pos[line["item_id"]], "day": receipt["_day"],
-             "qty": line["quantity"], "receipt": -len(self.receipt_ids)}
+             "qty": line["quantity"], "receipt": -len(self.known_receipts)}
             for line in receipt["lines"] if line["quantity"] > 0)  # returns are netted at training
         self.bought.setdefault(member, set()).update(self.item_pos[line["item_id"]] for line in receipt["lines"]
                                                      if line["quantity"] > 0)
@@ -430,6 +539,16 @@ class StoreServing:
                 getattr(bundle.states, f)[row] = getattr(one, f)[0]
             if bundle.served is not None:
                 bundle.served[row] = self._served_rows(bundle, np.array([row]))[0]
+
+
+def _text_reason(field: str, name: str, value: str) -> dict:
+    problem = text_problem(name, value)
+    from client.receipts_journal import LIMITS
+
+    why = {"control_character": "holds a control character (e.g. NUL, a line end): text must be printable",
+           "field_too_long": f"longer than {LIMITS.get(name, 64)} characters"}[problem]
+    return {"field": field, "value": value.encode("unicode_escape").decode("ascii")[:80], "reason": problem,
+            "detail": why}
 
 
 def _dims_of(state_dir: Path) -> tuple[int, int]:

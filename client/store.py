@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from client import prepared_cache
-from client.receipts_journal import journal_path
+from client.receipts_journal import journal_sources, journal_stamp
 from common.privacy import accountant as privacy
 from common.privacy import store_policy
 from common.privacy.published_size import bucket, declared_size
@@ -105,20 +105,21 @@ def load_store(node_config: Mapping[str, Any], cfg: RunConfig) -> StoreNode:
     ex_cfg = example_config(cfg)
     meta = read_store_meta(store_dir)
     state = state_dir_for(store_dir, node_config, cfg, str(meta["store_id"]))
-    journal = journal_path(state)  # receipts taken by `storefed serve` train too
-    journal_mtime = journal.stat().st_mtime if journal.exists() else 0.0
-    key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir), journal_mtime)
+    # Receipts taken by `storefed serve` train too. The journal's stamp (its line count and
+    # last row id: with WAL the file's mtime may not move) keys the cache.
+    stamp = journal_stamp(state)
+    key = (str(store_dir), str(catalog_dir), ex_cfg, _mtime(store_dir), stamp)
     if key not in _CACHE:
         quarantine = state / "quarantine"
         consent = _assume_consent(node_config, meta)
         # A simulated store may be served by any of the simulation's worker processes; the
         # first one to prepare it leaves a copy for the others (see prepared_cache).
-        disk = prepared_cache.path(store_dir, catalog_dir, ex_cfg, consent) if simulated and not journal_mtime else None
+        disk = prepared_cache.path(store_dir, catalog_dir, ex_cfg, consent) if simulated and not stamp else None
         data = prepared_cache.load(disk) if disk else None
         if data is None:
             # The same validation as `storefed validate`: training uses exactly the accepted rows.
             data, _ = prepare_store(store_dir, catalog_dir, ex_cfg, quarantine_dir=quarantine, assume_consent=consent,
-                                    journal=journal)
+                                    journal=journal_sources(state))
             if disk and not (quarantine.exists() and any(quarantine.iterdir())):
                 prepared_cache.save(disk, data)  # only when nothing was quarantined: a cache hit writes nothing
         _CACHE[key] = (data, meta)

@@ -6,7 +6,9 @@ cost does not depend on what the weights learned, only on their shapes. The load
 another process: ``concurrency`` keep-alive connections on raw asyncio sockets with
 prebuilt request bytes (no HTTP client library), so the generator spends little of the CPU
 it shares with the server. Reported per endpoint and concurrency: p50/p95/p99 latency,
-requests per second, errors, and the CPU both processes used (% of one core).
+requests per second, errors, and the CPU both processes used (% of one core). The store
+gets a bearer key as a deployed one has (`storefed serve` starts only with one); every
+request carries it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -31,6 +34,7 @@ TARGETS = {  # issue 15, on 2 cores
     ("audience", 1): {"p99_ms": 30.0},
 }
 ROOT = Path(__file__).resolve().parents[1]
+KEY_FILE = "serve.key"  # in the generated store's directory, named in its store.json
 
 
 def _free_port() -> int:
@@ -39,8 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list[str]]:
-    """A one-store chain with an (untrained) model in the store's state; (store, member ids, item ids)."""
+def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list[str], str]:
+    """A one-store chain with an (untrained) model in the store's state and a bearer key;
+    (store, member ids, item ids, key)."""
     import torch
 
     from client.layer_store import keep_layer
@@ -73,13 +78,19 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     frame = pd.read_csv(store / "members.csv", dtype=str, keep_default_na=False)
     consenting = frame.loc[frame["consent_training"].str.lower().isin(["true", "1", "yes"]), "member_id"].tolist()
     sold = pd.read_csv(store / "transactions.csv", dtype=str, usecols=["item_id"])["item_id"].value_counts()
-    return store, consenting, sold.index[:1000].tolist()
+    key = secrets.token_hex(32)
+    (store / KEY_FILE).write_text(key + "\n")
+    os.chmod(store / KEY_FILE, 0o600)
+    meta = json.loads((store / "store.json").read_text())
+    (store / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": KEY_FILE}, indent=2))
+    return store, consenting, sold.index[:1000].tolist(), key
 
 
-def _health(port: int) -> dict:
+def _health(port: int, key: str) -> dict:
     """GET /v1/health, on its own connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        conn.sendall(f"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                     "Connection: close\r\n\r\n".encode())
         reply = b""
         while chunk := conn.recv(65536):
             reply += chunk
@@ -105,9 +116,10 @@ async def _connection(port: int, paths: list[bytes], until: float, out: list[flo
     writer.close()
 
 
-def _load(port: int, paths: list[str], concurrency: int, duration_s: float, queue) -> None:
+def _load(port: int, paths: list[str], concurrency: int, duration_s: float, queue, key: str) -> None:
     """One load-generator process: ``concurrency`` connections for ``duration_s``."""
-    requests = [f"GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for p in paths]
+    requests = [f"GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+                for p in paths]
     latencies: list[float] = []
     errors: list[int] = []
 
@@ -126,16 +138,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_case(port: int, server_pid: int, paths: list[str], concurrency: int, duration_s: float) -> dict:
+def _run_case(port: int, server_pid: int, paths: list[str], concurrency: int, duration_s: float, key: str) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     # Warm-up (connections, caches), not measured.
-    warm = ctx.Process(target=_load, args=(port, paths, concurrency, 0.5, queue))
+    warm = ctx.Process(target=_load, args=(port, paths, concurrency, 0.5, queue, key))
     warm.start()
     queue.get()
     warm.join()
     cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
-    proc = ctx.Process(target=_load, args=(port, paths, concurrency, duration_s, queue))
+    proc = ctx.Process(target=_load, args=(port, paths, concurrency, duration_s, queue, key))
     proc.start()
     res = queue.get()
     proc.join()
@@ -158,7 +170,7 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
     concurrency = concurrency or [1, 16]
     with tempfile.TemporaryDirectory(prefix="storefed-bench-serve-") as tmp:
         t0 = time.perf_counter()
-        store, member_ids, item_ids = _prepare(Path(tmp), members, items)
+        store, member_ids, item_ids, key = _prepare(Path(tmp), members, items)
         prepare_s = time.perf_counter() - t0
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -181,13 +193,13 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
             startup_s = time.perf_counter() - t0
             # The store has no layer for this model: serve answers at once with the global model
             # and fits the layer aside; the cases are measured once it answers with the layer.
-            health = _health(port)
+            health = _health(port, key)
             deadline = time.time() + 3600
             while not health.get("local_layer") and "being fitted" in str(health.get("local_layer_note")):
                 if server.poll() is not None or time.time() > deadline:
                     raise RuntimeError("storefed serve did not fit its layer: " + str(health))
                 time.sleep(0.5)
-                health = _health(port)
+                health = _health(port, key)
             layer_s = time.perf_counter() - t0
             rng = random.Random(0)
             rec_paths = [f"/v1/members/{m}/recommendations?k=10" for m in rng.sample(member_ids, min(2000, len(member_ids)))]
@@ -195,7 +207,7 @@ def bench_serve(members: int = 10_000, items: int = 10_000, concurrency: list[in
             cases = []
             for endpoint, paths in (("recommendations", rec_paths), ("audience", aud_paths)):
                 for c in concurrency:
-                    cases.append({"endpoint": endpoint, **_run_case(port, server.pid, paths, c, duration_s)})
+                    cases.append({"endpoint": endpoint, **_run_case(port, server.pid, paths, c, duration_s, key)})
         finally:
             server.terminate()
             try:

@@ -134,15 +134,18 @@ def preflight(data_dir: Path) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from client.receipts_journal import journal_sources
     from common.data.ingest import validate_store
 
     store_dir = Path(args.store_dir).expanduser().resolve()
     catalog = Path(args.catalog).expanduser().resolve() if args.catalog else store_dir.parent.parent
     if not catalog.exists():
         raise DataError(f"{catalog}: catalog not found; pass --catalog FILE")
-    quarantine = Path(args.state_dir).expanduser().resolve() / "quarantine" if args.state_dir else store_dir / "state" / "quarantine"
+    state = Path(args.state_dir).expanduser().resolve() if args.state_dir else store_dir / "state"
+    quarantine = state / "quarantine"
+    # The receipts journal of `storefed serve` is read as training reads it.
     checked = validate_store(store_dir, catalog, quarantine_dir=quarantine, keep_data=False,
-                             assume_consent=True if args.assume_consent else None)
+                             assume_consent=True if args.assume_consent else None, journal=journal_sources(state))
     report = checked.as_dict()
     report["quarantine_dir"] = str(quarantine)
     print(json.dumps(report) if args.json else render_validation(report))
@@ -265,7 +268,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     catalog = Path(args.catalog).expanduser().resolve() if args.catalog else None
     if catalog is not None and not catalog.exists():
         raise DataError(f"{catalog}: catalog not found; pass the chain's catalog file as --catalog")
-    serve(store_dir, catalog, args.host, args.port, Path(args.state_dir).expanduser() if args.state_dir else None)
+    key_file = Path(args.api_key_file).expanduser() if args.api_key_file else None
+    serve(store_dir, catalog, args.host, args.port, Path(args.state_dir).expanduser() if args.state_dir else None,
+          key_file=key_file, no_auth=args.no_auth)
     return 0
 
 
@@ -680,12 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="a store's recommendation API (HTTP, FastAPI + uvicorn)",
                          description="Answers at the store: recommendations per member, audiences per item, and "
                          "new receipts (journaled durably). Uses the model delivered to the store's state "
-                         "directory; OpenAPI docs at /docs.")
+                         "directory; OpenAPI docs at /docs. Every path needs the store's bearer key "
+                         "(exit 2 without one, unless --no-auth on loopback).")
     srv.add_argument("--store-dir", required=True, help="the store's data directory")
     srv.add_argument("--catalog", help="the chain's catalog file (default: <store-dir>/../../catalog.csv)")
     srv.add_argument("--state-dir", help="the store's state directory (default: <store-dir>/state)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key-file", metavar="FILE",
+                     help="a file holding the bearer key every request must carry (default: store.json "
+                     "serve_api_key_file, else serve_api_key); without a non-empty key serve does not start")
+    srv.add_argument("--no-auth", action="store_true",
+                     help="answer without a key: only on a loopback --host, for trying it out")
     srv.set_defaults(func=_cmd_serve)
 
     okey = sub.add_parser("operator-key", help="the chain operator's run-signing key pair (ed25519)",

@@ -1,14 +1,17 @@
 """`storefed serve` as a real process on a loopback port: every endpoint and error, the bearer
-key, a receipt seen at once and kept over a restart, a model swapped under load."""
+key (required to start, on every path), body limits, a receipt seen at once and kept over a
+restart, a model swapped under load."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -27,6 +30,8 @@ from common.learning.model import ModelConfig, Recommender
 from common.learning.weights import weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
+KEY = "k3y-0f-the-store"
+_DEFAULT = object()
 
 
 def _free_port() -> int:
@@ -41,12 +46,16 @@ def _model_state(chain: Path, seed: int) -> dict:
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
+def _serve_cmd(store: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "serve", "--store-dir", str(store), *args]
+
+
 class Server:
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *args: str, key: str | None = KEY) -> None:
         self.port = _free_port()
+        self.key = key
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "serve", "--store-dir", str(store),
-                                      "--port", str(self.port)], env=env, cwd=ROOT,
+        self.proc = subprocess.Popen(_serve_cmd(store, "--port", str(self.port), *args), env=env, cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -60,16 +69,22 @@ class Server:
         self.stop()
         raise RuntimeError("serve did not start")
 
-    def call(self, method: str, path: str, body=None, key: str | None = None) -> tuple[int, dict]:
+    def call(self, method: str, path: str, body=None, key=_DEFAULT, raw: bool = False) -> tuple[int, object]:
+        key = self.key if key is _DEFAULT else key
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         headers = {"Content-Type": "application/json"}
-        if key:
+        if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
         resp = conn.getresponse()
-        out = resp.status, json.loads(resp.read() or b"null")
+        data = resp.read()
+        out = resp.status, (data if raw else json.loads(data or b"null"))
         conn.close()
         return out
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
 
     def stop(self) -> None:
         os.kill(self.proc.pid, signal.SIGTERM)
@@ -86,6 +101,9 @@ def store(tmp_path_factory, small_chain_dir):
     shutil.copytree(small_chain_dir, chain)
     store = chain / "stores" / "S001"
     keep_model(store / "state", _model_state(chain, 1), run_id="run-7", server_round=5, epsilon=3.25, final=True)
+    (store / "serve.key").write_text(KEY + "\n")
+    meta = json.loads((store / "store.json").read_text())
+    (store / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "serve.key"}))
     return store
 
 
@@ -129,12 +147,17 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
         status, err = server.call("GET", "/v1/members/NOBODY/recommendations")
         assert status == 404 and "NOBODY" in err["error"]
         item = str(catalog["item_id"].iloc[0])
-        status, aud = server.call("GET", f"/v1/items/{item}/audience?k=50")
-        assert status == 200 and aud["item_id"] == item and len(aud["members"]) == 50
-        assert set(aud["members"][0]) == {"member_id", "score"}
+        status, aud = server.call("GET", f"/v1/items/{item}/audience?k=20")
+        limit = max(1, min(1000, len(consenting) // 4))
+        assert status == 200 and aud == {"item_id": item, "members": aud["members"], "limit": limit}
+        assert len(aud["members"]) == 20 and set(aud["members"][0]) == {"member_id", "score"}
         assert not set(refusing) & {m["member_id"] for m in aud["members"]}
-        status, _ = server.call("GET", f"/v1/items/{item}/audience?k=10000")
-        assert status == 200
+        # The store's size is not a page size: at most a quarter of its consenting members, k ≤ 1000.
+        status, aud = server.call("GET", f"/v1/items/{item}/audience?k=1000")
+        assert status == 200 and len(aud["members"]) == limit < len(consenting)
+        for k in (0, 1001, 10_000):
+            status, err = server.call("GET", f"/v1/items/{item}/audience?k={k}")
+            assert status == 422 and err == {"error": f"k must be between 1 and 1000, got {k}"}
         status, err = server.call("GET", "/v1/items/NO-SUCH-SKU/audience")
         assert status == 404 and "error" in err
 
@@ -162,8 +185,12 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
         status, ok = server.call("POST", "/v1/receipts", receipt)
         assert status == 201 and ok["receipt_id"] == "API-1"
         assert server.call("POST", "/v1/receipts", receipt)[0] == 200  # a retry is recorded once
-        journal = (store / "state" / "receipts.journal.csv").read_text().splitlines()
-        assert len(journal) == 2 and journal[1].startswith(f"API-1,2025-12-31T18:00:00,{member},{new_item},40,")
+        status, again = server.call("POST", "/v1/receipts", dict(receipt, ts="2025-12-31T19:00:00"))
+        assert status == 409 and [r["reason"] for r in again["reasons"]] == ["duplicate_receipt_id"]
+        with sqlite3.connect(store / "state" / "receipts.journal.sqlite") as con:
+            assert con.execute("SELECT * FROM lines").fetchall() == [
+                (1, "API-1", "2025-12-31T18:00:00", member, new_item, "40", "1.5", "", "api")]
+            assert con.execute("SELECT receipt_id, n_lines FROM receipts").fetchall() == [("API-1", 1)]
         status, after = server.call("GET", f"/v1/members/{member}/recommendations?k=100")
         now = {i["item_id"]: i for i in after["items"]}
         assert now[new_item]["reason"] == "buy_again"
@@ -171,14 +198,13 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
     finally:
         server.stop()
 
-    # Restart with a bearer key: the receipt is still reflected; no key → 401.
-    meta = json.loads((store / "store.json").read_text())
-    (store / "serve.key").write_text("s3cret\n")
-    (store / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "serve.key"}))
-    server = Server(store)
+    # Restart with another key, from --api-key-file (over store.json's): the receipt is still
+    # reflected; the store.json key no longer opens it.
+    (store / "other.key").write_text("s3cret\n")
+    server = Server(store, "--api-key-file", str(store / "other.key"), key="s3cret")
     try:
-        assert server.call("GET", "/v1/health")[0] == 401
-        assert server.call("GET", "/v1/health", key="wrong")[0] == 401
+        assert server.call("GET", "/v1/health", key=None)[0] == 401
+        assert server.call("GET", "/v1/health", key=KEY)[0] == 401
         status, again = server.call("GET", f"/v1/members/{member}/recommendations?k=10", key="s3cret")
         assert status == 200 and again["items"][:10] == after["items"][:10]
 
@@ -220,4 +246,141 @@ def test_endpoints_errors_receipts_restart_key_and_model_swap(store):
         assert failures == [] and answered[0] > 20
     finally:
         server.stop()
-        (store / "store.json").write_text(json.dumps(meta))
+
+
+def test_serve_does_not_start_without_a_key_and_opens_only_on_loopback(store, tmp_path):
+    """Exit 2 and one line naming the setting, before the store is loaded."""
+    meta = json.loads((store / "store.json").read_text())
+    bare = tmp_path / "chain" / "stores" / "S001"
+    shutil.copytree(store, bare)
+    shutil.copy(store.parent.parent / "catalog.csv", tmp_path / "chain" / "catalog.csv")
+    (bare / "store.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "serve_api_key_file"}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def refused(where: Path, *args: str) -> str:
+        done = subprocess.run(_serve_cmd(where, "--port", str(_free_port()), *args), env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("storefed: ")
+        return lines[0]
+
+    line = refused(bare)
+    assert "no bearer key" in line and "serve_api_key_file" in line and "--api-key-file" in line
+    for content in ("", "\n"):  # a key file of nothing but whitespace is no key
+        (bare / "serve.key").write_text(content)
+        (bare / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "serve.key"}))
+        assert "no bearer key" in refused(bare)
+    (tmp_path / "blank.key").write_text("  \t\n")
+    assert "no bearer key" in refused(bare, "--api-key-file", str(tmp_path / "blank.key"))
+    (bare / "store.json").write_text(json.dumps({**meta, "serve_api_key_file": "missing.key"}))
+    line = refused(bare)
+    assert "missing.key" in line and "cannot be read" in line
+    (tmp_path / "spaced.key").write_text("two words\n")
+    assert "whitespace" in refused(bare, "--api-key-file", str(tmp_path / "spaced.key"))
+    (bare / "store.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "serve_api_key_file"}))
+    for host in ("0.0.0.0", "store.example"):
+        assert "loopback" in refused(bare, "--no-auth", "--host", host)
+    assert "--no-auth and a bearer key" in refused(store, "--no-auth")
+
+    # --no-auth on loopback: open, and it says so.
+    server = Server(bare, "--no-auth", "--host", "127.0.0.1", key=None)
+    try:
+        assert server.call("GET", "/v1/health")[0] == 200
+        assert server.call("GET", "/openapi.json")[0] == 200
+    finally:
+        server.stop()
+    assert "OPEN, no key" in server.proc.stdout.read()
+
+
+def _raw_post(port: int, body: bytes, key: str | None, chunked: bool = False) -> tuple[int, bytes, int]:
+    """POST ``body`` on a raw socket; (status, answer body, bytes of the body sent before the answer)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "POST /v1/receipts HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += f"Authorization: Bearer {key}\r\n" if key else ""
+    head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {len(body)}\r\n\r\n"
+    sent = 0
+    try:
+        sock.sendall(head.encode())
+        for a in range(0, len(body), 1 << 16):
+            part = body[a:a + (1 << 16)]
+            sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked else part)
+            sent += len(part)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+    except OSError:  # the server answered and closed without reading the rest
+        pass
+    reply = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < 2 or not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    sock.close()
+    return int(reply.split(b" ", 2)[1]), reply.split(b"\r\n\r\n", 1)[1], sent
+
+
+def test_every_path_needs_the_key_and_bodies_are_bounded(store):
+    server = Server(store)
+    try:
+        member = next(line.split(",")[0] for line in (store / "members.csv").read_text().splitlines()[1:])
+        item = next(line.split(",")[0] for line in (store.parent.parent / "catalog.csv").read_text().splitlines()[1:])
+        paths = ["/v1/health", f"/v1/members/{member}/recommendations", f"/v1/items/{item}/audience",
+                 "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"]
+        for path in paths:
+            for key in (None, "", "wrong", KEY + "x", KEY[:-1], f"{KEY} "):
+                status, body = server.call("GET", path, key=key, raw=True)
+                assert status == 401 and json.loads(body) == {
+                    "error": "missing or wrong bearer key (Authorization: Bearer <key>)"}, (path, key)
+            status, body = server.call("GET", path, raw=True)
+            assert status == 200, (path, status, body[:200])
+        assert b"/v1/receipts" in server.call("GET", "/openapi.json", raw=True)[1]
+        # Paths that do not exist answer 401 without the key (nothing to probe), 404 with it.
+        assert server.call("GET", "/nothing-here", key=None, raw=True)[0] == 401
+        assert server.call("GET", "/nothing-here", raw=True)[0] == 404
+        receipt = {"receipt_id": "KEY-1", "ts": "2025-12-31T18:00:00", "member_id": "",
+                   "lines": [{"item_id": item, "quantity": 1, "unit_price": 1.0}]}
+        assert server.call("POST", "/v1/receipts", receipt, key=None)[0] == 401
+        assert server.call("POST", "/v1/receipts", receipt, key="wrong")[0] == 401
+        assert server.call("POST", "/v1/receipts", receipt) == (201, {"receipt_id": "KEY-1", "lines": 1,
+                                                                      "recorded": "now"})
+
+        # 40 MiB: 413 by its Content-Length, before its body is read (the memory shows it).
+        big = b'{"receipt_id": "' + b"A" * (40 << 20) + b'"}'
+        rss = server.rss_mib()
+        status, body, _ = _raw_post(server.port, big, KEY)
+        assert status == 413 and json.loads(body) == {"error": "the request body is larger than 1048576 bytes"}
+        assert server.rss_mib() - rss < 10
+        assert _raw_post(server.port, big, None)[0] == 401  # no key: not even the limit is discussed
+        # Chunked (no Content-Length): counted as it arrives, 413 past 1 MiB.
+        status, body, _ = _raw_post(server.port, b" " * ((1 << 20) + 1), KEY, chunked=True)
+        assert status == 413 and b"larger than 1048576 bytes" in body
+        assert server.rss_mib() - rss < 20
+        # Just under the limit: read and judged.
+        status, body, _ = _raw_post(server.port, b" " * ((1 << 20) - 2) + b"{}", KEY)
+        assert status == 422 and json.loads(body)["reasons"]
+        status, body, _ = _raw_post(server.port, b" " * ((1 << 20) - 2) + b"{}", KEY, chunked=True)
+        assert status == 422
+        assert server.call("GET", "/v1/health")[0] == 200  # still answering
+    finally:
+        server.stop()
+
+
+def test_which_hosts_are_loopback_and_which_keys_are_keys(tmp_path):
+    from client.serve_api import check_access, is_loopback
+    from common.config import ConfigError
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "::", "192.0.2.7", "10.0.0.1", "store.example", "")))
+    meta = {"store_id": "S9"}
+    for given in ({"serve_api_key": ""}, {"serve_api_key": " \n"}, {}):
+        with pytest.raises(ConfigError, match="no bearer key for store S9"):
+            check_access({**meta, **given}, tmp_path, "127.0.0.1", None, False)
+    assert check_access({**meta, "serve_api_key": " k1 "}, tmp_path, "0.0.0.0", None, False) == "k1"
+    (tmp_path / "f.key").write_text("k2\n")
+    # The flag wins over store.json; --no-auth is open (None) on loopback only.
+    assert check_access({**meta, "serve_api_key": "k1"}, tmp_path, "0.0.0.0", tmp_path / "f.key", False) == "k2"
+    assert check_access(meta, tmp_path, "::1", None, True) is None
+    with pytest.raises(ConfigError, match="loopback"):
+        check_access(meta, tmp_path, "0.0.0.0", None, True)

@@ -61,6 +61,7 @@ def test_the_serve_unit_runs_storefed_serve_on_loopback_for_its_store():
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and args.store_dir == "/srv/storefed/stores/S001"
     assert args.host == "127.0.0.1" and args.port == 8080
+    assert not args.no_auth and args.api_key_file is None  # the key comes from store.json; never open
     # It writes only the state directory (the receipts journal).
     assert "ReadWritePaths=/srv/storefed/stores/%i/state" in unit.read_text()
 

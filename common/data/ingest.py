@@ -40,10 +40,11 @@ class TableSource:
     """How to read one table file."""
 
     path: Path
-    kind: str  # "csv" or "parquet"
+    kind: str  # "csv", "parquet" or "frame" (rows already read as text, e.g. the receipts journal)
     encoding: str = "utf-8"
     delimiter: str = ","
     warnings: list[str] = field(default_factory=list)
+    frame: pd.DataFrame | None = None  # kind "frame": string columns, FIELDS_COLUMN marks rows set aside
 
 
 def sniff(path: Path) -> TableSource:
@@ -150,6 +151,8 @@ def _arrow_kind(arrow_type) -> str:
 
 def read_header(source: TableSource) -> list[str]:
     """Column names, lower-cased and stripped."""
+    if source.kind == "frame":
+        return [str(c).strip().lower() for c in source.frame.columns if c != FIELDS_COLUMN]
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -172,6 +175,10 @@ def read_header(source: TableSource) -> list[str]:
 
 def read_chunks(source: TableSource, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
     """The table as string frames of at most ``chunk_rows`` rows, column names normalised."""
+    if source.kind == "frame":
+        for start in range(0, len(source.frame), chunk_rows):
+            yield source.frame.iloc[start:start + chunk_rows].reset_index(drop=True).copy()
+        return
     if source.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -245,6 +252,7 @@ class StoreValidation:
     anonymous: pd.DataFrame | None = None  # anonymous purchases: item, day, qty
     members: pd.DataFrame | None = None  # accepted member rows (original columns)
     consent: pd.Series | None = None  # member_id → consent, accepted members
+    receipt_ids: pd.Index | None = None  # every receipt id with an accepted row (the lines' "receipt" codes)
     size: dict | None = None  # published size against the members who can train (local only)
 
     def as_dict(self) -> dict:
@@ -271,13 +279,16 @@ def _write_quarantine(directory: Path | None, name: str, frames: list[pd.DataFra
 def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | None = None,
                    assume_consent: bool | None = None, quarantine_dir: Path | None = None,
                    keep_data: bool = True, chunk_rows: int = CHUNK_ROWS,
-                   journal: Path | None = None) -> StoreValidation:
+                   journal: Path | TableSource | list | None = None) -> StoreValidation:
     """Validate a store directory against the contract; see the module docstring.
 
-    ``journal``: the store's receipts journal (receipts taken by `storefed serve`), a CSV
-    with the transaction columns; when it exists its rows are read as more transaction rows,
-    under the same rules, and counted in the transactions report (its rows are numbered on
-    from the last row of the transactions file).
+    ``journal``: the store's receipts journal (receipts taken by `storefed serve`): a CSV
+    with the transaction columns, or sources of its rows
+    (:func:`client.receipts_journal.journal_sources`); its rows are read as more transaction
+    rows, under the same rules, and counted in the transactions report (its rows are numbered
+    on from the last row of the transactions file). A journal receipt whose id is also in the
+    transactions file is the journal's mistake: its journal rows are quarantined
+    (``receipt_id_in_transactions``), never the file's.
 
     A file that cannot be used at all makes the store unusable (``fatal`` says why); row
     problems only set rows aside. ``keep_data`` keeps the accepted lines for training.
@@ -354,8 +365,11 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
         offset = 0
         try:
             sources = [tsource]
-            if journal is not None and Path(journal).is_file() and Path(journal).stat().st_size:
-                jsource = sniff(Path(journal))
+            for jsource in (journal if isinstance(journal, list) else [journal] if journal is not None else []):
+                if not isinstance(jsource, TableSource):
+                    if not (Path(jsource).is_file() and Path(jsource).stat().st_size):
+                        continue
+                    jsource = sniff(Path(jsource))
                 warnings.extend(jsource.warnings)
                 sources.append(jsource)
             for source in sources:
@@ -396,6 +410,7 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
         validation.anonymous = anonymous
         validation.members = members_result.profiles
         validation.consent = members_result.consent
+        validation.receipt_ids = receipts.index
     return validation
 
 
@@ -450,6 +465,16 @@ def _cross_row_rules(lines, anonymous, members_result, members_codes, receipts, 
                      problems, chunk_rows):
     """Receipts with two timestamps (quarantined), members unknown or without consent
     (quarantined / excluded), anonymous lines (excluded), returns (netted, excluded)."""
+    if len(segments) > 1:  # journal rows of a receipt the transactions file has: the journal's, set aside
+        first = segments[1][1]
+        ids = lambda f, journal: set(f.loc[(f["row"] > first) == journal, "receipt"].tolist())
+        shared = (ids(lines, True) | ids(anonymous, True)) & (ids(lines, False) | ids(anonymous, False))
+        if shared:
+            hit = lambda f: f["receipt"].isin(shared).to_numpy() & (f["row"] > first).to_numpy()
+            rows = np.concatenate([lines.loc[hit(lines), "row"].to_numpy(), anonymous.loc[hit(anonymous), "row"].to_numpy()])
+            lines, anonymous = lines[~hit(lines)], anonymous[~hit(anonymous)]
+            _quarantine_rows(segments, rows, "receipt_id_in_transactions", "receipt_id", report, quarantine_parts,
+                             problems, chunk_rows)
     conflicts = receipt_conflicts([lines.rename(columns={"day": "ts"}), anonymous.rename(columns={"day": "ts"})])
     conflict_rows = np.array([], dtype=np.int64)
     if conflicts:
