@@ -427,6 +427,8 @@ def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, dem
     cut = (pd.Timestamp(options.cut) if options.cut is not None
            else last.normalize() + pd.Timedelta(days=1 - CJ_TEST_DAYS))
     home = cj_home_stores(hh[ok], store[ok], basket[ok], when[ok], cut)
+    # A household's join date: its first sound basket anywhere in the chain (the data has no card date).
+    first_day = pd.Series(when[ok]).groupby(hh[ok].astype(np.int64)).min()
     before = ok & (when < cut.to_datetime64())
     # A product is in the catalog when enough households bought it before the cut, chain-wide.
     buyers = pd.DataFrame({"p": product[before], "h": hh[before]}).drop_duplicates()["p"].value_counts()
@@ -478,7 +480,6 @@ def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, dem
         mid = d["age"].astype(str).str.strip().map(CJ_AGE_MIDPOINT)
         ages = {int(h): int(cut.year - m) for h, m in zip(d["_h"], mid) if pd.notna(m)}
     all_hh = pd.Series(hh[ok]).astype(np.int64)
-    first_day = pd.Series(when[ok]).groupby(all_hh.to_numpy()).min()
     stores_out = []
     for s in clients:
         tx = lines[lines["store"] == s].drop(columns="store")
