@@ -443,7 +443,8 @@ def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, dem
     client_ids = np.array(clients, dtype=np.float64)
     at_client = np.isin(store, client_ids)
     mark(ok & ~at_client, "store_not_a_client", "store_id")
-    mark(pd.isna(reason) & ~np.isin(product, kept_products), "rare_product", "product_id")
+    at_client = pd.isna(reason)  # sound lines at client stores: what re-homing counts
+    mark(at_client & ~np.isin(product, kept_products), "rare_product", "product_id")
     ok = pd.isna(reason)
     # A household homed at a store that is not a client: re-homed (``rehome``) at the client
     # store of most of its baskets there, by the same rule, or left to train nowhere.
@@ -451,7 +452,7 @@ def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, dem
     away = ~homes.isin(clients)
     rehomed = pd.Series(dtype=np.int64)
     if options.rehome and away.any():
-        sel = ok & np.isin(hh, homes.index[away].to_numpy(np.float64))
+        sel = at_client & np.isin(hh, homes.index[away].to_numpy(np.float64))
         rehomed = cj_home_stores(hh[sel], store[sel], basket[sel], when[sel], cut)
         rehomed = pd.Series(rehomed.to_numpy(np.int64), index=rehomed.index.astype(np.int64))
         homes.loc[rehomed.index] = rehomed
