@@ -163,3 +163,14 @@ def test_bad_options_stop_with_one_line(tmp_path, capsys, args):
     assert main(["import", "--format", "completejourney", str(_source(tmp_path / "src")), "--out",
                  str(tmp_path / "o"), *args]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_home_store_ties_go_to_the_first_visited_then_the_lowest_store():
+    from common.data.importers import cj_home_stores
+
+    t = pd.to_datetime(["2017-01-02", "2017-01-01", "2017-01-03", "2017-01-03", "2017-02-01", "2017-02-02"]).to_numpy()
+    home = cj_home_stores(hh=[1, 1, 2, 2, 3, 3], store=[5, 7, 9, 4, 8, 6], basket=[1, 2, 3, 4, 5, 6], ts=t,
+                          cut=pd.Timestamp("2017-01-10"))
+    # 1: one basket each, 7 visited first; 2: same time, lowest id; 3: no basket before the
+    # cut, so all its baskets count (tie: 8 first).
+    assert home.to_dict() == {1: 7, 2: 4, 3: 8}
