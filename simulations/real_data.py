@@ -171,7 +171,7 @@ def dataset_chain(dataset: str, stores: int | None = None) -> Path:
         # Its real stores (those with enough home members), with the import's defaults.
         o = importers.CJOptions()
         out = cache_root() / (f"real-{dataset}-{spec.package}{metadata.version(spec.package)}-members{o.min_members}"
-                              f"-buyers{o.min_item_buyers}-maxq{o.max_quantity:g}")
+                              f"-buyers{o.min_item_buyers}-maxq{o.max_quantity:g}-v{importers.CJ_IMPORT_VERSION}")
 
     def build(path: Path) -> dict:
         if spec.format == "completejourney":

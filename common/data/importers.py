@@ -303,6 +303,7 @@ CJ_AGE_MIDPOINT = {"19-24": 22, "25-34": 30, "35-44": 40, "45-54": 50, "55-64": 
 # The discount columns and the word each writes into ``promo`` when it is non-zero.
 CJ_DISCOUNTS = (("retail_disc", "retail"), ("coupon_disc", "coupon"), ("coupon_match_disc", "coupon_match"))
 CJ_TEST_DAYS = 28  # the benchmark's test period (run config test-days): the default cut
+CJ_IMPORT_VERSION = 1  # part of the benchmark cache's key: raise it when the mapping changes
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,11 @@ def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, dem
     if options.only_stores is not None:
         candidates &= {int(s) for s in options.only_stores}
     clients = sorted(candidates)
+    if not clients:
+        best = int(own_count.max()) if len(own_count) else 0
+        raise DataError(f"transactions: no store{' of --only-stores' if options.only_stores is not None else ''} has "
+                        f"{options.min_members} or more home households before {cut:%Y-%m-%d} (the most is {best}); "
+                        "lower --min-members")
     client_ids = np.array(clients, dtype=np.float64)
     at_client = np.isin(store, client_ids)
     mark(ok & ~at_client, "store_not_a_client", "store_id")
