@@ -20,6 +20,11 @@ and writes the chain with :func:`common.data.storefiles.write_chain` (atomic).
 Neither source has a store: a member goes to store ``S{1 + hash(member) mod stores}`` (a
 stable hash, so a re-import splits the same way). Both are public research data published
 for this use: the importer writes ``consent_training = true`` for every member and says so.
+
+* ``completejourney`` (Dunnhumby's The Complete Journey): ``transactions``, ``products`` and
+  optionally ``demographics`` (:func:`from_completejourney`). It has real stores: each
+  becomes a store when enough households are homed there (most baskets before the cut), and
+  households are its members. No consent column either: ``consent_training = true``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import pandas as pd
 from common.data.storefiles import DataError
 from common.data.synth import GeneratedChain, GeneratedStore
 
-FORMATS = ("instacart", "movielens")
+FORMATS = ("instacart", "movielens", "completejourney")
 # The tables each format reads (file stem → required columns).
 TABLES = {
     "instacart": {"orders": ("order_id", "user_id", "order_number", "order_hour_of_day", "days_since_prior_order"),
