@@ -29,6 +29,7 @@ from client.policy import enforce as store_policy_for
 from client.run_authorization import RunNotAuthorized, authorize
 from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
 from common.config import ConfigError, RunConfig
+from common.data.dataset import ItemIndex
 from common.data.storefiles import DataError
 from common.evaluation.evaluation import (audience_from_scores, evaluate_audience, evaluate_baselines, evaluate_scores,
                                          member_scores, model_scores)
@@ -36,7 +37,6 @@ from common.exchange import update_codec, wire
 from common.learning.local_layer import test_histories, training_member_histories
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
-from common.data.dataset import ItemIndex
 from common.learning.weights import ArraySpec, ModelFileError, check_array_specs, check_weights, weights_digest
 from common.privacy import accountant as privacy
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
@@ -321,11 +321,11 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if not _allow_local_metrics(context, node):
         raise PermissionError(f"store {node.store_id} does not send evaluation metrics "
                               "(node config allow-local-metrics = false)")
+    weights = checked_global(msg, node, cfg)  # a refused model uses none of the quota below
     # Not DP: bounded in how often and on how few members the store answers (client.evaluate_quota).
     cap, minimum = evaluate_quota.limits(context.node_config, deployed=not node.simulated)
     evaluate_quota.check_members(len(node.data.eval_member_ids), minimum)
     evaluate_quota.take(state_dir(node, context.node_config, cfg), str(context.run_id), cap)
-    weights = checked_global(msg, node, cfg)
     keep_model_if_none(msg, context, cfg, node, weights, final=False)
     model = _model(node, cfg, weights)
     global_scores = model_scores(model, node.data)

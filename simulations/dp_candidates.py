@@ -1,0 +1,117 @@
+"""Candidate designs of the private learning, measured fast (research only; issue 24, item 3).
+
+``python -m simulations.dp_candidates [--epsilon 8] [--no-dp] [--epochs 1] [--dp-lr 2.0]
+[--batch 128] [--dim 64] [--ids-init random|zero] [--freeze-ids] [--rounds 10] [--stores 20]
+[--seed 0]`` runs FedAvg over the generated chain's stores in one process — each store trains
+with :func:`common.learning.training.train_local`, the function the ClientApp calls, at σ
+calibrated from its published size for the run's ε (prv, δ 1e-6) — and prints the final
+global model's member-weighted NDCG@10 on "all" items and on "explore" (items new to the
+member), as JSON. No Flower, no ledger, no local layer: a quick comparison of designs before
+one of them goes through ``storefed bench quality``. Reads every store in one process,
+which a deployment never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.config import default_chain_dir
+from common.data.dataset import ExampleConfig, StoreData
+from common.data.ingest import prepare_store
+from common.data.storefiles import ensure_generated_chain, read_store_meta, store_dirs
+from common.data.synth import default_spec
+from common.evaluation.evaluation import list_report, model_scores
+from common.learning.model import ModelConfig, Recommender
+from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
+from common.privacy import accountant as privacy
+
+
+@dataclass(frozen=True)
+class Candidate:
+    epsilon: float = 8.0
+    dp: bool = True
+    epochs: int = 1
+    dp_lr: float = 2.0
+    batch: int = 128
+    dim: int = 64
+    ids_init: str = "random"  # "zero": item-ID vectors start at 0 (items start as their category + brand)
+    freeze_ids: bool = False  # item-ID vectors not trained (their bias still is)
+    rounds: int = 10
+
+
+def load_chain(stores: int, seed: int) -> list[tuple[StoreData, int]]:
+    """(prepared store, published size) of every store of the generated chain."""
+    chain = default_chain_dir(seed, stores)
+    ensure_generated_chain(chain, default_spec(stores=stores, seed=seed))
+    out = []
+    for store in store_dirs(chain):
+        data, _ = prepare_store(store, chain, ExampleConfig())
+        out.append((data, int(read_store_meta(store).get("published_size") or data.n_train_members)))
+    return out
+
+
+def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dict:
+    """Train the candidate federated and score its final global model alone."""
+    torch.manual_seed(seed)
+    model_cfg = ModelConfig(dim=c.dim)
+    model = Recommender(stores[0][0].items, model_cfg)
+    if c.ids_init == "zero":
+        with torch.no_grad():
+            model.item_out.weight.zero_()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    sigma = {}
+    for data, size in stores:
+        q, steps = sample_rate_for(size, c.batch), c.epochs * steps_per_epoch(size, c.batch)
+        sigma[data.store_id] = privacy.calibrate_noise(c.epsilon, 1e-6, q, c.rounds * steps, "prv") if c.dp else 0.0
+    started = time.monotonic()
+    for server_round in range(c.rounds):
+        states, sizes = [], []
+        for i, (data, size) in enumerate(stores):
+            local = Recommender(data.items, model_cfg)
+            local.load_state_dict(weights)
+            local.item_out.weight.requires_grad_(not c.freeze_ids)
+            cfg = TrainConfig(local_epochs=c.epochs, batch_size=c.batch, lr=c.dp_lr if c.dp else 0.01,
+                              optimizer="sgd" if c.dp else "adam", seed=seed * 1000 + server_round * 50 + i)
+            train_local(local, data, cfg, DPConfig(sigma[data.store_id], 1.0, size) if c.dp else None)
+            states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
+            sizes.append(size)
+        share = np.asarray(sizes, dtype=np.float64) / sum(sizes)
+        weights = {k: sum(float(w) * s[k] for w, s in zip(share, states)) for k in weights}
+    model.load_state_dict(weights)
+    totals = {"all": [0.0, 0], "explore": [0.0, 0]}
+    for data, _ in stores:
+        report = list_report(model_scores(model, data), data)
+        for part, acc in totals.items():
+            acc[0] += report[part]["ndcg@10"] * report[part]["members"]
+            acc[1] += report[part]["members"]
+    return {**{f"{part}_ndcg@10": round(s / max(n, 1), 4) for part, (s, n) in totals.items()},
+            "train_s": round(time.monotonic() - started, 1), "candidate": c.__dict__}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--no-dp", action="store_true")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dp-lr", type=float, default=2.0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--ids-init", choices=("random", "zero"), default="random")
+    p.add_argument("--freeze-ids", action="store_true")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--stores", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds)
+    print(json.dumps(run(load_chain(a.stores, a.seed), candidate, a.seed)))
+
+
+if __name__ == "__main__":
+    main()
