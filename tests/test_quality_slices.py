@@ -92,12 +92,12 @@ def test_store_popularity_on_the_new_item_slice_by_hand(small_store):
     d = _popularity_store(small_store, 25, [[0, 30], [3, 40]])
     assert slices.new_item_slice(d.store_counts[None, :], d) == {"recall@20": 0.0, "share": 0.0, "members": 2, "items": 2}
     # 5 items sold: the top 20 are items 0..4, then the unsold 5..19 (ties to the lower index).
-    # Member 0 ([0, 7, 30]) finds 0 and 7, new 7 and 30: one of two; member 1 ([3, 25])
-    # finds 3, new 25 not found. Recall 1/3 of the new items; share 1 new of 3 found.
-    d = _popularity_store(small_store, 5, [[0, 7, 30], [3, 25]])
+    # Member 0 ([0, 7, 30]) finds 0 and 7, new 7 and 30: one of two; member 1 ([1, 3, 25])
+    # finds 1 and 3, new 25 not found. Recall 1/3 of the new items; share 1 new of 4 found.
+    d = _popularity_store(small_store, 5, [[0, 7, 30], [1, 3, 25]])
     got = slices.new_item_slice(d.store_counts[None, :], d)
     assert (got["members"], got["items"]) == (2, 3)
-    assert got["recall@20"] == pytest.approx(1 / 3, rel=1e-12) and got["share"] == pytest.approx(1 / 3, rel=1e-12)
+    assert got["recall@20"] == pytest.approx(1 / 3, rel=1e-12) and got["share"] == pytest.approx(1 / 4, rel=1e-12)
 
 
 def test_pooled_training_refreshes_the_item_snapshot_every_epoch(small_store):
