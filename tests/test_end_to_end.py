@@ -43,8 +43,8 @@ def test_the_global_model_went_to_the_workers_once_per_round_not_once_per_store(
 
 # Seed-1 runs of this chain are deterministic; figures measured on it (3 stores, 2 rounds,
 # target ε 8). Bands: a 5 % drop in quality, or a σ off by 2 %, falls outside them.
-MEASURED = {"ndcg@10": 0.4641, "recall@10": 0.5882, "global ndcg@10": 0.4583, "audience auc": 0.8418,
-            "first round max ε": 6.305}
+MEASURED = {"ndcg@10": 0.4641, "recall@10": 0.5882, "global ndcg@10": 0.4583, "global recall@10": 0.5808,
+            "audience auc": 0.8418, "first round max ε": 6.305}
 SIGMA = {"S001": 0.9708, "S002": 0.8417, "S003": 0.8774}  # calibrated per store from its published size
 
 
@@ -80,7 +80,11 @@ def test_the_model_reaches_the_measured_quality(run):
     # 5 % drop from them fails these bands.
     assert results["model"]["ndcg@10"] == pytest.approx(MEASURED["ndcg@10"], abs=0.012)
     assert results["model"]["recall@10"] == pytest.approx(MEASURED["recall@10"], abs=0.015)
-    assert results["global_model"]["ndcg@10"] == pytest.approx(MEASURED["global ndcg@10"], abs=0.012)
+    # The global model alone is where the 2 DP rounds show: the same run with the stores'
+    # learning rate set to 0 measured 0.4494 / 0.5635 (served: 0.4616, inside its band: the
+    # local layer carries the served figures). Repeated runs agree to 4 digits.
+    assert results["global_model"]["ndcg@10"] == pytest.approx(MEASURED["global ndcg@10"], abs=0.003)
+    assert results["global_model"]["recall@10"] == pytest.approx(MEASURED["global recall@10"], abs=0.008)
     assert set(results["baselines"]) == {"store_pop", "p_topfreq"}
     # The learned model beats store popularity by far, and P-TopFreq (0.456) here.
     assert results["model"]["ndcg@10"] > 2 * results["baselines"]["store_pop"]["ndcg@10"]
