@@ -44,7 +44,15 @@ def task_identity():
 
 
 @pytest.fixture(scope="session")
-def shared_deployment(tmp_path_factory):
+def deployment_binaries():
+    """Flower's binaries where storefed starts them: else skip, or in CI fail (tests/deploy_harness.py)."""
+    from deploy_harness import require_deployment_binaries
+
+    require_deployment_binaries()
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(tmp_path_factory, deployment_binaries):
     """One real deployment for tests/test_deploy_security.py and tests/test_deploy.py (tests/deploy_scenario.py)."""
     from deploy_scenario import shared_deployment as scenario
 

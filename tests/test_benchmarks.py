@@ -16,8 +16,62 @@ def test_bench_dp_quick_reports_every_key(capsys):
     assert len(result["cases"]) == 1 and DP_KEYS <= set(result["cases"][0])
     case = result["cases"][0]
     assert case["catalog"] == 300 and case["plain_step_ms"] > 0 and case["dp_step_ms"] > 0
-    assert case["ratio"] == round(case["dp_step_ms"] / case["plain_step_ms"], 3) or abs(
-        case["ratio"] - case["dp_step_ms"] / case["plain_step_ms"]) < 0.01
+    # The ratio is of the unrounded times; the times are printed to 0.01 ms, the ratio to 0.001.
+    dp, plain = case["dp_step_ms"], case["plain_step_ms"]
+    slack = (dp / plain) * (0.005 / dp + 0.005 / plain) * 1.01 + 0.0005
+    assert abs(case["ratio"] - dp / plain) <= slack
+
+
+def _dp_case(catalog, ratio, memory_ratio):
+    return {"catalog": catalog, "ratio": ratio, "memory_ratio": memory_ratio}
+
+
+def test_bench_dp_verdicts_on_fixed_inputs():
+    from simulations.bench_dp import verdicts
+
+    targets = {"ratio": 1.5, "memory_ratio": 1.3, "at_catalog": 10_000}
+    # Only the target catalog is judged; "≤ target" passes at the target itself.
+    lines = verdicts({"targets": targets, "cases": [_dp_case(2000, 9.0, 9.0), _dp_case(10_000, 1.5, 1.31)]})
+    assert lines == ["PASS: ratio 1.50 at catalog 10000 (target ≤ 1.5)",
+                     "FAIL: memory_ratio 1.31 at catalog 10000 (target ≤ 1.3)"]
+    lines = verdicts({"targets": targets, "cases": [_dp_case(10_000, 1.51, 1.3)]})
+    assert [line.split(":")[0] for line in lines] == ["FAIL", "PASS"]
+    assert verdicts({"targets": targets, "cases": [_dp_case(2000, 1.0, 1.0)]}) == [
+        "no case at catalog 10000: targets not checked"]
+
+
+def _sim_case(stores, sim_s, overhead, steady, peak, plain_peak, ndcg, plain_ndcg, size="small"):
+    return {"stores": stores, "members_per_store": 100, "sim_s": sim_s, "overhead": overhead, "steady_overhead": steady,
+            "peak_rss_mb": peak, "plain_peak_rss_mb": plain_peak, "ndcg@10": ndcg, "plain_ndcg@10": plain_ndcg,
+            "size": size}
+
+
+SIM_TARGETS = {"overhead": 0.30, "from_stores": 100, "steady_overhead": 0.15, "memory_ratio": 1.2}
+
+
+def _verdicts_sim(cases, memory_check=None):
+    from simulations.bench_sim import verdicts
+
+    return [line.split(":")[0] + ":" + line.split(":")[1].split(" ")[1]
+            for line in verdicts({"targets": SIM_TARGETS, "cases": cases, "memory_check": memory_check})]
+
+
+def test_bench_sim_verdicts_on_fixed_inputs():
+    # Below 100 stores nothing is judged.
+    assert _verdicts_sim([_sim_case(20, 10.0, 5.0, 5.0, 900.0, 100.0, 0.1, 0.9)]) == []
+    # At 100 stores: overhead 0.30 ≤ 0.30, steady 0.16 > 0.15, memory 120/100 = 1.2 ≤ 1.2,
+    # NDCG gap 0.0049 ≤ 0.005; at 500: overhead 0.31, memory 1.25×, gap 0.006, and the wall
+    # time grew 5.5× for 5× the stores (> 1.1 × linear); 500 stores fit 24 GiB.
+    cases = [_sim_case(100, 100.0, 0.30, 0.16, 120.0, 100.0, 0.25, 0.2549),
+             _sim_case(500, 560.0, 0.31, None, 125.0, 100.0, 0.25, 0.256)]
+    assert _verdicts_sim(cases) == ["PASS:overhead", "FAIL:steady", "PASS:peak", "PASS:NDCG@10",
+                                    "FAIL:overhead", "FAIL:peak", "FAIL:NDCG@10", "FAIL:wall", "PASS:500"]
+    cases[1]["sim_s"] = 540.0  # 5.4× for 5×: within the 10 % tolerance
+    assert _verdicts_sim(cases)[-2] == "PASS:wall"
+    cases[1]["peak_rss_mb"] = 24 * 1024.0  # not below the 24 GiB limit
+    assert _verdicts_sim(cases)[-1] == "FAIL:500"
+    check = {"stores": 500, "peak_rss_mb": 30_000.0, "memory_limit_mb": 24 * 1024, "fits": False}
+    assert _verdicts_sim(cases[:1], check)[-1] == "FAIL:500"
 
 
 def test_bench_validate_counts_every_line(capsys):

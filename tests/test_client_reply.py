@@ -36,6 +36,38 @@ def _keys(reply):
     return arrays, metrics, configs
 
 
+def _records(reply) -> dict[str, str]:
+    """Each record of the reply by name, with its kind: nothing else may ride along."""
+    content = reply.content
+    kinds = {**{k: "arrays" for k in content.array_records}, **{k: "metrics" for k in content.metric_records},
+             **{k: "config" for k in content.config_records}}
+    assert set(kinds) == set(content), "a record of another kind"
+    return kinds
+
+
+# What may leave a store, written out here as literals (DESIGN §4.3): a value added to the
+# wire lists without this file changing fails the pinning test below.
+METRICS = ("ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20", "hit@20", "map@20")
+TRAIN_METRICS = ("num-examples", "epsilon", "delta", "noise-multiplier", "rounds-trained", "epsilon-budget", "train-loss")
+TRAIN_CONFIG = ("store-id", "accountant")
+AUDIENCE_METRICS = ("audience.auc", "audience.recall@100", "audience_pop.auc", "audience_pop.recall@100")
+EVAL_METRICS = ("num-examples", *METRICS, *(f"global_model.{m}" for m in METRICS),
+                *(f"store_pop.{m}" for m in METRICS), *(f"p_topfreq.{m}" for m in METRICS), *AUDIENCE_METRICS)
+EVAL_CONFIG = ("store-id",)
+MODEL_ACK_CONFIG = ("store-id", "model-hash")
+DECLINE_KEYS = ("store-id", "epsilon", "epsilon-after", "epsilon-budget", "delta", "accountant", "reason")
+REFUSE_KEYS = ("store-id", "reason")
+
+
+def test_the_wire_lists_are_exactly_the_designed_values():
+    assert wire.TRAIN_ARRAYS == "arrays"
+    assert wire.TRAIN_METRICS == TRAIN_METRICS and wire.TRAIN_CONFIG == TRAIN_CONFIG
+    assert wire.EVAL_METRICS == EVAL_METRICS and len(EVAL_METRICS) == 1 + 4 * 8 + 4
+    assert wire.EVAL_CONFIG == EVAL_CONFIG and wire.AUDIENCE_METRICS == AUDIENCE_METRICS
+    assert wire.MODEL_ACK_CONFIG == MODEL_ACK_CONFIG and wire.MODEL_MESSAGE == "query.model"
+    assert wire.DECLINE_KEYS == DECLINE_KEYS and wire.REFUSE_KEYS == REFUSE_KEYS
+
+
 @pytest.mark.parametrize("simulated", [True, False])
 def test_train_reply_holds_only_designed_values(small_chain_dir, simulated, tmp_path):
     node_config = {"partition-id": 0, "num-partitions": 3} if simulated else {
@@ -44,12 +76,13 @@ def test_train_reply_holds_only_designed_values(small_chain_dir, simulated, tmp_
     context = _context(small_chain_dir, node_config)
     cfg = RunConfig.from_mapping(context.run_config)
     reply = handle_train(_message(small_chain_dir, MessageType.TRAIN), context, cfg)
+    assert _records(reply) == {"arrays": "arrays", "metrics": "metrics", "store": "config"}
     arrays, metrics, configs = _keys(reply)
-    assert arrays == {wire.TRAIN_ARRAYS}
-    assert metrics <= set(wire.TRAIN_METRICS)
-    assert configs <= set(wire.TRAIN_CONFIG)
-    # The non-DP loss leaves only where the node allows it: by default only in simulation.
-    assert ("train-loss" in metrics) == simulated
+    assert arrays == {"arrays"}
+    # Every listed value, and no other; the non-DP loss leaves only where the node allows
+    # it: by default only in simulation.
+    assert metrics == set(TRAIN_METRICS) - (set() if simulated else {"train-loss"})
+    assert configs == set(TRAIN_CONFIG)
     # The arrays are the model's parameters: no member-level table of any kind.
     sent = reply.content[wire.TRAIN_ARRAYS].to_torch_state_dict()
     assert set(sent) == set(Recommender(ItemIndex.from_catalog(read_catalog(small_chain_dir))).state_dict())
@@ -59,10 +92,11 @@ def test_evaluate_reply_holds_only_designed_values(small_chain_dir):
     context = _context(small_chain_dir, {"partition-id": 1, "num-partitions": 3})
     cfg = RunConfig.from_mapping(context.run_config)
     reply = handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE), context, cfg)
+    assert _records(reply) == {"metrics": "metrics", "store": "config"}
     arrays, metrics, configs = _keys(reply)
     assert arrays == set()
-    assert metrics == set(wire.EVAL_METRICS)
-    assert configs <= set(wire.EVAL_CONFIG)
+    assert metrics == set(EVAL_METRICS)
+    assert configs == set(EVAL_CONFIG)
 
 
 def test_a_deployed_store_sends_no_metrics_unless_it_allows_them(small_chain_dir):
@@ -110,7 +144,7 @@ def test_over_budget_the_store_declines_and_sends_no_weights(small_chain_dir, tm
     reply = handle_train(_message(small_chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
     assert reply.has_error() and reply.error.code == wire.DECLINE_CODE
     info = wire.parse_decline(reply.error.reason)
-    assert set(info) == set(wire.DECLINE_KEYS)
+    assert set(info) == set(DECLINE_KEYS)
     assert info["store-id"] == "S003" and info["epsilon"] == 0.0 and info["epsilon-after"] > 0.05
     assert read_events(tmp_path, "S003") == []  # nothing trained, nothing spent
 
@@ -165,8 +199,9 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     monkeypatch.setattr(local_layer, "layer_for", fit)
     msg.content["config"] = ConfigRecord({"run-id": "run-9", "server-round": 4, "hash": digest})
     reply = handle_model(msg, context, cfg)
+    assert _records(reply) == {"store": "config"}
     arrays, metrics, configs = _keys(reply)
-    assert arrays == set() and metrics == set() and configs == set(wire.MODEL_ACK_CONFIG)
+    assert arrays == set() and metrics == set() and configs == set(MODEL_ACK_CONFIG)
     assert reply.content["store"]["model-hash"] == digest
     info = read_info(tmp_path)
     assert (info["run_id"], info["round"], info["hash"], info["epsilon"], info["final"]) == ("run-9", 4, digest, 0.0, True)

@@ -98,13 +98,73 @@ def test_noise_is_added_at_the_calibrated_scale(small_store, dp_path):
 
 def test_empty_poisson_batches_still_take_a_noise_step(small_store, dp_path="bookkeeping"):
     # The default path; Opacus' own handling of empty batches is Opacus' (and slow to run).
+    from common.learning.training import PoissonBatches, steps_per_epoch
+
     model = _model(small_store)
     n = small_store.n_train_members
     # Expected batch of one member: about a third of the Poisson batches are empty.
     cfg = TrainConfig(batch_size=1, optimizer="sgd", lr=0.1, seed=5, dp_path=dp_path)
     result = train_local(model, small_store, cfg, DPConfig(noise_multiplier=1.0, clip_norm=1.0))
-    assert result.steps == n
+    empty = sum(len(idx) == 0 for (idx,) in PoissonBatches(n, 1 / n, n, torch.Generator().manual_seed(5)))
+    assert result.steps == n == steps_per_epoch(n, 1) and empty > n / 5
     assert torch.isfinite(_flat_params(model)).all()
+
+
+def test_a_store_of_no_member_moves_by_the_noise_alone_at_scale_sigma_c_over_b(small_store):
+    """Every Poisson batch empty: each step is w ← w − lr·N(0, (σC)²)/B, and nothing else."""
+    import dataclasses
+
+    from common.learning.training import expected_batch, sample_rate_for, steps_per_epoch
+
+    sigma, clip, lr, published, batch = 1.3, 0.7, 0.5, 640, 128
+    steps, divisor = steps_per_epoch(published, batch), expected_batch(published, sample_rate_for(published, batch))
+    assert (steps, divisor) == (5, 128)  # ⌈640/128⌉ steps at q = 1/5; divisor ⌊640 · 1/5⌋
+    # The small store with all of its members gone (same catalog, model and everything else).
+    store = dataclasses.replace(small_store, member_ids=small_store.member_ids[:0])
+    model = _model(small_store)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(batch_size=batch, optimizer="sgd", lr=lr, seed=5, noise_seed=17)
+    result = train_local(model, store, cfg, DPConfig(noise_multiplier=sigma, clip_norm=clip, published_size=published))
+    assert result.steps == steps and result.examples == 0 and result.loss == 0.0
+    moved = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]).double()
+    # Independent of how the draws are ordered: every coordinate moved by the sum of `steps`
+    # N(0, (lr·σC/B)²) draws, so by N(0, steps·(lr·σC/B)²); over ~5·10⁴ coordinates the sample
+    # std is within 1.5 % and the mean within 4 standard errors.
+    scale = lr * sigma * clip / divisor * np.sqrt(steps)
+    assert moved.numel() > 40_000  # 49,078 here: the std of the sample std is 0.3 %
+    assert moved.std().item() == pytest.approx(scale, rel=0.015)
+    assert abs(moved.mean().item()) < 4 * scale / np.sqrt(moved.numel())
+    # Exactly: the noise generator seeded with noise_seed, one N(0, σC) draw per parameter in
+    # parameter order at each step, divided by B and stepped by SGD; no gradient, no decay.
+    gen = torch.Generator().manual_seed(17)
+    expected = [b.clone() for b in before]
+    for _ in range(steps):
+        for w in expected:
+            w.add_(torch.normal(0.0, sigma * clip, size=w.shape, generator=gen) / divisor, alpha=-lr)
+    for p, w in zip(model.parameters(), expected):
+        assert torch.allclose(p.detach(), w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dp_path", DP_PATHS)
+def test_the_proximal_term_is_added_after_the_noise_unclipped(small_store, dp_path):
+    """FedProx with DP: step t is w ← w − lr·((clipped sum + noise)/B + μ(w − w₀)). With q = 1
+    (one step per epoch) and σ > 0: the prox term is 0 at step 1, so after two steps
+    w₂(μ) = w₂(0) − lr·μ·(w₁ − w₀), with w₁ the weights after the first step."""
+    mu, lr = 2.0, 1.0
+
+    def run(epochs, proximal_mu):
+        model = _model(small_store)
+        cfg = TrainConfig(batch_size=10**6, local_epochs=epochs, optimizer="sgd", lr=lr, seed=3, noise_seed=4,
+                          proximal_mu=proximal_mu, dp_path=dp_path)
+        result = train_local(model, small_store, cfg, DPConfig(noise_multiplier=1.0, clip_norm=0.05))
+        assert result.steps == epochs
+        return _flat_params(model)
+
+    w0, w1, w2, w2_prox = _flat_params(_model(small_store)), run(1, 0.0), run(2, 0.0), run(2, mu)
+    assert (w1 - w0).abs().max() > 1e-4 and (w2_prox - w2).abs().max() > 1e-4, "the check needs movement"
+    # Added after the noise and the division by B: not clipped with the members' gradients,
+    # not divided by B (which would make it ~170× smaller), not left out.
+    assert torch.allclose(w2_prox, w2 - lr * mu * (w1 - w0), rtol=0, atol=1e-6)
 
 
 def test_plain_training_lowers_the_loss(small_store):

@@ -41,30 +41,58 @@ def test_the_global_model_went_to_the_workers_once_per_round_not_once_per_store(
     assert sum(1 for d in sim_backend.DISPATCH if d[4]) == 3 * (2 + 2 + 1)  # train, evaluate ×2, delivery
 
 
-def test_epsilon_is_finite_positive_and_grows_with_rounds(run):
-    results, _ = run
+# Seed-1 runs of this chain are deterministic; figures measured on it (3 stores, 2 rounds,
+# target ε 8). Bands: a 5 % drop in quality, or a σ off by 2 %, falls outside them.
+MEASURED = {"ndcg@10": 0.4641, "recall@10": 0.5882, "global ndcg@10": 0.4583, "global recall@10": 0.5808,
+            "audience auc": 0.8418, "first round max ε": 6.305}
+SIGMA = {"S001": 0.9708, "S002": 0.8417, "S003": 0.8774}  # calibrated per store from its published size
+
+
+def _pld(sigma: float, q: float, steps: int, delta: float) -> float:
+    import dp_accounting as dpa
+
+    event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    return dpa.pld.PLDAccountant().compose(event).get_epsilon(delta)
+
+
+def test_epsilon_lands_just_under_the_target_and_matches_an_outside_recomputation(run):
+    results, base = run
     assert set(results["privacy"]) == {"S001", "S002", "S003"}
-    for store in results["privacy"].values():
-        assert 0 < store["epsilon"] < math.inf
-        assert store["rounds_trained"] == 2
-        assert store["delta"] <= 1e-6
-        assert store["noise_multiplier"] > 0
+    for store_id, store in results["privacy"].items():
+        # σ is calibrated so that the planned 2 rounds end just under ε = 8 (bisection to 0.5 %).
+        assert 8.0 - 0.1 <= store["epsilon"] <= 8.0, store_id
+        assert store["rounds_trained"] == 2 and store["delta"] == 1e-6
+        assert store["noise_multiplier"] == pytest.approx(SIGMA[store_id], rel=0.02), store_id
+        # An outsider's ε from the store's public settings: q = 1/⌈P/128⌉ and ⌈P/128⌉ steps a
+        # round for the published size P in store.json, the σ reported, dp-accounting's PLD.
+        published = json.loads((base / "chain" / "stores" / store_id / "store.json").read_text())["published_size"]
+        steps = math.ceil(published / 128)
+        reference = _pld(store["noise_multiplier"], 1 / steps, 2 * steps, store["delta"])
+        assert reference <= store["epsilon"] <= reference + 0.02, store_id
     first, second = (r["max_epsilon"] for r in results["per_round"])
-    assert 0 < first < second <= 8.0 + 1e-6
+    assert first == pytest.approx(MEASURED["first round max ε"], abs=0.05)
+    assert second == max(p["epsilon"] for p in results["privacy"].values())
 
 
-def test_the_model_beats_random_ranking(run):
+def test_the_model_reaches_the_measured_quality(run):
     results, _ = run
-    # A random top-10 from an assortment of A ≥ 200 items has expected recall 10/A ≤ 0.05,
-    # and NDCG@10 ≤ recall@10; the learned model must clear that by far.
-    assert results["model"]["ndcg@10"] > 0.15
-    assert results["model"]["recall@10"] > 0.15
+    # A random top-10 would have recall ≤ 0.05; the measured figures are far above, and a
+    # 5 % drop from them fails these bands.
+    assert results["model"]["ndcg@10"] == pytest.approx(MEASURED["ndcg@10"], abs=0.012)
+    assert results["model"]["recall@10"] == pytest.approx(MEASURED["recall@10"], abs=0.015)
+    # The global model alone is where the 2 DP rounds show: the same run with the stores'
+    # learning rate set to 0 measured 0.4494 / 0.5635 (served: 0.4616, inside its band: the
+    # local layer carries the served figures). Repeated runs agree to 4 digits.
+    assert results["global_model"]["ndcg@10"] == pytest.approx(MEASURED["global ndcg@10"], abs=0.003)
+    assert results["global_model"]["recall@10"] == pytest.approx(MEASURED["global recall@10"], abs=0.008)
     assert set(results["baselines"]) == {"store_pop", "p_topfreq"}
-    # Goods find people: ranking members for the best sellers beats chance.
-    assert results["audience"]["model"]["auc"] > 0.6
-    assert 0 < results["audience"]["member_pop"]["auc"] < 1
+    # The learned model beats store popularity by far, and P-TopFreq (0.456) here.
+    assert results["model"]["ndcg@10"] > 2 * results["baselines"]["store_pop"]["ndcg@10"]
+    assert results["model"]["ndcg@10"] > results["baselines"]["p_topfreq"]["ndcg@10"]
+    # Goods find people: ranking members for the best sellers, as measured.
+    assert results["audience"]["model"]["auc"] == pytest.approx(MEASURED["audience auc"], abs=0.02)
+    assert results["audience"]["model"]["auc"] > results["audience"]["member_pop"]["auc"] + 0.1
     # The served model (with each store's local layer) next to the global model alone.
-    assert results["global_model"]["ndcg@10"] > 0.15
     assert results["model"] != results["global_model"]
     for metrics in [results["model"], results["global_model"], *results["baselines"].values()]:
         assert set(metrics) == {"ndcg@10", "recall@10", "hit@10", "map@10", "ndcg@20", "recall@20"}

@@ -101,10 +101,10 @@ def test_a_failed_training_releases_its_reservation_and_a_commit_replaces_it(tmp
         store_ledger.release(state, "S1", r1.id, "twice")
 
 
-def _deployed(chain_dir, state_dir, **extra):
+def _deployed(chain_dir, state_dir, run_id=1, **extra):
     # A fixed σ: no calibration to wait for in each process.
-    return Context(run_id=1, node_id=7, run_config={"data-dir": str(chain_dir), "rounds": 2, "stores": 3,
-                                                    "noise-multiplier": 1.0},
+    return Context(run_id=run_id, node_id=7, run_config={"data-dir": str(chain_dir), "rounds": 2, "stores": 3,
+                                                         "noise-multiplier": 1.0},
                    state=RecordDict(),
                    node_config={"store-dir": str(chain_dir / "stores" / "S003"), "catalog": str(chain_dir),
                                 "state-dir": str(state_dir), **extra})
@@ -124,57 +124,70 @@ def _train_message(chain_dir):
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
+# S003 of the small chain has 400 training members and declares 500 in store.json: both give
+# ⌈n/128⌉ = 4 steps. The node config here declares 250 instead (⌈250/128⌉ = 2), so a plan
+# that followed the exact count (4 steps, q = 1/4) or store.json's size is told apart.
+PUBLISHED = 250
+PLAN = (1.0, 1 / 2, 2)  # σ as configured, q = 1/⌈250/128⌉, steps = 1 epoch × ⌈250/128⌉
+PLAN_DELTA = 1e-6  # min(1e-6, 1/(10 × 250))
+
+
 def _train_at_store(args):
-    """One store process receiving a train message (waits for the other at the barrier)."""
-    chain_dir, state_dir, budget, barrier, out = args
+    """One store process receiving a train message of its own run (waits for the other at the barrier)."""
+    chain_dir, state_dir, budget, run_id, barrier, out = args
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.client_app import handle_train
     from client.store import load_store
     from common.config import RunConfig
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    context = _deployed(chain_dir, state_dir, **{"epsilon-budget": budget})
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 7
+    context = _deployed(chain_dir, state_dir, run_id, **{"epsilon-budget": budget, "published-size": PUBLISHED})
     cfg = RunConfig.from_mapping(context.run_config)
     load_store(context.node_config, cfg)  # data ready before the race starts
     barrier.wait(timeout=120)
     reply = handle_train(_train_message(chain_dir), context, cfg)
-    out.put("declined" if reply.has_error() and reply.error.code == wire.DECLINE_CODE else
-            "trained" if not reply.has_error() else f"error {reply.error.code}")
+    if reply.has_error() and reply.error.code == wire.DECLINE_CODE:
+        out.put((run_id, "declined", wire.parse_decline(reply.error.reason)))
+    elif not reply.has_error():
+        out.put((run_id, "trained", dict(reply.content["metrics"])))
+    else:
+        out.put((run_id, f"error {reply.error.code}", reply.error.reason))
 
 
 def test_two_runs_at_one_store_with_budget_for_one_round_train_once(small_chain_dir, tmp_path):
     from client.store import load_store
     from common.config import RunConfig
-    from common.learning.training import sample_rate_for, steps_per_epoch
 
-    # What one round costs at this store: σ 1.0, q and steps from its size and the batch.
-    context = _deployed(small_chain_dir, tmp_path / "unused")
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = load_store(context.node_config, cfg)
-    n, batch = node.data.n_train_members, int(cfg["batch-size"])
-    mechanism = (1.0, sample_rate_for(n, batch), int(cfg["local-epochs"]) * steps_per_epoch(n, batch))
-    delta = node.delta(cfg)
-    one, two = _eps_at([mechanism], delta), _eps_at([mechanism] * 2, delta)
+    node = load_store({"store-dir": str(small_chain_dir / "stores" / "S003"), "catalog": str(small_chain_dir)},
+                      RunConfig.from_mapping({}))
+    assert -(-node.data.n_train_members // 128) != PLAN[2], "the sizes must give different step counts"
+    one, two = _eps_at([PLAN], PLAN_DELTA), _eps_at([PLAN] * 2, PLAN_DELTA)
     budget = (one + two) / 2
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_train_at_store, args=((small_chain_dir, tmp_path / "state", budget, barrier, out),))
-             for _ in range(2)]
+    procs = [ctx.Process(target=_train_at_store,
+                         args=((small_chain_dir, tmp_path / "state", budget, run_id, barrier, out),))
+             for run_id in (11, 12)]
     for p in procs:
         p.start()
     try:
-        results = sorted(out.get(timeout=240) for _ in procs)
+        results = sorted((out.get(timeout=240) for _ in procs), key=lambda r: r[1])
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    assert results == ["declined", "trained"]
+    assert [r[1] for r in results] == ["declined", "trained"], results
+    (_, _, declined), (winner, _, metrics) = results
+    # The loser saw the winner's round as spent (its reservation, or its committed event).
+    assert declined["epsilon"] == pytest.approx(one, rel=1e-9) and declined["epsilon-after"] == pytest.approx(two, rel=1e-9)
+    assert metrics["num-examples"] == PUBLISHED and metrics["epsilon"] == pytest.approx(one, rel=1e-9)
     ledger = read_ledger(tmp_path / "state", "S003")
     assert len(ledger.events) == 1 and ledger.open == ()
-    assert ledger.history() == [mechanism] and ledger.events[0].delta == delta
+    assert ledger.history() == [PLAN] and ledger.events[0].delta == PLAN_DELTA
+    assert ledger.events[0].run_id == str(winner)
 
 
 def _eps_at(history, delta):
@@ -316,3 +329,97 @@ def test_an_old_ledger_reads_and_is_migrated_on_the_next_write(tmp_path):
     ledger_path(state).write_text(_v1_ledger("S1", [_event("old", 1)]))
     with pytest.raises(LedgerError, match="older copy"):
         read_events(state, "S1")
+
+
+# --- the v2 hash, recomputed from its documented definition ------------------------------------
+# common/privacy/ledger.py: each record carries seq, prev_hash (the previous record's hash; for
+# the first, the SHA-256 of the header line) and hash = SHA-256 of prev_hash, "\n" and the
+# record's canonical JSON without "hash" (sorted keys, no spaces, ASCII). Written here again,
+# by hand, so that a hash that skipped a field would not be checked against itself.
+
+def _independent_hash(record: dict, prev_hash: str) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256((prev_hash + "\n" + canonical).encode("utf-8")).hexdigest()
+
+
+def test_every_record_hash_is_the_documented_sha256_chain(tmp_path):
+    state = tmp_path / "state"
+    _three_rounds(state)
+    lines = ledger_path(state).read_text().splitlines()
+    assert json.loads(lines[0]) == {"format": "storefed-privacy-ledger", "version": 2, "store_id": "S003"}
+    prev = hashlib.sha256(lines[0].encode("utf-8")).hexdigest()
+    for seq, line in enumerate(lines[1:], start=1):
+        record = json.loads(line)
+        assert record["seq"] == seq and record["prev_hash"] == prev
+        assert record["hash"] == _independent_hash(record, prev)
+        prev = record["hash"]
+    head = json.loads(head_path(state).read_text())
+    assert (head["seq"], head["hash"]) == (6, prev)  # 3 reservations + 3 events
+
+
+FIELDS = {"noise_multiplier": 0.5, "sample_rate": 0.01, "delta": 1e-3, "steps": 2, "clip_norm": 9.0}
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_altering_any_mechanism_field_changes_the_hash_and_is_refused(tmp_path, field):
+    state = tmp_path / "state"
+    _three_rounds(state)
+    path = ledger_path(state)
+    lines = path.read_text().splitlines()
+    at = next(i for i, x in enumerate(lines) if '"type": "event"' in x)  # the first committed event
+    record = json.loads(lines[at])
+    assert record[field] != FIELDS[field]
+    altered = {**record, field: FIELDS[field]}
+    # By the definition, the field is part of what is hashed.
+    assert _independent_hash(altered, record["prev_hash"]) != record["hash"]
+    # The store refuses the edit as it is...
+    path.write_text("\n".join(lines[:at] + [json.dumps(altered, sort_keys=True)] + lines[at + 1:]) + "\n")
+    with pytest.raises(LedgerError, match=f"line {at + 1}: its hash does not match"):
+        read_ledger(state, "S003")
+    # ... and with the record's own hash recomputed: the next record no longer follows it.
+    altered["hash"] = _independent_hash(altered, record["prev_hash"])
+    path.write_text("\n".join(lines[:at] + [json.dumps(altered, sort_keys=True)] + lines[at + 1:]) + "\n")
+    with pytest.raises(LedgerError, match=f"line {at + 2} does not follow"):
+        read_ledger(state, "S003")
+
+
+# --- a head that is corrupted, not deleted -------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "not_a_head", "seq_lowered", "hash_edited", "negative_steps"])
+def test_a_corrupted_head_is_refused_naming_it_and_nothing_is_written(tmp_path, damage):
+    state = tmp_path / "state"
+    _three_rounds(state)
+    hpath = head_path(state)
+    head = json.loads(hpath.read_text())
+    if damage == "garbage":
+        hpath.write_bytes(b"\x00\xff{not json")
+    elif damage == "not_a_head":
+        hpath.write_text(json.dumps({**head, "format": "something-else"}))
+    elif damage == "seq_lowered":  # the head claims the ledger ended earlier, at another record
+        hpath.write_text(json.dumps({**head, "seq": 2}))
+    elif damage == "hash_edited":
+        hpath.write_text(json.dumps({**head, "hash": "0" * 64}))
+    else:
+        hpath.write_text(json.dumps({**head, "history": [[1.1, 0.08, -39]]}))
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    named = hpath if damage in ("garbage", "not_a_head", "negative_steps") else ledger_path(state)
+    with pytest.raises(LedgerError, match=str(named)):
+        read_ledger(state, "S003")
+    with pytest.raises(LedgerError):
+        store_ledger.reserve(state, "S003", _event("next", 4), _check(1000.0), _eps)
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
+
+
+def test_an_unreadable_head_can_be_rebuilt_by_the_operator_and_is_kept_for_inspection(tmp_path):
+    store, state = _store_dir(tmp_path, "S003"), tmp_path / "state"
+    _three_rounds(state)
+    good_head = json.loads(head_path(state).read_text())
+    head_path(state).write_text("{broken")
+    argv = ["privacy", "--store-dir", str(store), "--state-dir", str(state), "--accept-ledger", "--yes"]
+    assert main(argv) == 0
+    rebuilt = json.loads(head_path(state).read_text())
+    assert (rebuilt["seq"], rebuilt["hash"], rebuilt["history"]) == (good_head["seq"], good_head["hash"], good_head["history"])
+    kept = [p for p in state.iterdir() if p.name.startswith("privacy-ledger.head.json.damaged-")]
+    assert len(kept) == 1 and kept[0].read_text() == "{broken"
+    assert len(read_events(state, "S003")) == 3

@@ -134,6 +134,92 @@ def test_summary_means_and_targets_by_hand():
     assert "eps8_cold_members_vs_store_pop" not in targets  # no cold member in these records
 
 
+def _summary(all_ndcg, explore_ndcg=0.1, *, small=None, cold=None, new_share=None, per_store=None, auc=None):
+    """A method's summary as evaluate_targets reads it, every value set by hand."""
+    slices = {"small_stores": {"ndcg@10": small if small is not None else 0.0, "stores": int(small is not None)},
+              "cold": {"ndcg@10": cold if cold is not None else 0.0, "members": int(cold is not None) * 7},
+              "new_items": {"share": new_share or 0.0, "items": 5 if new_share is not None else 0}}
+    out = {"member_weighted": {"all": {"ndcg@10": all_ndcg}, "explore": {"ndcg@10": explore_ndcg}}, "slices": slices}
+    if per_store is not None:
+        out["per_store"] = [{"store": f"S{i}", "all": {"ndcg@10": v, "members": 10}} for i, v in enumerate(per_store)]
+    if auc is not None:
+        out["audience"] = {"auc": auc}
+    return out
+
+
+def _passing_methods():
+    """Every target met, several exactly at their threshold (dyadic values: exact in floats)."""
+    return {
+        "centralized": _summary(0.5), "fed_nodp": _summary(0.48), "tifu_knn": _summary(0.40),
+        "p_topfreq": _summary(0.30, small=0.3), "global_pop": _summary(0.1),
+        "store_pop": _summary(0.20, 0.125, small=0.2, cold=0.1),
+        "fed_dp_eps8": _summary(0.485, 0.1875, small=0.3, cold=0.2, new_share=0.01, per_store=[0.5, 0.4, 0.3], auc=0.8),
+        "fed_dp_eps4": _summary(0.45), "fed_dp_eps1": _summary(0.36, 0.126), "fed_dp_eps0.3": _summary(0.30),
+        "local_dp_eps8": {"per_store": _summary(0, per_store=[0.4, 0.45, 0.2])["per_store"]},
+        "member_pop": {"audience": {"auc": 0.7}},
+    }
+
+
+ALL_TARGETS = {"eps8_all_vs_best_non_private", "eps8_explore_vs_store_pop", "eps1_all_vs_p_topfreq",
+               "eps0.3_all_vs_p_topfreq", "eps1_explore_vs_store_pop", "eps8_small_stores_vs_store_pop",
+               "eps8_small_stores_vs_p_topfreq", "eps8_cold_members_vs_store_pop", "eps8_new_items_share",
+               "centralized_vs_fed_nodp", "centralized_vs_p_topfreq", "fed_nodp_vs_centralized",
+               "fed_dp_eps8_vs_centralized", "fed_dp_eps4_vs_centralized", "fed_dp_eps1_vs_centralized",
+               "fed_dp_eps8_beats_local_on_median_store", "fed_dp_eps8_audience_vs_member_pop"}
+
+
+def test_every_target_passes_on_hand_made_inputs_at_its_threshold():
+    targets = evaluate_targets(_passing_methods())
+    assert set(targets) == ALL_TARGETS
+    assert [k for k, t in targets.items() if not t["pass"]] == []
+    # Values and thresholds by hand: 0.485 / 0.5 = 0.97 (≥ 0.97), 0.1875 / 0.125 = 1.5 (≥ 1.5),
+    # 0.48 / 0.5 = 0.96, 0.36 / 0.5 = 0.72, median of (0.1, −0.05, 0.1) = 0.1.
+    expect = {"eps8_all_vs_best_non_private": (0.97, 0.97), "eps8_explore_vs_store_pop": (1.5, 1.5),
+              "eps0.3_all_vs_p_topfreq": (0.30, 0.30), "fed_nodp_vs_centralized": (0.96, 0.95),
+              "fed_dp_eps1_vs_centralized": (0.72, 0.70), "fed_dp_eps8_beats_local_on_median_store": (0.1, 0.0),
+              "eps8_cold_members_vs_store_pop": (0.2, 0.1), "fed_dp_eps8_audience_vs_member_pop": (0.8, 0.7)}
+    for key, (value, threshold) in expect.items():
+        assert (targets[key]["value"], targets[key]["threshold"]) == pytest.approx((value, threshold), rel=1e-12), key
+    assert "(centralized)" in targets["eps8_all_vs_best_non_private"]["description"]
+
+
+def _set(methods, name, **changes):
+    methods[name] = _summary(**{**_ARGS[name], **changes})
+
+
+_ARGS = {"fed_dp_eps8": dict(all_ndcg=0.485, explore_ndcg=0.1875, small=0.3, cold=0.2, new_share=0.01,
+                             per_store=[0.5, 0.4, 0.3], auc=0.8),
+         "store_pop": dict(all_ndcg=0.20, explore_ndcg=0.125, small=0.2, cold=0.1)}
+
+FLIPS = [  # (what changes, the targets that must then fail, and only those)
+    (lambda m: _set(m, "fed_dp_eps8", all_ndcg=0.4849), {"eps8_all_vs_best_non_private"}),
+    (lambda m: m.update(tifu_knn=_summary(0.51)), {"eps8_all_vs_best_non_private"}),  # the best is now TIFU-KNN
+    (lambda m: _set(m, "fed_dp_eps8", explore_ndcg=0.1874), {"eps8_explore_vs_store_pop"}),
+    (lambda m: m.update({"fed_dp_eps0.3": _summary(0.2999)}), {"eps0.3_all_vs_p_topfreq"}),
+    (lambda m: m.update(fed_dp_eps1=_summary(0.36, 0.125)), {"eps1_explore_vs_store_pop"}),  # strictly more
+    (lambda m: m.update(fed_dp_eps1=_summary(0.2999, 0.126)), {"eps1_all_vs_p_topfreq", "fed_dp_eps1_vs_centralized"}),
+    (lambda m: m.update(fed_dp_eps1=_summary(0.349, 0.126)), {"fed_dp_eps1_vs_centralized"}),
+    (lambda m: _set(m, "fed_dp_eps8", small=0.2999), {"eps8_small_stores_vs_p_topfreq"}),
+    (lambda m: _set(m, "store_pop", small=0.3001), {"eps8_small_stores_vs_store_pop"}),
+    (lambda m: _set(m, "store_pop", cold=0.2), {"eps8_cold_members_vs_store_pop"}),  # strictly more
+    (lambda m: _set(m, "fed_dp_eps8", new_share=0.0), {"eps8_new_items_share"}),
+    (lambda m: m.update(fed_nodp=_summary(0.4749)), {"fed_nodp_vs_centralized"}),
+    (lambda m: m.update(fed_dp_eps4=_summary(0.4249)), {"fed_dp_eps4_vs_centralized"}),
+    (lambda m: m.update(centralized=_summary(0.47)), {"centralized_vs_fed_nodp"}),
+    (lambda m: m.update(local_dp_eps8={"per_store": _summary(0, per_store=[0.5, 0.45, 0.3])["per_store"]}),
+     {"fed_dp_eps8_beats_local_on_median_store"}),  # median difference 0: not > 0
+    (lambda m: m.update(member_pop={"audience": {"auc": 0.8}}), {"fed_dp_eps8_audience_vs_member_pop"}),
+]
+
+
+@pytest.mark.parametrize("flip,failing", FLIPS, ids=[f"flip{i}" for i in range(len(FLIPS))])
+def test_each_target_fails_just_past_its_threshold(flip, failing):
+    methods = _passing_methods()
+    flip(methods)
+    targets = evaluate_targets(methods)
+    assert {k for k, t in targets.items() if not t["pass"]} == failing
+
+
 METHODS = ("global_pop", "store_pop", "p_topfreq", "tifu_knn", "local_dp_eps8", "centralized", "fed_nodp",
            "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "fed_dp_eps0.3", "centralized_global", "fed_dp_eps8_global")
 LIST_KEYS = {f"{m}@{k}" for m in ("ndcg", "recall", "hit", "map", "coverage", "diversity") for k in (10, 20)}
@@ -172,7 +258,13 @@ def test_quick_bench_writes_every_file_and_key(tmp_path, capsys, monkeypatch):
             "fed_dp_eps8_beats_local_on_median_store", "eps8_all_vs_best_non_private", "eps8_explore_vs_store_pop",
             "eps0.3_all_vs_p_topfreq", "centralized_vs_fed_nodp"} <= set(results["targets"])
     assert {"cold", "new_items", "small_stores"} <= set(results["methods"]["fed_dp_eps8"]["slices"])
-    assert all(isinstance(t["pass"], bool) for t in results["targets"].values())
+    # Each verdict is its documented rule applied to its value and threshold (the rules
+    # themselves are tested on fixed inputs above): "more than" for these, "at least" otherwise.
+    strict = {"eps1_explore_vs_store_pop", "eps8_cold_members_vs_store_pop", "eps8_new_items_share",
+              "fed_dp_eps8_beats_local_on_median_store", "fed_dp_eps8_audience_vs_member_pop"}
+    assert set(results["targets"]) <= ALL_TARGETS
+    for key, t in results["targets"].items():
+        assert t["pass"] is (t["value"] > t["threshold"] if key in strict else t["value"] >= t["threshold"]), key
     assert max(p["epsilon"] for p in results["methods"]["local_dp_eps8"]["privacy"]) <= 8.0
     assert results["methods"]["fed_dp_eps1"]["max_epsilon"] <= 1.0 + 1e-6
     for name in ("fed_nodp", "fed_dp_eps8", "fed_dp_eps4", "fed_dp_eps1", "fed_dp_eps0.3"):

@@ -73,9 +73,31 @@ def test_cold_and_new_item_slices_by_hand(small_store):
     found_all = sum(len(s) for s in shown)
     assert new["recall@20"] == pytest.approx(found_new / new_total if new_total else 0.0)
     assert new["share"] == pytest.approx(found_new / found_all)
-    # Store popularity never ranks an item the store has not sold above one it has.
-    pop = slices.new_item_slice(d.store_counts[None, :], d)
-    assert pop["share"] == 0.0 or d.assortment.sum() < 20
+
+
+def _popularity_store(store, sold: int, targets):
+    """``store`` with items 0..sold−1 sold (counts sold, sold−1, …, 1), nothing else, and
+    two evaluated members with the given targets."""
+    import dataclasses
+
+    counts = np.zeros(store.items.n_items)
+    counts[:sold] = np.arange(sold, 0, -1)
+    return dataclasses.replace(store, store_counts=counts, assortment=counts > 0,
+                               eval_member_ids=store.eval_member_ids[:2], eval_targets=[np.array(t) for t in targets])
+
+
+def test_store_popularity_on_the_new_item_slice_by_hand(small_store):
+    # 25 items sold: the top 20 by store counts are items 0..19, all sold; the new targets
+    # 30 and 40 are not in them: nothing new is found.
+    d = _popularity_store(small_store, 25, [[0, 30], [3, 40]])
+    assert slices.new_item_slice(d.store_counts[None, :], d) == {"recall@20": 0.0, "share": 0.0, "members": 2, "items": 2}
+    # 5 items sold: the top 20 are items 0..4, then the unsold 5..19 (ties to the lower index).
+    # Member 0 ([0, 7, 30]) finds 0 and 7, new 7 and 30: one of two; member 1 ([1, 3, 25])
+    # finds 1 and 3, new 25 not found. Recall 1/3 of the new items; share 1 new of 4 found.
+    d = _popularity_store(small_store, 5, [[0, 7, 30], [1, 3, 25]])
+    got = slices.new_item_slice(d.store_counts[None, :], d)
+    assert (got["members"], got["items"]) == (2, 3)
+    assert got["recall@20"] == pytest.approx(1 / 3, rel=1e-12) and got["share"] == pytest.approx(1 / 4, rel=1e-12)
 
 
 def test_pooled_training_refreshes_the_item_snapshot_every_epoch(small_store):

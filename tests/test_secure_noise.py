@@ -100,14 +100,75 @@ def test_noisy_optimizer_adds_secure_noise_of_std_sigma_c_over_batch():
     _check_standard_normal(noise / (sigma * clip / batch))
 
 
-def test_secure_poisson_batches_have_the_given_count_and_rate():
+def _check_poisson_batches(loader, n: int, q: float, steps: int) -> None:
+    """Batches of a Poisson sampler: each member in each batch with probability q, independently.
+
+    Each check has a false-alarm rate of at most 1e-3 for a correct sampler; a sampler that
+    gives the same members every step, or deals members out in turn, fails them.
+    """
+    batches = [np.asarray(idx) for (idx,) in loader]
+    assert len(batches) == len(loader) == steps
+    member_of = np.zeros((steps, n), bool)
+    for t, idx in enumerate(batches):
+        assert idx.dtype == np.int64 and len(np.unique(idx)) == len(idx) and (idx >= 0).all() and (idx < n).all()
+        member_of[t, idx] = True
+    # Every batch's size is Binomial(n, q) (Bonferroni over the steps: |z| < 4.42 each).
+    sizes = member_of.sum(axis=1)
+    assert (np.abs(sizes - n * q) < 4.42 * math.sqrt(n * q * (1 - q))).all(), sizes
+    # Every member's count over the steps is Binomial(steps, q): the chi-square of the counts
+    # has mean n and variance n·(2 + (1 − 6q(1 − q)) / (steps·q(1 − q))).
+    counts = member_of.sum(axis=0)
+    pq = steps * q * (1 - q)
+    chi2 = float(((counts - steps * q) ** 2).sum() / pq)
+    assert abs(chi2 - n) < Z_001 * math.sqrt(n * (2 + (1 - 6 * q * (1 - q)) / pq)), chi2
+    # Different steps pick different members: consecutive batches share Binomial(n, q²)
+    # members each (summed over the pairs; neighbouring pairs covary by n·(q³ − q⁴)).
+    shared = float((member_of[1:] & member_of[:-1]).sum())
+    pairs = steps - 1
+    var = n * (pairs * (q ** 2 - q ** 4) + 2 * (pairs - 1) * (q ** 3 - q ** 4))
+    assert abs(shared - pairs * n * q * q) < Z_001 * math.sqrt(var), shared
+
+
+def test_secure_poisson_batches_draw_each_member_at_rate_q_independently_per_step():
     from common.learning.training import PoissonBatches
 
-    loader = PoissonBatches(5000, 0.1, 10, SecureRandom(KEY, NONCE))
-    sizes = [len(idx) for (idx,) in loader]
-    assert len(sizes) == len(loader) == 10
-    # 10 batches of Binomial(5000, 0.1): total ~ N(5000, 4500).
-    assert abs(sum(sizes) - 5000) < Z_001 * math.sqrt(4500)
+    _check_poisson_batches(PoissonBatches(2000, 0.1, 200, SecureRandom(KEY, NONCE)), 2000, 0.1, 200)
+
+
+def test_seeded_poisson_batches_draw_each_member_at_rate_q_independently_per_step():
+    from common.learning.training import PoissonBatches
+
+    _check_poisson_batches(PoissonBatches(2000, 0.1, 200, torch.Generator().manual_seed(0)), 2000, 0.1, 200)
+    _check_poisson_batches(PoissonBatches(500, 0.5, 100, torch.Generator().manual_seed(1)), 500, 0.5, 100)
+
+
+class _FixedBatches:
+    """A broken sampler: the same n·q members at every step (right totals, no randomness)."""
+
+    def __init__(self, n, q, steps):
+        self.n, self.q, self.steps = n, q, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield (torch.arange(int(self.n * self.q)),)
+
+
+class _DealtBatches(_FixedBatches):
+    """Another: members dealt out in turn, each exactly steps·q times (too even)."""
+
+    def __iter__(self):
+        size = int(self.n * self.q)
+        for t in range(self.steps):
+            yield (torch.arange(t * size, (t + 1) * size) % self.n,)
+
+
+@pytest.mark.parametrize("broken", [_FixedBatches, _DealtBatches])
+def test_the_sampler_checks_can_fail(broken):
+    with pytest.raises(AssertionError):
+        _check_poisson_batches(broken(2000, 0.1, 200), 2000, 0.1, 200)
 
 
 def test_training_with_secure_noise_is_not_replayable_and_seeded_training_is(small_store):
