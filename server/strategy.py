@@ -29,6 +29,23 @@ from common.exchange import update_codec
 from common.exchange import wire
 from common.exchange.update_checks import check_updates
 
+class MultiKrumOfEachRound(flower.MultiKrum):
+    """Multi-Krum as its paper states it: of a round's n accepted updates, average the n − f
+    with the best Krum scores (f = ``num_malicious_nodes``). Flower's MultiKrum takes a fixed
+    ``num_nodes_to_select`` whose default, 1, makes it Krum; a count given here stays fixed."""
+
+    def __init__(self, *, num_nodes_to_select: int = 0, **kwargs) -> None:
+        super().__init__(num_nodes_to_select=max(1, num_nodes_to_select), **kwargs)
+        self.per_round = num_nodes_to_select <= 0
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        if self.per_round:
+            n = sum(1 for m in replies if not m.has_error())
+            self.num_nodes_to_select = max(1, n - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
 STRATEGIES = {
     "fedavg": flower.FedAvg,
     "fedavgm": flower.FedAvgM,
@@ -38,7 +55,7 @@ STRATEGIES = {
     "fedmedian": flower.FedMedian,
     "fedtrimmedavg": flower.FedTrimmedAvg,
     "krum": flower.Krum,
-    "multikrum": flower.MultiKrum,
+    "multikrum": MultiKrumOfEachRound,
 }
 # Server-side state that a checkpoint must carry for an exact resume.
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")

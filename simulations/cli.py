@@ -39,8 +39,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from common.data.synth import MEMBERS_PER_STORE, ChainSpec, generate_chain
 
     members = args.members if args.members is not None else MEMBERS_PER_STORE * args.stores
-    spec = ChainSpec(stores=args.stores, seed=args.seed, members=members, items=args.items)
-    chain = generate_chain(spec)
+    try:
+        spec = ChainSpec(stores=args.stores, seed=args.seed, members=members, items=args.items)
+        chain = generate_chain(spec)
+    except ValueError as exc:  # sizes the generator cannot fill (e.g. too few items per category)
+        print(f"storefed generate: {exc}; choose larger --items or --members", file=sys.stderr)
+        return 2
     write_chain(chain, Path(args.out))
     summary = chain_summary(chain)
     if args.json:

@@ -193,12 +193,13 @@ def test_multikrum_averages_the_hand_picked_lowest_scores():
     # Three lowest: b, d, a, averaged with their weights 2, 4, 1.
     out = aggregate("multikrum", OUTLIER, [1, 2, 3, 4, 5], num_malicious_nodes=1, num_nodes_to_select=3)
     assert np.allclose(out["w"], [15 / 7, 18 / 7], rtol=1e-12, atol=0)
-    # One to select is Krum: b alone.
-    assert aggregate("multikrum", OUTLIER, [1, 2, 3, 4, 5], num_malicious_nodes=1)["w"].tolist() == [2.0, 3.0]
+    # No count given: n − f = 4 each round, so a, b, c, d with weights 1, 2, 3, 4:
+    # ([1,2] + 2·[2,3] + 3·[3,1] + 4·[2.5,2.5]) / 10. (Flower's own default, 1, would be Krum: b alone.)
+    out = aggregate("multikrum", OUTLIER, [1, 2, 3, 4, 5], num_malicious_nodes=1)["w"]
+    assert np.allclose(out, [2.4, 2.1], rtol=1e-12, atol=0)
+    assert aggregate("krum", OUTLIER, [1, 2, 3, 4, 5], num_malicious_nodes=1)["w"].tolist() == [2.0, 3.0]
 
 
-@pytest.mark.xfail(strict=True, reason="server_app.strategy_options passes multikrum only num_malicious_nodes, so "
-                                       "Flower's default num_nodes_to_select = 1 applies: 'multikrum' is Krum")
 def test_the_configured_multikrum_averages_more_than_one_update():
     from common.config import RunConfig
     from server.server_app import strategy_options
@@ -207,6 +208,8 @@ def test_the_configured_multikrum_averages_more_than_one_update():
     multi = aggregate("multikrum", OUTLIER, [1] * 5, **options)["w"]
     krum = aggregate("krum", OUTLIER, [1] * 5, num_malicious_nodes=1)["w"]
     assert multi.tolist() != krum.tolist()
+    # n − f = 4 of the 5 updates: every one but the outlier, averaged: ([1,2]+[2,3]+[3,1]+[2.5,2.5]) / 4.
+    assert np.allclose(multi, [2.125, 2.125], rtol=1e-12, atol=0)
 
 
 def test_fedprox_sends_mu_to_the_stores_and_averages_like_fedavg():

@@ -104,9 +104,6 @@ def test_bench_privacy_json_matches_dp_accounting_computed_here(capsys, monkeypa
         assert case["ratio"] == pytest.approx(case["epsilon_prv"] / case["epsilon_pld"], rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="generate lets ChainSpec's ValueError (too few items per category) escape as a "
-                          "traceback instead of one line and exit code 2, as other commands do")
 def test_generate_refuses_impossible_sizes_in_one_line(tmp_path, capsys):
     assert main(["generate", "--out", str(tmp_path / "x"), "--stores", "2", "--members", "120", "--items", "80"]) == 2
     assert "items" in capsys.readouterr().err
