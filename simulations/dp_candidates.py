@@ -2,7 +2,7 @@
 
 ``python -m simulations.dp_candidates [--epsilon 8] [--no-dp] [--epochs 1] [--dp-lr 2.0]
 [--batch 128] [--dim 64] [--ids-init random|zero] [--freeze-ids] [--rounds 10] [--stores 20]
-[--seed 0]`` runs FedAvg over the generated chain's stores in one process — each store trains
+[--seed 0] [--diagnose]`` runs FedAvg over the generated chain's stores in one process — each store trains
 with :func:`common.learning.training.train_local`, the function the ClientApp calls, at σ
 calibrated from its published size for the run's ε (prv, δ 1e-6) — and prints the final
 global model's member-weighted NDCG@10 on "all" items and on "explore" (items new to the
@@ -94,6 +94,52 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
             "train_s": round(time.monotonic() - started, 1), "candidate": c.__dict__}
 
 
+def diagnose(stores: list[tuple[StoreData, int]], epsilon: float, rounds: int = 10, batch: int = 128,
+             seed: int = 0) -> list[dict]:
+    """Per layer, at the initial model: the clipped signal against the DP noise.
+
+    For each store, one pass over all its training members gives each member's gradient
+    clipped to C = 1 as a whole (the mechanism's own clipping); the layer's *signal per step*
+    is the norm of that layer's part of the mean clipped gradient (what a batch of the
+    expected size adds, noise aside), its *noise per step* σC√d / B. Over a run the mean of
+    N stores' S steps adds the signal coherently (an upper bound: the direction held fixed)
+    and the noise as √(N·S): ``run_snr`` = signal / noise · √(N·S), medians over stores.
+    """
+    from common.data.dataset import sample_train_examples
+    from common.learning import dp_fast
+    from common.learning.model import BasketLoss
+    from common.learning.training import batch_tensors
+
+    rows: dict[str, dict] = {}
+    for data, size in stores:
+        q, steps = sample_rate_for(size, batch), steps_per_epoch(size, batch)
+        sigma = privacy.calibrate_noise(epsilon, 1e-6, q, rounds * steps, "prv")
+        torch.manual_seed(seed)
+        model = Recommender(data.items)
+        tapped, _, criterion = dp_fast.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), BasketLoss(),
+                                                    noise_multiplier=0.0, clip_norm=1.0, expected_batch_size=1)
+        examples = sample_train_examples(data, np.random.default_rng(seed))
+        *inputs, t_items, t_mask = batch_tensors(examples, np.arange(len(examples)))
+        criterion(tapped(*inputs), t_items, t_mask).backward()
+        tapped.remove_hooks()
+        divisor = max(1, int(size * q))
+        for name, module in model.named_children():
+            params = [p for p in module.parameters() if p.grad is not None]
+            if not params:
+                continue
+            d = sum(p.numel() for p in params)
+            signal = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))) / len(examples)
+            noise = sigma * np.sqrt(d) / divisor
+            row = rows.setdefault(name, {"layer": name, "params": d, "signal": [], "noise": [], "snr": [], "run_snr": []})
+            row["signal"].append(signal)
+            row["noise"].append(noise)
+            row["snr"].append(signal / noise)
+            row["run_snr"].append(signal / noise * np.sqrt(len(stores) * rounds * steps))
+    return [{"layer": r["layer"], "params": r["params"],
+             **{k: round(float(np.median(r[k])), 4) for k in ("signal", "noise", "snr", "run_snr")}}
+            for r in rows.values()]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilon", type=float, default=8.0)
@@ -107,8 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--stores", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--diagnose", action="store_true", help="per layer: clipped signal against DP noise, no training")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.diagnose:
+        print(json.dumps(diagnose(load_chain(a.stores, a.seed), a.epsilon, a.rounds, a.batch, a.seed)))
+        return
     candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds)
     print(json.dumps(run(load_chain(a.stores, a.seed), candidate, a.seed)))
 
