@@ -130,9 +130,19 @@ def test_the_client_app_refuses_an_unsigned_run_before_reading_any_store_file(tm
     private, public = make_operator_key(tmp_path / "op")
     node = {"store-dir": str(store), "catalog": str(small_chain_dir), "operator-public-key": str(public)}
 
+    from flwr.app import ArrayRecord
+
+    from common.data.dataset import ItemIndex
+    from common.data.storefiles import read_catalog
+    from common.learning.model import Recommender
+
+    # A well-formed model, so that the store's own checks of the message pass and the data is next.
+    arrays = Recommender(ItemIndex.from_catalog(read_catalog(small_chain_dir))).state_dict()
+
     def reply(run_config):
         context = Context(run_id=3, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
-        msg = Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
+        msg = Message(content=RecordDict({wire.TRAIN_ARRAYS: ArrayRecord(arrays)}), dst_node_id=7,
+                      message_type=MessageType.TRAIN)
         return wire.parse_refusal(app(msg, context).error.reason)["reason"]
 
     assert reply({**DEFAULTS, "dp": False}).startswith("the run is not signed")
