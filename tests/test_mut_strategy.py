@@ -199,3 +199,23 @@ def test_make_strategy_state_and_restore():
     assert s.store_name(9) == "node-9"
     s.stores_by_node[9] = "S9"
     assert s.store_name(9) == "S9"
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_configure_shifts_the_round_and_keeps_what_was_sent():
+    s = S.make_strategy("fedavg", num_rounds=2, printer=lambda _: None, round_offset=5)
+    arrays = ArrayRecord({"w": Array(np.array([1.5, -2.0], np.float32))})
+    asked = list(s.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), _Grid([4, 7])))
+    assert sorted(m.metadata.dst_node_id for m in asked) == [4, 7]
+    assert all(m.content["config"]["server-round"] == 6 for m in asked)
+    assert s._asked == asked
+    assert list(s._sent) == ["w"] and s._sent["w"].tolist() == [1.5, -2.0] and s._sent["w"].dtype == np.float32
+    evaluated = list(s.configure_evaluate(2, arrays, ConfigRecord({}), _Grid([4, 7])))
+    assert [m.content["config"]["server-round"] for m in evaluated] == [7, 7]
