@@ -3,6 +3,8 @@
     nice -n 19 python -m simulations.mutation            # run, then print the table
     python -m simulations.mutation --table-only          # the table of the last run
     python -m simulations.mutation --module accountant   # one module (repeatable)
+    nice -n 19 python -m simulations.mutation --sample 30 --json before.json
+    nice -n 19 python -m simulations.mutation --rerun-survivors before.json --json after.json
 
 Runs mutmut (configured in pyproject.toml, ``[tool.mutmut]``: which files are mutated and
 which fast tests run) from the project root over the chosen modules' mutants (each mutant
@@ -10,12 +12,19 @@ runs only the selected tests that reach its function), then reads ``mutmut resul
 Poisson sampler and the numbers that set it are counted for common/learning/training.py
 (the rest of that file is local training, covered elsewhere). A mutant that times out counts
 as killed; one that no selected test reaches ("no tests") counts as a survivor.
+
+``--sample N`` checks, per module of more than N mutants, N of them drawn at random (seed
+``--seed``) from every mutant of the module, and all of a smaller module's; the table then
+counts the sample. ``--rerun-survivors FILE`` runs again only the survivors that FILE (a
+``--json`` of an earlier run) lists, and counts the earlier run's other verdicts as they were:
+after tests are added, a mutant the old tests killed stays killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import subprocess
 import sys
@@ -54,6 +63,15 @@ def counted(name: str, module: str) -> bool:
     return functions is None or local.startswith(functions)
 
 
+def sample(names: list[str], size: int, seed: int) -> set[str]:
+    """Per module, ``size`` of its counted mutants at random (all of them when it has fewer)."""
+    rng, chosen = random.Random(seed), set()
+    for module in MODULES:
+        mine = sorted(n for n in names if counted(n, module))
+        chosen |= set(mine if len(mine) <= size else rng.sample(mine, size))
+    return chosen
+
+
 def table(status: dict[str, str]) -> tuple[list[dict], dict[str, list[str]]]:
     rows, survivors = [], {}
     for module in MODULES:
@@ -80,19 +98,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", action="append", choices=list(MODULES), help="only these modules")
     parser.add_argument("--table-only", action="store_true", help="print the last run's table, run nothing")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
-    parser.add_argument("--json", help="also write the table and the survivors to this file")
+    parser.add_argument("--json", help="also write the table, the survivors and every verdict to this file")
+    parser.add_argument("--sample", type=int, help="check at most this many mutants per module, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
+    parser.add_argument("--rerun-survivors", metavar="FILE", help="run only the survivors of an earlier --json")
     args = parser.parse_args(argv)
+    earlier = None
+    if args.rerun_survivors:
+        with open(args.rerun_survivors, encoding="utf-8") as f:
+            earlier = json.load(f)["status"]
     if not args.table_only:
-        globs = [MODULES[m][0] for m in args.module or list(MODULES)]
-        subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *globs], check=False,
-                       stdout=subprocess.DEVNULL)
-    rows, survivors = table(statuses())
+        if earlier is not None:
+            names = sorted(k for k, v in earlier.items() if v not in KILLED and v not in ("not checked", "skipped"))
+        elif args.sample:
+            known = statuses()  # mutants/ must exist: a first `mutmut run` makes it
+            names = sorted(k for k in sample(list(known), args.sample, args.seed) if known[k] == "not checked")
+        else:
+            names = [MODULES[m][0] for m in args.module or list(MODULES)]
+        if names:
+            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], check=False,
+                           stdout=subprocess.DEVNULL)
+    status = statuses()
+    if earlier is not None:
+        status = {k: (status.get(k, v) if v not in KILLED else v) for k, v in earlier.items()}
+    elif args.sample:
+        keep = sample(list(status), args.sample, args.seed)
+        status = {k: v for k, v in status.items() if k in keep}
+    rows, survivors = table(status)
     if args.module:
         rows = [r for r in rows if r["module"] in args.module]
     print(markdown(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "survivors": survivors}, f, indent=1, ensure_ascii=False)
+            json.dump({"rows": rows, "survivors": survivors, "status": status}, f, indent=1, ensure_ascii=False)
     return 0
 
 
