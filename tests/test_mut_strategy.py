@@ -219,3 +219,23 @@ def test_configure_shifts_the_round_and_keeps_what_was_sent():
     assert list(s._sent) == ["w"] and s._sent["w"].tolist() == [1.5, -2.0] and s._sent["w"].dtype == np.float32
     evaluated = list(s.configure_evaluate(2, arrays, ConfigRecord({}), _Grid([4, 7])))
     assert [m.content["config"]["server-round"] for m in evaluated] == [7, 7]
+
+
+def test_fallback_names_when_a_reply_omits_its_store_or_fields():
+    lines = []
+    s = _strategy(lines)
+    asked = _asked([1, 2, 3])
+    s._asked = asked
+    s.privacy["S2"] = {"rounds_trained": 4}  # an entry without declined_rounds
+    bare = _reply(asked[0], [1.0, 1.0], 10, "ignored")
+    bare.content["store"] = ConfigRecord({"other": "x"})  # neither store-id nor accountant
+    decline = "storefed-decline " + '{"store-id": "S2", "epsilon": 2.0, "epsilon-budget": 8.0, "delta": 1e-6, ' \
+                                    '"accountant": "prv"}'  # no reason given
+    refusal = 'storefed-refuse {"reason": "no data"}'  # no store-id
+    s.aggregate_train(1, [bare, Message(Error(code=wire.DECLINE_CODE, reason=decline), reply_to=asked[1]),
+                          Message(Error(code=wire.REFUSE_CODE, reason=refusal), reply_to=asked[2])])
+    assert s.privacy["node-1"]["accountant"] == "" and s.stores_by_node[1] == "node-1"
+    assert s.privacy["S2"]["declined_rounds"] == 1 and s.privacy["S2"]["rounds_trained"] == 4
+    assert "  store S2 declined round 1: " in lines
+    assert "  store node-3 refused round 1 (it cannot train): no data" in lines
+    assert s.failures[0]["store"] == "node-3"
