@@ -13,11 +13,18 @@ Poisson sampler and the numbers that set it are counted for common/learning/trai
 (the rest of that file is local training, covered elsewhere). A mutant that times out counts
 as killed; one that no selected test reaches ("no tests") counts as a survivor.
 
+``--direct`` runs the chosen mutants without ``mutmut run``'s per-run set-up (its stats and
+clean-test passes take minutes on a loaded 2-core machine): each mutant is one pytest process
+in ``mutants/`` with ``MUTANT_UNDER_TEST`` set (mutmut's own switch), on the selected tests
+that mutmut recorded as reaching the mutated function (``mutants/mutmut-stats.json``); a
+``mutmut run`` must have made ``mutants/`` first.
+
 ``--sample N`` checks, per module of more than N mutants, N of them drawn at random (seed
 ``--seed``) from every mutant of the module, and all of a smaller module's; the table then
 counts the sample. ``--rerun-survivors FILE`` runs again only the survivors that FILE (a
-``--json`` of an earlier run) lists, and counts the earlier run's other verdicts as they were:
-after tests are added, a mutant the old tests killed stays killed.
+``--json`` of an earlier run) lists, the same way as ``--direct`` but on the module's
+``tests/test_mut_<module>.py`` (the old tests already let them live), and counts the earlier
+run's other verdicts as they were: a mutant the old tests killed stays killed.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import argparse
 import json
 import random
 import re
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 # module name → (mutant-name glob, the functions of it that are counted; None = all)
 MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
@@ -72,6 +82,55 @@ def sample(names: list[str], size: int, seed: int) -> set[str]:
     return chosen
 
 
+TEST_FILE = {m: f"tests/test_mut_{m.split()[0]}.py" for m in MODULES}
+_FUNCTION = re.compile(r"__mutmut_\d+$")
+
+
+def module_of(name: str) -> str | None:
+    return next((m for m in MODULES if counted(name, m)), None)
+
+
+def run_direct(names: list[str], tests_for, jobs: int, timeout_s: float = 300.0) -> dict[str, str]:
+    """Each mutant in its own pytest process in mutants/, with mutmut's MUTANT_UNDER_TEST set."""
+    shutil.copytree("tests", os.path.join("mutants", "tests"), dirs_exist_ok=True)
+
+    def one(name: str) -> tuple[str, str]:
+        tests = tests_for(name)
+        if not tests:
+            return name, "no tests"
+        env = {**os.environ, "MUTANT_UNDER_TEST": name}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+        try:
+            code = subprocess.run(cmd, cwd="mutants", env=env, capture_output=True, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return name, "timeout"
+        verdict = {0: "survived", 1: "killed", 5: "no tests"}.get(code, "suspicious")
+        print(f"{verdict:9s} {name}", file=sys.stderr, flush=True)
+        return name, verdict
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(pool.map(one, names))
+
+
+def _selected() -> tuple[list[str], set[str]]:
+    """The test files of pyproject's [tool.mutmut] selection and the tests it deselects."""
+    import tomllib
+
+    with open("pyproject.toml", "rb") as f:
+        cfg = tomllib.load(f)["tool"]["mutmut"]
+    args = cfg.get("pytest_add_cli_args", [])
+    return cfg["pytest_add_cli_args_test_selection"], {b for a, b in zip(args, args[1:]) if a == "--deselect"}
+
+
+def recorded_tests(name: str) -> list[str]:
+    """The selected tests that mutmut recorded as reaching the mutant's function."""
+    with open(os.path.join("mutants", "mutmut-stats.json"), encoding="utf-8") as f:
+        reach = json.load(f)["tests_by_mangled_function_name"]
+    files, left_out = _selected()
+    return sorted(t for t in reach.get(_FUNCTION.sub("", name), [])
+                  if t.split("::")[0] in files and t not in left_out)
+
+
 def table(status: dict[str, str]) -> tuple[list[dict], dict[str, list[str]]]:
     rows, survivors = [], {}
     for module in MODULES:
@@ -102,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, help="check at most this many mutants per module, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--rerun-survivors", metavar="FILE", help="run only the survivors of an earlier --json")
+    parser.add_argument("--direct", action="store_true", help="one pytest process per mutant, not `mutmut run`")
     args = parser.parse_args(argv)
     earlier = None
     if args.rerun_survivors:
         with open(args.rerun_survivors, encoding="utf-8") as f:
             earlier = json.load(f)["status"]
+    direct: dict[str, str] = {}
     if not args.table_only:
         if earlier is not None:
             names = sorted(k for k, v in earlier.items() if v not in KILLED and v not in ("not checked", "skipped"))
@@ -115,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             names = sorted(k for k in sample(list(known), args.sample, args.seed) if known[k] == "not checked")
         else:
             names = [MODULES[m][0] for m in args.module or list(MODULES)]
-        if names:
+        if earlier is not None:
+            direct = run_direct(names, lambda n: [TEST_FILE[module_of(n)]], args.max_children)
+        elif args.direct:
+            direct = run_direct(names, recorded_tests, args.max_children)
+        else:
             subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], check=False,
                            stdout=subprocess.DEVNULL)
-    status = statuses()
     if earlier is not None:
-        status = {k: (status.get(k, v) if v not in KILLED else v) for k, v in earlier.items()}
-    elif args.sample:
-        keep = sample(list(status), args.sample, args.seed)
-        status = {k: v for k, v in status.items() if k in keep}
+        status = {**earlier, **direct}
+    else:
+        status = {**statuses(), **direct}
+        if args.sample:
+            keep = sample(list(status), args.sample, args.seed)
+            status = {k: v for k, v in status.items() if k in keep}
     rows, survivors = table(status)
     if args.module:
         rows = [r for r in rows if r["module"] in args.module]

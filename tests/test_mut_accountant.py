@@ -144,3 +144,9 @@ def test_bisect_finds_the_smallest_sigma_within_half_a_percent():
     assert acc._bisect(eps_at, 2.0, 6.0, 16.0) == 6.0 and calls == [6.0]
     # exactly at the target counts as meeting it
     assert acc._bisect(eps_at, 2.0, 5.0, 16.0) == 5.0
+
+
+def test_a_midpoint_exactly_at_the_target_meets_it():
+    # [1, 9]: the first midpoint is 5, where 10/σ is exactly the target 2; from there on only
+    # larger midpoints are tried, so the answer is 5 itself.
+    assert acc._bisect(lambda s: 10.0 / s, 2.0, 1.0, 9.0) == 5.0
