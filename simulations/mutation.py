@@ -109,7 +109,18 @@ def run_direct(names: list[str], tests_for, jobs: int, timeout_s: float = 300.0)
         return name, verdict
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(pool.map(one, names))
+        return dict(pool.map(one, interleaved(names)))
+
+
+def interleaved(names: list[str]) -> list[str]:
+    """Round-robin over the modules in a seeded random order, so that a run stopped early has
+    checked a random part of every module rather than all of a few."""
+    rng, queues = random.Random(0), {}
+    for name in sorted(names):
+        queues.setdefault(module_of(name), []).append(name)
+    for queue in queues.values():
+        rng.shuffle(queue)
+    return [q[i] for i in range(max(map(len, queues.values()), default=0)) for q in queues.values() if i < len(q)]
 
 
 def _selected() -> tuple[list[str], set[str]]:
@@ -120,6 +131,42 @@ def _selected() -> tuple[list[str], set[str]]:
         cfg = tomllib.load(f)["tool"]["mutmut"]
     args = cfg.get("pytest_add_cli_args", [])
     return cfg["pytest_add_cli_args_test_selection"], {b for a, b in zip(args, args[1:]) if a == "--deselect"}
+
+
+def run_in_process(names: list[str], tests_for, timeout_s: int = 120) -> dict[str, str]:
+    """Like :func:`run_direct`, but every mutant in this one process (pytest.main again per
+    mutant, MUTANT_UNDER_TEST switched in between): no interpreter start per mutant."""
+    import signal
+
+    import pytest
+
+    shutil.copytree("tests", os.path.join("mutants", "tests"), dirs_exist_ok=True)
+    os.chdir("mutants")
+    sys.path.insert(0, os.getcwd())
+
+    def alarm(*_):
+        raise TimeoutError("mutant timed out")
+
+    signal.signal(signal.SIGALRM, alarm)
+    out = {}
+    for name in interleaved(names):
+        tests = tests_for(name)
+        if not tests:
+            out[name] = "no tests"
+            continue
+        os.environ["MUTANT_UNDER_TEST"] = name
+        signal.alarm(timeout_s)
+        try:
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]))
+        except TimeoutError:
+            code = 36
+        finally:
+            signal.alarm(0)
+        out[name] = {0: "survived", 1: "killed", 5: "no tests", 36: "timeout"}.get(code, "suspicious")
+        print(f"{out[name]:9s} {name}", file=sys.stderr, flush=True)
+    os.environ.pop("MUTANT_UNDER_TEST", None)
+    os.chdir("..")
+    return out
 
 
 def recorded_tests(name: str) -> list[str]:
@@ -162,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--rerun-survivors", metavar="FILE", help="run only the survivors of an earlier --json")
     parser.add_argument("--direct", action="store_true", help="one pytest process per mutant, not `mutmut run`")
+    parser.add_argument("--in-process", action="store_true",
+                        help="with --direct or --rerun-survivors: every mutant in this one process")
     args = parser.parse_args(argv)
     earlier = None
     if args.rerun_survivors:
@@ -176,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             names = sorted(k for k in sample(list(known), args.sample, args.seed) if known[k] == "not checked")
         else:
             names = [MODULES[m][0] for m in args.module or list(MODULES)]
-        if earlier is not None:
-            direct = run_direct(names, lambda n: [TEST_FILE[module_of(n)]], args.max_children)
+        new_tests = lambda n: [TEST_FILE[module_of(n)]]  # noqa: E731
+        if args.in_process and (earlier is not None or args.direct):
+            recorded = {n: recorded_tests(n) for n in names} if earlier is None else None
+            direct = run_in_process(names, new_tests if earlier is not None else recorded.get)
+        elif earlier is not None:
+            direct = run_direct(names, new_tests, args.max_children)
         elif args.direct:
             direct = run_direct(names, recorded_tests, args.max_children)
         else:
