@@ -241,3 +241,30 @@ def test_make_private_wires_one_tap_into_the_criterion():
             opt.generator) == (sgd, 1.25, 0.5, 9, gen)
     loss = crit(tapped(torch.ones(2, 2)), torch.zeros(2, 1))
     assert loss.clip_norm == 0.5 and loss.tapped is tapped and loss.factors is None
+
+
+class _DeadBranch(nn.Module):
+    """A layer that is called but whose output does not reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = nn.Linear(2, 1)
+        self.dead = nn.Linear(2, 3)
+
+    def forward(self, x):
+        self.dead(x)
+        return self.live(x)
+
+
+def test_a_called_layer_that_does_not_reach_the_loss_gets_zero_gradients():
+    torch.manual_seed(0)
+    net = _DeadBranch()
+    tapped = dp_fast.TappedModule(net)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    per_member = ((tapped(x) - y) ** 2).sum(1)
+    loss = dp_fast.ClippedLoss(per_member, tapped, 100.0)
+    loss.backward()
+    assert torch.equal(net.dead.weight.grad, torch.zeros(3, 2)) and torch.equal(net.dead.bias.grad, torch.zeros(3))
+    with torch.no_grad():  # not recorded: the tap records only with gradients on
+        expected = sum(2 * (net.live(x[i:i + 1]) - y[i:i + 1]).item() * x[i] for i in range(4))  # nothing clipped
+    assert torch.allclose(net.live.weight.grad[0], expected, rtol=1e-5)

@@ -384,3 +384,10 @@ def test_lost_spend_and_a_repair_by_hand():
 
 def test_merged_is_a_tuple_in_first_seen_order():
     assert L.merged([(2.0, 0.1, 1), (1.0, 0.1, 2), (2.0, 0.1, 3)]) == ((2.0, 0.1, 4), (1.0, 0.1, 2))
+
+
+def test_a_header_without_a_store_id_reads_as_the_empty_id():
+    text = json.dumps({"format": "storefed-privacy-ledger", "version": 2}) + "\n"
+    assert L.parse(text, "F").store_id == ""
+    v1 = json.dumps({"format": "storefed-privacy-ledger", "version": 1}) + "\n"
+    assert L.parse(v1, "F").store_id == ""
