@@ -64,3 +64,8 @@ def test_each_member_is_drawn_at_rate_q_independently_of_the_others():
     assert [len(i) for (i,) in PoissonBatches(10, 0.0, 3, torch.Generator())] == [0, 0, 0]
     assert [len(i) for (i,) in PoissonBatches(10, 1.0, 2, SecureRandom(KEY, NONCE))] == [10, 10]
     assert list(PoissonBatches(10, 0.5, 0, torch.Generator())) == []
+
+
+def test_one_member_at_batch_size_one_is_one_step():
+    assert steps_per_epoch(1, 1) == 1 and steps_per_epoch(0, 1) == 1 and steps_per_epoch(2, 1) == 2
+    assert sample_rate_for(1, 1) == 1.0
