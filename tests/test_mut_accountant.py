@@ -150,3 +150,18 @@ def test_a_midpoint_exactly_at_the_target_meets_it():
     # [1, 9]: the first midpoint is 5, where 10/σ is exactly the target 2; from there on only
     # larger midpoints are tried, so the answer is 5 itself.
     assert acc._bisect(lambda s: 10.0 / s, 2.0, 1.0, 9.0) == 5.0
+
+
+def test_the_prv_refinement_is_bounded_like_the_rdp_bracket(monkeypatch):
+    """A PRV estimate that never meets the target ends at the largest σ with an error, not in
+    an endless loop (RDP meets it at σ = 1 here; PRV is made to stay above it)."""
+    from common.privacy import accountant as acc
+
+    real = acc.epsilon
+
+    def epsilon(history, delta, kind="prv"):
+        return real(history, delta, "rdp") if kind == "rdp" else 1e9
+
+    monkeypatch.setattr(acc, "epsilon", epsilon)
+    with pytest.raises(ValueError, match=f"no noise multiplier up to {acc.MAX_NOISE_MULTIPLIER:g}"):
+        acc.calibrate_noise(8.0, 1e-6, 0.25, 40, "prv")

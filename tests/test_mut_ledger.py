@@ -300,7 +300,8 @@ def test_a_damaged_head_is_refused(damage):
 
 
 @pytest.mark.parametrize("change", [{"seq": -1}, {"history": [[-1.0, 0.1, 3]]}, {"history": [[1.0, 1.5, 3]]},
-                                    {"history": [[1.0, -0.1, 3]]}, {"history": [[1.0, 0.1, -3]]}])
+                                    {"history": [[1.0, -0.1, 3]]}, {"history": [[1.0, 0.1, -3]]},
+                                    {"history": [[float("inf"), 0.1, 3]]}, {"history": [[float("nan"), 0.1, 3]]}])
 def test_a_head_with_impossible_values_is_refused(change):
     body = {**json.loads(L.head_text(L.head_of(_three(), 1.0, "t"))), **change}
     with pytest.raises(LedgerError) as err:

@@ -120,7 +120,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         return hi
     lo = max(0.5 * hi, MIN_NOISE_MULTIPLIER)
     while eps_at(hi) > target_epsilon:  # PRV's upper estimate can sit just above RDP's
-        lo, hi = hi, hi * 1.25
+        if hi >= MAX_NOISE_MULTIPLIER:  # bounded like the RDP search: never an endless loop
+            raise ValueError(f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches that epsilon")
+        lo, hi = hi, min(hi * 1.25, MAX_NOISE_MULTIPLIER)
     return _bisect(eps_at, target_epsilon, lo, hi)
 
 

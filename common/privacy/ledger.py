@@ -350,7 +350,7 @@ def parse_head(text: str, source: str) -> Head:
     except (ValueError, TypeError, KeyError):
         raise LedgerError(f"{source}: not a storefed ledger head (damaged or edited); restore it "
                           "from backup, or if the ledger is complete: storefed privacy --accept-ledger") from None
-    if head.seq < 0 or not all(s >= 0 and 0 <= q <= 1 and t >= 0 for s, q, t in history):
+    if head.seq < 0 or not all(math.isfinite(s) and s >= 0 and 0 <= q <= 1 and t >= 0 for s, q, t in history):
         raise LedgerError(f"{source}: holds impossible values (damaged or edited)")
     return head
 
