@@ -148,7 +148,24 @@ def test_linear_layers_and_their_refusals():
     half.bias.requires_grad_(False)
     with pytest.raises(ValueError) as err:
         dp_fast._linear_layers(half)
-    assert str(err.value) == "the fast DP path needs a Linear's weight and bias both trainable or both frozen"
+    assert str(err.value) == "the fast DP path cannot train a Linear's weight with its bias frozen"
+
+
+def test_a_linear_with_its_weight_frozen_trains_its_bias_by_the_sum_of_output_gradients():
+    """Weight frozen, bias trained: a member's gradient is its output gradient (Σ_t g_t for a
+    sequence), its squared norm ‖·‖², and the clipped sum Σ_i c_i g_i, by hand."""
+    layer = nn.Linear(3, 2)
+    layer.weight.requires_grad_(False)
+    assert dp_fast._linear_layers(layer) == [layer]
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    g = torch.tensor([[3.0, 4.0], [0.5, -1.0]])
+    assert dp_fast.per_member_sq_norms(layer, a, g).tolist() == [25.0, 1.25]
+    dp_fast.clipped_sum(layer, a, g, torch.tensor([0.2, 1.0]))
+    assert layer.weight.grad is None
+    torch.testing.assert_close(layer.bias.grad, torch.tensor([0.2 * 3 + 0.5, 0.2 * 4 - 1.0]), rtol=0, atol=1e-6)
+    seq_g = torch.tensor([[[1.0, 0.0], [2.0, 2.0]], [[0.0, 1.0], [0.0, 1.0]]])  # [B=2, T=2, out=2]
+    seq_a = torch.zeros(2, 2, 3)
+    assert dp_fast.per_member_sq_norms(layer, seq_a, seq_g).tolist() == [9.0 + 4.0, 4.0]  # (3, 2) and (0, 2)
 
 
 def test_the_tap_records_once_per_forward_only_with_gradients_and_detaches():

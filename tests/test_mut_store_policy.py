@@ -108,11 +108,11 @@ def test_deployed_values_use_the_stores_accountant_and_tightened_numbers():
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"server-round": -1}, "message config 'server-round' must be an integer ≥ 0, got -1"),
-    ({"server-round": True}, "message config 'server-round' must be an integer ≥ 0, got True"),
-    ({"server-round": "1"}, "message config 'server-round' must be an integer ≥ 0, got '1'"),
-    ({"server-round": 1, "proximal-mu": -0.5}, "message config 'proximal-mu' must be a finite number ≥ 0, got -0.5"),
-    ({"proximal-mu": math.nan}, "message config 'proximal-mu' must be a finite number ≥ 0, got nan"),
+    ({"server-round": -1}, "message config 'server-round' must be an integer ≥ 0 and ≤ 1e+06, got -1"),
+    ({"server-round": True}, "message config 'server-round' must be an integer ≥ 0 and ≤ 1e+06, got True"),
+    ({"server-round": "1"}, "message config 'server-round' must be an integer ≥ 0 and ≤ 1e+06, got '1'"),
+    ({"server-round": 1, "proximal-mu": -0.5}, "message config 'proximal-mu' must be a finite number ≥ 0 and ≤ 10, got -0.5"),
+    ({"proximal-mu": math.nan}, "message config 'proximal-mu' must be a finite number ≥ 0 and ≤ 10, got nan"),
 ])
 def test_message_config_out_of_range_is_refused_exactly(config, message):
     with pytest.raises(PolicyError) as err:
