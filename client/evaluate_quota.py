@@ -59,16 +59,15 @@ def take(state_dir: Path, run_id: str, cap: int) -> int:
     with locked(Path(state_dir) / (QUOTA_FILE + ".lock")):
         try:
             counts = json.loads(path.read_text())
+            done = int(counts.get(str(run_id), 0))
         except FileNotFoundError:
-            counts = {}
-        except (OSError, ValueError):
-            # A damaged count must not reopen the quota: treat the run as exhausted.
+            counts, done = {}, 0
+        except (OSError, ValueError, TypeError, AttributeError):
+            # A damaged count must not reopen the quota: no answer until the operator acts.
             raise PolicyError(f"{path}: unreadable; fix or remove it to answer evaluations again") from None
-        done = int(counts.get(str(run_id), 0)) if isinstance(counts, dict) else cap
-        if cap and done >= cap:
+        if done >= cap:
             raise PolicyError(f"run {run_id} has had {done} evaluation answers from this store, its limit "
                               "(node config max-evaluations-per-run)")
-        counts = counts if isinstance(counts, dict) else {}
         counts[str(run_id)] = done + 1
         atomic_write_text(path, json.dumps(counts, sort_keys=True) + "\n")
         return done + 1

@@ -92,10 +92,15 @@ def _as_sequence(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+def _bias_grads(g: torch.Tensor) -> torch.Tensor:
+    """Each member's bias gradient, [B, out]: ``g`` itself, or Σ_t g_t for a sequence."""
+    return g if g.dim() == 2 else _as_sequence(g).sum(1)
+
+
 def per_member_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Squared norm of each member's gradient of ``layer`` (its trainable weight and bias), [B]."""
-    if not layer.weight.requires_grad:  # only the bias trains: its gradient is Σ_t g_t
-        return (g if g.dim() == 2 else _as_sequence(g).sum(1)).pow(2).sum(1)
+    if not layer.weight.requires_grad:  # only the bias trains
+        return _bias_grads(g).pow(2).sum(1)
     if a.dim() == 2:
         # vector_norm is one fused pass; g.pow(2).sum(1) would write a [B, out] temporary.
         g_sq = torch.linalg.vector_norm(g, dim=1).square()
@@ -114,7 +119,7 @@ def per_member_sq_norms(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> t
 def clipped_sum(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> None:
     """Set the layer's ``.grad`` to ``Σ_i c_i ∇_i`` (its trainable weight and bias)."""
     if not layer.weight.requires_grad:
-        layer.bias.grad = factors @ (g if g.dim() == 2 else _as_sequence(g).sum(1))
+        layer.bias.grad = factors @ _bias_grads(g)
         return
     if a.dim() == 2:
         layer.weight.grad = g.t() @ (a * factors[:, None])
