@@ -22,8 +22,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import evaluate_quota, layer_store, ledger, local_layer
-from client.model_store import check_delivery, keep_model, read_info
+from client.serving import layer_fit as local_layer, layers as layer_store
+
+from client.state import evaluate_quota, ledger
+from client.state.model_store import check_delivery, keep_model, read_info
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.run_authorization import RunNotAuthorized, authorize
@@ -322,7 +324,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise PermissionError(f"store {node.store_id} does not send evaluation metrics "
                               "(node config allow-local-metrics = false)")
     weights = checked_global(msg, node, cfg)  # a refused model uses none of the quota below
-    # Not DP: bounded in how often and on how few members the store answers (client.evaluate_quota).
+    # Not DP: bounded in how often and on how few members the store answers (client.state.evaluate_quota).
     cap, minimum = evaluate_quota.limits(context.node_config, deployed=not node.simulated)
     evaluate_quota.check_members(len(node.data.eval_member_ids), minimum)
     evaluate_quota.take(state_dir(node, context.node_config, cfg), str(context.run_id), cap)
@@ -399,7 +401,7 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def _served_metrics(node: StoreNode, model: Recommender, global_scores: np.ndarray) -> dict:
     """The store-local layer's step (DESIGN §5.1): fit it on the final global model, at the store,
     and measure the model the store serves. Its values replace the unprefixed `model` metrics;
-    the layer itself stays in this process (client.local_layer), never in a reply."""
+    the layer itself stays in this process (client.serving.layer_fit), never in a reply."""
     layer = local_layer.layer_for(str(node.store_dir), model, node.data)
     served = evaluate_scores(layer.scores(global_scores, test_histories(node.data)), node.data)
     members = training_member_histories(node.data)
@@ -431,7 +433,7 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
     """
     if msg.has_content() and wire.MODEL_REF in msg.content:
         # Only a simulation's worker resolves such a reference, before the ClientApp runs
-        # (simulations.model_ref): a store reads no model from a location a message names.
+        # (simulations.engine.model_ref): a store reads no model from a location a message names.
         store = store_label(context.node_config)
         reason = (f"the message names a global model ({wire.MODEL_REF}) instead of carrying its arrays; "
                   "a store takes a model only inside the message, and nothing was read")

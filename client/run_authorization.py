@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.file_lock import locked
+from client.state.file_lock import locked
 from common.data.storefiles import atomic_write_text
 from common.privacy import run_signature
 from common.privacy.run_signature import RunSignatureError

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from client import prepared_cache
-from client.receipts_journal import journal_sources, journal_stamp
+from client.state import prepared_cache
+from client.state.receipts_journal import journal_sources, journal_stamp
 from common.privacy import accountant as privacy
 from common.privacy import store_policy
 from common.privacy.published_size import bucket, declared_size

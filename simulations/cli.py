@@ -176,7 +176,7 @@ def preflight(data_dir: Path) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from client.receipts_journal import journal_sources
+    from client.state.receipts_journal import journal_sources
     from common.data.ingest import validate_store
 
     store_dir = Path(args.store_dir).expanduser().resolve()
@@ -277,8 +277,8 @@ def _confirm_with(args: argparse.Namespace):
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
-    from simulations import privacy_report as pr
-    from simulations.privacy_report import privacy_report, render_privacy
+    from client.state import privacy_report as pr
+    from client.state.privacy_report import privacy_report, render_privacy
 
     state = Path(args.state_dir) if args.state_dir else None
     if args.from_backup and not args.repair:
@@ -302,7 +302,7 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from client.serve_api import serve
+    from client.serving.api import serve
 
     store_dir = Path(args.store_dir).expanduser().resolve()
     if not store_dir.is_dir():
@@ -317,7 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from simulations.bench_serve import bench_serve, render
+    from simulations.bench.serve import bench_serve, render
 
     result = bench_serve(members=args.members, items=args.items, concurrency=_int_list(args.concurrency, "--concurrency", "connection counts"),
                          duration_s=args.duration)
@@ -326,7 +326,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_validate(args: argparse.Namespace) -> int:
-    from simulations.bench_validate import bench_validate
+    from simulations.bench.validate import bench_validate
 
     result = bench_validate(args.lines)
     if args.json:
@@ -346,7 +346,7 @@ def _int_list(text: str, flag: str, what: str) -> list[int]:
 
 
 def _cmd_bench_dp(args: argparse.Namespace) -> int:
-    from simulations.bench_dp import bench_dp, verdicts
+    from simulations.bench.dp import bench_dp, verdicts
 
     catalogs = _int_list(args.catalog, "--catalog", "sizes")
     result = bench_dp(catalogs, quick=args.quick, threads=args.threads)
@@ -368,7 +368,7 @@ def _cmd_bench_dp(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_sim(args: argparse.Namespace) -> int:
-    from simulations.bench_sim import bench_sim, verdicts
+    from simulations.bench.sim import bench_sim, verdicts
 
     stores = _int_list(args.stores, "--stores", "counts")
     extra = {"update-encoding": args.update_encoding} if args.update_encoding else None
@@ -398,7 +398,7 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_privacy(args: argparse.Namespace) -> int:
-    from simulations.bench_privacy import bench_privacy
+    from simulations.bench.privacy import bench_privacy
 
     rows = bench_privacy()
     if args.json:
@@ -412,7 +412,7 @@ def _cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from simulations.bench_quality import BenchSettings, run_quality_bench
+    from simulations.bench.quality import BenchSettings, run_quality_bench
 
     data = None
     if args.data and args.dataset:
@@ -487,7 +487,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_key(args: argparse.Namespace) -> int:
-    from client.node_key import make_node_key
+    from client.daemon.node_key import make_node_key
 
     private, public = _writing(args.out, lambda: make_node_key(Path(args.out), args.name))
     if args.json:
@@ -513,7 +513,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import os
     from datetime import timedelta
 
-    from simulations.train import APP_DIR, OPERATOR_KEY_ENV, train
+    from server.train import APP_DIR, OPERATOR_KEY_ENV, train
 
     key = args.operator_key or os.environ.get(OPERATOR_KEY_ENV)
     if not key:
@@ -532,7 +532,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_local_deploy(args: argparse.Namespace) -> int:
-    from simulations import local_deploy
+    from simulations.deploy import local_deploy
 
     if args.action == "up":
         record = local_deploy.up(Path(args.dir), stores=args.stores, seed=args.seed)
@@ -553,7 +553,7 @@ def _cmd_local_deploy(args: argparse.Namespace) -> int:
 
 
 def _cmd_store_exec(args: argparse.Namespace) -> int:
-    from client.pinned_exec import main as store_exec_main
+    from client.daemon.pinned_exec import main as store_exec_main
 
     return store_exec_main(["--runtime-api-address", args.runtime_api_address])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import RunConfig
-from simulations.processes import descendants
+from simulations.deploy.processes import descendants
 
 
 INLINE_BYTES = 2 * 1024 * 1024  # Ray passes task arguments and replies up to this size inline
@@ -254,7 +254,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     import ray
     from flwr.simulation import run_simulation
 
-    from simulations import flower_patches, sim_backend
+    from simulations.engine import backend as sim_backend, flower_patches
 
     # Flower's poller is O(stores²) per tick, its queues wait 1 s at shutdown, and its Ray
     # backend runs one task per actor at a time; see the modules.
@@ -316,7 +316,7 @@ def chain_member_privacy(cfg: RunConfig) -> dict:
     """`member_privacy`: each person's ε over every store they trained at, from the stores'
     ledgers (all runs) and their training members — what only a simulation, which sees
     every store, can compute (see common.privacy.member_privacy)."""
-    from client.ledger import read_events
+    from client.state.ledger import read_events
     from client.store import epsilon_budget, load_store, state_dir
     from common.data import contract
     from common.data.storefiles import DataError, locate, read_table, store_dirs

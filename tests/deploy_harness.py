@@ -1,4 +1,4 @@
-"""The deployment test's process helpers: they are product code now (simulations/processes.py)."""
+"""The deployment test's process helpers: they are product code now (simulations/deploy/processes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.processes import BIN, Processes, alive, descendants, free_port, start_time, wait_for  # noqa: F401
+from simulations.deploy.processes import BIN, Processes, alive, descendants, free_port, start_time, wait_for  # noqa: F401
 
 DEPLOYMENT_BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 
@@ -21,7 +21,7 @@ def in_ci() -> bool:
 def require_deployment_binaries(bin_dir: Path = BIN) -> None:
     """Skip (on a developer's machine) or fail (in CI) when Flower's binaries are missing.
 
-    storefed starts them from ``bin_dir`` (next to this Python, simulations/processes.py); one
+    storefed starts them from ``bin_dir`` (next to this Python, simulations/deploy/processes.py); one
     found only elsewhere on PATH (shutil.which) would not be the one started, which is a
     failure wherever it happens, not a reason to skip the only tests of `train`,
     `store-exec` and the attacks.

@@ -2,7 +2,7 @@
 tests/test_deploy.py check parts of it): starting a SuperLink with TLS and node auth, its
 SuperNodes and store executors costs tens of seconds on 2 cores, so it is done once per session.
 
-1. ``storefed local-deploy up`` (simulations/local_deploy.py): 3 stores S001–S003.
+1. ``storefed local-deploy up`` (simulations/deploy/local_deploy.py): 3 stores S001–S003.
 2. Issue 14's scenario: the operator trains one round with ``storefed train`` (at a low target ε,
    so the stores keep budget for step 4, see TRAIN_TARGET_EPSILON), then the attacks run, all at once.
 3. Two more stores join as test_deploy.py needs them: S004 (registered, its transactions lack a
@@ -31,12 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from client.ledger import read_events
-from client.node_key import make_node_key
+from client.state.ledger import read_events
+from client.daemon.node_key import make_node_key
 from server.operator_key import make_operator_key
-from simulations import local_deploy
-from simulations.processes import BIN, Processes, alive, descendants, free_port, start_time, wait_for
-from simulations.train import signed_run_config, start_and_wait
+from simulations.deploy import local_deploy
+from simulations.deploy.processes import BIN, Processes, alive, descendants, free_port, start_time, wait_for
+from server.train import signed_run_config, start_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = Path(__file__).resolve().parent / "foreign_app"

@@ -27,7 +27,7 @@ def _dp_case(catalog, ratio, memory_ratio):
 
 
 def test_bench_dp_verdicts_on_fixed_inputs():
-    from simulations.bench_dp import verdicts
+    from simulations.bench.dp import verdicts
 
     targets = {"ratio": 1.5, "memory_ratio": 1.3, "at_catalog": 10_000}
     # Only the target catalog is judged; "≤ target" passes at the target itself.
@@ -50,7 +50,7 @@ SIM_TARGETS = {"overhead": 0.30, "from_stores": 100, "steady_overhead": 0.15, "m
 
 
 def _verdicts_sim(cases, memory_check=None):
-    from simulations.bench_sim import verdicts
+    from simulations.bench.sim import verdicts
 
     return [line.split(":")[0] + ":" + line.split(":")[1].split(" ")[1]
             for line in verdicts({"targets": SIM_TARGETS, "cases": cases, "memory_check": memory_check})]
@@ -88,7 +88,7 @@ SIM_KEYS = {"stores", "sim_s", "plain_s", "overhead", "bytes_per_store_round", "
 
 
 def test_bench_sim_phases_and_steady_overhead_by_hand():
-    from simulations.bench_sim import phases, steady_overhead
+    from simulations.bench.sim import phases, steady_overhead
 
     # started 0, first task at 2, rounds end at 5, 7, 10, everything stopped at 11
     assert phases(0.0, 2.0, [5.0, 7.0, 10.0], 11.0) == {"startup_s": 2.0, "round_s": [3.0, 2.0, 3.0],
@@ -99,7 +99,7 @@ def test_bench_sim_phases_and_steady_overhead_by_hand():
 
 
 def test_bench_sim_dispatch_medians_by_hand():
-    from simulations.bench_sim import dispatch_ms
+    from simulations.bench.sim import dispatch_ms
 
     nan = float("nan")
     tasks = [("train", 0.001, nan, 0.5, True, 0.0005), ("train", 0.003, 0.002, 0.7, True, 0.0001),
@@ -135,7 +135,7 @@ def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     from common.data.dataset import ItemIndex
     from common.learning.model import Recommender
     from common.data.storefiles import read_catalog
-    from simulations.bench_sim import QUICK, chain_for
+    from simulations.bench.sim import QUICK, chain_for
 
     model = Recommender(ItemIndex.from_catalog(read_catalog(chain_for(QUICK["stores"][0], QUICK["members"]))))
     params = sum(v.numel() for v in model.state_dict().values())

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-from client.node_key import make_node_key
+from client.daemon.node_key import make_node_key
 from common.data.storefiles import DataError
 from server.certs import certificate_hosts, make_dev_pki
 from simulations.cli import main

@@ -84,7 +84,7 @@ def test_operator_key_writes_an_owner_only_ed25519_pair_that_signs_and_verifies(
 def test_bench_privacy_json_matches_dp_accounting_computed_here(capsys, monkeypatch):
     import dp_accounting as dpa
 
-    from simulations import bench_privacy
+    from simulations.bench import privacy as bench_privacy
 
     # One quick setting instead of the six slow ones (the six are checked in test_privacy).
     settings = [(1.0, 0.05, 10, 3)]

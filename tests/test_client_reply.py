@@ -114,7 +114,7 @@ def _deployed(chain_dir, state_dir, **extra):
 
 def test_the_event_is_in_the_ledger_before_the_update_leaves(small_chain_dir, tmp_path, monkeypatch):
     import client.client_app as client_app
-    from client.ledger import read_events
+    from client.state.ledger import read_events
 
     def crash(reply):
         raise SystemExit("power cut between the ledger write and the send")
@@ -128,7 +128,7 @@ def test_the_event_is_in_the_ledger_before_the_update_leaves(small_chain_dir, tm
 
 
 def test_a_corrupted_ledger_stops_training(small_chain_dir, tmp_path):
-    from client.ledger import ledger_path
+    from client.state.ledger import ledger_path
     from common.privacy.ledger import LedgerError
 
     ledger_path(tmp_path).write_text('{"format": "storefed-privacy-ledger", "version": 1, "store_id": "S003"}\n{"seq"')
@@ -138,7 +138,7 @@ def test_a_corrupted_ledger_stops_training(small_chain_dir, tmp_path):
 
 
 def test_over_budget_the_store_declines_and_sends_no_weights(small_chain_dir, tmp_path):
-    from client.ledger import read_events
+    from client.state.ledger import read_events
 
     context = _deployed(small_chain_dir, tmp_path, **{"epsilon-budget": 0.05})
     reply = handle_train(_message(small_chain_dir, MessageType.TRAIN), context, RunConfig.from_mapping(context.run_config))
@@ -171,7 +171,7 @@ def test_a_deployed_store_never_repeats_its_noise_but_a_simulation_reproduces(sm
 def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path, monkeypatch):
     """query.model: the store keeps checked weights and answers only its id and the hash."""
     from client.client_app import handle_model, keep_model_if_none
-    from client.model_store import read_info
+    from client.state.model_store import read_info
     from client.store import load_store
     from common.learning.weights import weights_digest
 
@@ -185,7 +185,7 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     # tested in test_local_layer; here the layer-free prior stands in for it, to keep this fast).
     import numpy as np
 
-    from client import local_layer
+    from client.serving import layer_fit as local_layer
     from common.learning import local_layer as ll
 
     fitted_on = []
@@ -206,7 +206,7 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     info = read_info(tmp_path)
     assert (info["run_id"], info["round"], info["hash"], info["epsilon"], info["final"]) == ("run-9", 4, digest, 0.0, True)
     # The store-local layer of this model is kept next to it, tied to its hash; nothing of it is in the reply.
-    from client import layer_store
+    from client.serving import layers as layer_store
 
     assert layer_store.read_layer(tmp_path, digest)[1]["fitted_by"] == "delivery" and fitted_on == [digest]
     # A wrong announced hash, or weights of another shape, are refused and nothing changes.

@@ -1,7 +1,7 @@
 """The deployed system with real processes on loopback: a SuperLink with TLS and SuperNode
 authentication, one store daemon per store (a SuperNode in process isolation and storefed's
-executor, started with the command lines of simulations/local_deploy.py), runs signed with
-the operator key (simulations/train.py) against a federation in FLWR_HOME.
+executor, started with the command lines of simulations/deploy/local_deploy.py), runs signed with
+the operator key (server/train.py) against a federation in FLWR_HOME.
 
 One scenario (the tests below each check one part of it), run once per session on the
 deployment tests/test_deploy_security.py also uses (tests/deploy_scenario.py builds it with
@@ -29,7 +29,7 @@ import sys
 
 import pytest
 
-from client.ledger import read_events
+from client.state.ledger import read_events
 from common.privacy import accountant as privacy
 from simulations.cli import main
 from deploy_scenario import INTRUDER, ledger_rounds as _ledger_rounds
@@ -145,7 +145,7 @@ def test_storefed_privacy_reads_each_store_s_ledger(deployment, capsys):
 def test_the_final_model_reaches_every_store_daemon_that_can_take_it(deployment):
     import torch
 
-    from client.model_store import read_info
+    from client.state.model_store import read_info
     from common.learning.weights import weights_digest
 
     run1, run2 = deployment["runs"]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import read_events
-from simulations.train import parse_overrides
+from client.state.ledger import read_events
+from server.train import parse_overrides
 
 STORES = ("S001", "S002", "S003")
 

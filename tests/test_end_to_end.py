@@ -31,7 +31,7 @@ def test_three_stores_two_rounds_complete(run):
 
 
 def test_the_global_model_went_to_the_workers_once_per_round_not_once_per_store(run):
-    from simulations import sim_backend
+    from simulations.engine import backend as sim_backend
 
     tasks = [d for d in sim_backend.DISPATCH if d[0] in ("train", "evaluate")]
     assert len(tasks) == 3 * 2 * 2 and all(d[4] for d in tasks)  # every task's model went by reference
@@ -127,7 +127,7 @@ def test_two_runs_on_one_state_dir_compose_and_an_outsider_can_recompute(tmp_pat
     """`storefed simulate` twice, then `storefed privacy --json`, checked with dp-accounting."""
     import dp_accounting as dpa
 
-    from simulations.privacy_report import privacy_report
+    from client.state.privacy_report import privacy_report
 
     chain = tmp_path / "chain"
     write_chain(generate_chain(ChainSpec(stores=2, members=600, items=300, categories=10, brands=30, seed=6)), chain)
@@ -150,8 +150,8 @@ def test_every_store_keeps_the_final_model(run):
     """Model delivery (DESIGN §5.2): each store's state holds the server's final weights."""
     import torch
 
-    from client.layer_store import read_layer
-    from client.model_store import read_info
+    from client.serving.layers import read_layer
+    from client.state.model_store import read_info
     from common.learning.weights import weights_digest
 
     results, base = run

@@ -6,7 +6,7 @@ import threading
 from queue import Queue
 from types import SimpleNamespace
 
-from simulations import flower_patches
+from simulations.engine import flower_patches
 
 
 class _State:
@@ -90,7 +90,7 @@ def test_worker_and_injector_threads_stop_within_a_tick_not_flowers_second():
 def test_a_fatal_fault_ends_the_serverapps_wait_with_its_message():
     import pytest
 
-    from simulations import sim_backend
+    from simulations.engine import backend as sim_backend
 
     flower_patches.apply()
     sim_backend.reset()
@@ -107,7 +107,7 @@ def test_ray_errors_are_told_apart_from_a_stores_own_error():
     import ray.exceptions as rex
     from flwr.clientapp.client_app import ClientAppException
 
-    from simulations.sim_backend import fault_message
+    from simulations.engine.backend import fault_message
 
     assert fault_message(rex.RayTaskError("run", "tb", ClientAppException("store crashed"))) is None
     assert "cannot import the app (No module named 'client')" in fault_message(
@@ -117,7 +117,7 @@ def test_ray_errors_are_told_apart_from_a_stores_own_error():
 
 
 def test_stores_return_to_their_actor_when_it_has_room_else_to_the_least_busy():
-    from simulations import sim_backend
+    from simulations.engine import backend as sim_backend
 
     backend = sim_backend.SimBackend.__new__(sim_backend.SimBackend)
     backend.actors, backend.inflight, backend.home = ["a", "b"], [0, 0], {}

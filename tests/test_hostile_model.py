@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import client.client_app as client_app
-from client.ledger import ledger_path, read_events
-from client.model_store import PREV_INFO_FILE, check_delivery, keep_model, read_info
+from client.state.ledger import ledger_path, read_events
+from client.state.model_store import PREV_INFO_FILE, check_delivery, keep_model, read_info
 from common.config import RunConfig
 from common.data.dataset import ExampleConfig, ItemIndex, sample_train_examples
 from common.data.ingest import prepare_store
@@ -336,7 +336,7 @@ def test_evaluations_are_capped_per_run_and_need_enough_members(small_chain_dir,
 
 
 def test_deployed_defaults_bound_evaluation():
-    from client import evaluate_quota
+    from client.state import evaluate_quota
 
     assert evaluate_quota.limits({}, deployed=True) == (20, 50)
     assert evaluate_quota.limits({}, deployed=False) == (0, 0)

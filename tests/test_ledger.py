@@ -11,12 +11,12 @@ import sys
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from client import ledger as store_ledger
-from client.ledger import head_path, ledger_path, read_events, read_ledger
+from client.state import ledger as store_ledger
+from client.state.ledger import head_path, ledger_path, read_events, read_ledger
 from common.exchange import wire
 from common.privacy import accountant as privacy
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision, merged
-from simulations import privacy_report as report
+from client.state import privacy_report as report
 from simulations.cli import main
 
 DELTA = 1e-6

@@ -157,7 +157,7 @@ def _message(chain_dir, kind, server_round):
 
 @pytest.mark.usefixtures("task_identity")
 def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_dir, tmp_path):
-    from client import local_layer as store_layer
+    from client.serving import layer_fit as store_layer
     from client.client_app import handle_evaluate, handle_train
 
     def train(state, **run):
@@ -171,7 +171,7 @@ def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_
     evaluated = handle_evaluate(_message(small_chain_dir, MessageType.EVALUATE, 2), ctx,
                                 RunConfig.from_mapping(ctx.run_config))
     assert len(store_layer._CACHE) == 1  # the store now holds a fitted layer
-    from client.layer_store import keep_layer  # ... in its process, and as the file serving reads
+    from client.serving.layers import keep_layer  # ... in its process, and as the file serving reads
 
     keep_layer(tmp_path / "c", next(iter(store_layer._CACHE.values()))[1], "f" * 64, "delivery")
     with_layer = train("c")

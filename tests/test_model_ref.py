@@ -18,7 +18,7 @@ from common.evaluation.evaluation import model_scores
 from common.exchange import wire
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
-from simulations.model_ref import Inbox, ModelRefError, Outbox, arrays_digest
+from simulations.engine.model_ref import Inbox, ModelRefError, Outbox, arrays_digest
 
 
 def _arrays(seed: int) -> ArrayRecord:

@@ -6,10 +6,10 @@ import multiprocessing
 
 import pytest
 
-from client.ledger import append_event, ledger_path, read_events
+from client.state.ledger import append_event, ledger_path, read_events
 from common.privacy import accountant as privacy
 from common.privacy.ledger import LedgerError, PrivacyEvent
-from simulations.bench_privacy import SETTINGS
+from simulations.bench.privacy import SETTINGS
 
 DELTA = 1e-6
 # Opacus' PRV accountant reports the upper end of its estimate (eps_error 0.01): ours − PLD
@@ -58,7 +58,7 @@ def _event(run_id, rnd, sigma=1.1, q=0.08, steps=13):
 def test_two_runs_of_three_rounds_equal_one_run_of_six(tmp_path):
     import json
 
-    from simulations.privacy_report import privacy_report
+    from client.state.privacy_report import privacy_report
 
     store = tmp_path / "stores" / "S1"
     store.mkdir(parents=True)

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client import store as store_mod
 from client.client_app import handle_train
-from client.ledger import append_event, read_events
+from client.state.ledger import append_event, read_events
 from client.store import dp_plan, load_store
 from common.config import RunConfig
 from common.data.dataset import ItemIndex
@@ -143,7 +143,7 @@ def _write_ledgers(state, mechanisms, delta):
 
 
 def test_member_privacy_composes_each_members_ledgers(small_chain_dir, tmp_path, monkeypatch):
-    from simulations.bench_privacy import pld_epsilon
+    from simulations.bench.privacy import pld_epsilon
     from simulations.simulate import chain_member_privacy
 
     monkeypatch.setenv("STOREFED_PREPARED_DIR", str(tmp_path / "prepared"))

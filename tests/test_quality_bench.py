@@ -11,8 +11,8 @@ import pytest
 
 from common.data.dataset import Examples, ItemIndex, MemberLog, StoreData
 from common.evaluation.evaluation import explore_view, list_report
-from simulations.bench_quality import baseline_records
-from simulations.quality_report import evaluate_targets, median_store_difference, summarize
+from simulations.bench.quality import baseline_records
+from simulations.bench.quality_report import evaluate_targets, median_store_difference, summarize
 
 N_ITEMS = 30  # items 0..21 are sold at store A; category of item i is i % 3
 

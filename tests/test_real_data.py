@@ -121,7 +121,7 @@ def test_bench_quality_takes_a_directory_or_a_dataset_not_both(tmp_path, capsys)
 def test_the_report_says_when_every_store_is_small():
     from pathlib import Path
 
-    from simulations.quality_report import markdown_report
+    from simulations.bench.quality_report import markdown_report
 
     results = json.loads((Path(__file__).parents[1] / "simulations/results/quality-instacart/results.json").read_text())
     note = "All 4 stores of this chain are small (training members: 137, 145, 152, 157)"

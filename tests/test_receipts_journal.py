@@ -10,9 +10,9 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from client import receipts_journal as rj
+from client.state import receipts_journal as rj
 from client import store as store_module
-from client.serving import ReceiptRejected, StoreServing
+from client.serving.service import ReceiptRejected, StoreServing
 from common.config import RunConfig
 from common.data import contract
 from common.data.ingest import validate_store

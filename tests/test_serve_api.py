@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import layer_store
-from client.model_store import keep_model, read_info
+from client.serving import layers as layer_store
+from client.state.model_store import keep_model, read_info
 from common.data.dataset import ItemIndex
 from common.data.storefiles import read_catalog
 from common.learning.model import ModelConfig, Recommender
@@ -368,7 +368,7 @@ def test_every_path_needs_the_key_and_bodies_are_bounded(store):
 
 
 def test_which_hosts_are_loopback_and_which_keys_are_keys(tmp_path):
-    from client.serve_api import check_access, is_loopback
+    from client.serving.api import check_access, is_loopback
     from common.config import ConfigError
 
     assert all(map(is_loopback, ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost")))

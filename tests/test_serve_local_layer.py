@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client import layer_store
-from client.model_store import keep_model
+from client.serving import layers as layer_store
+from client.state.model_store import keep_model
 from common.data.dataset import days_since_epoch
 from common.evaluation.evaluation import member_scores, model_scores
 from common.evaluation.metrics import top_k
@@ -60,7 +60,7 @@ def test_serving_ranks_as_the_evaluation_scores_the_served_model(fitted, small_c
                                                                 monkeypatch):
     """The store's data up to its evaluation cut, served: every evaluated member's top-k and every
     item's audience come from the same layer on the same model, with the evaluation's scores."""
-    from client import serving as serving_module
+    from client.serving import service as serving_module
 
     model, layer = fitted
     data = small_store

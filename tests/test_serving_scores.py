@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.model_store import keep_model, read_info, read_model
+from client.state.model_store import keep_model, read_info, read_model
 from common.data.ingest import validate_store
 from common.learning import recommend
 from model_fixtures import mixture_model

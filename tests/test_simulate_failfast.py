@@ -40,7 +40,7 @@ def test_a_malformed_ray_address_is_named():
 
 
 def _tree(root: int) -> list[int]:
-    from simulations.processes import descendants
+    from simulations.deploy.processes import descendants
 
     return descendants(root)
 

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 import client.client_app as client_app
 from server.operator_key import load_operator_key, make_operator_key
-from client.ledger import ledger_path, read_events
+from client.state.ledger import ledger_path, read_events
 from common.config import DEFAULTS, RANGES, RunConfig
 from common.data.dataset import ItemIndex
 from common.data.storefiles import read_catalog

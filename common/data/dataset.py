@@ -376,6 +376,6 @@ def _audience(train: pd.DataFrame, test: pd.DataFrame, anonymous: pd.DataFrame, 
     return best.astype(np.int64), bought, activity
 
 
-# Public names for the serving API (client.serving), which builds the same features at the store.
+# Public names for the serving API (client.serving.service), which builds the same features at the store.
 profile_matrix = _profile_matrix
 member_log = _member_log

@@ -284,7 +284,7 @@ def validate_store(store_dir: Path, catalog_dir: Path, *, now: pd.Timestamp | No
 
     ``journal``: the store's receipts journal (receipts taken by `storefed serve`): a CSV
     with the transaction columns, or sources of its rows
-    (:func:`client.receipts_journal.journal_sources`); its rows are read as more transaction
+    (:func:`client.state.receipts_journal.journal_sources`); its rows are read as more transaction
     rows, under the same rules, and counted in the transactions report (its rows are numbered
     on from the last row of the transactions file). A journal receipt whose id is also in the
     transactions file is the journal's mistake: its journal rows are quarantined

@@ -155,7 +155,7 @@ class Quarantine:
 
 FIELDS_COLUMN = "_fields"  # set by the CSV reader on rows whose field count differs from the header's
 # Reasons the reader sets on a row (FIELDS_COLUMN) before any rule: they come first. The
-# last five are the receipts journal's (client.receipts_journal): text that cannot be a cell.
+# last five are the receipts journal's (client.state.receipts_journal): text that cannot be a cell.
 FIELD_REASONS = ["too_few_fields", "too_many_fields", "bad_encoding", "bad_csv_line", "control_character",
                  "field_too_long", "incomplete_receipt"]
 

@@ -1,6 +1,6 @@
 """What a store checks about a run's FAB before its own, installed ClientApp answers (issue 14, item 2).
 
-A store never executes code from a FAB (client/pinned_exec.py runs the storefed installed
+A store never executes code from a FAB (client/daemon/pinned_exec.py runs the storefed installed
 at the store). It only reads two facts from the FAB, as data: the app's name and version
 in its pyproject.toml, and the FAB's SHA-256. The name and version tell whether the
 server's storefed speaks the same wire as the store's; the hash must be the one the

@@ -32,7 +32,7 @@ MODEL_ACK_CONFIG = ("store-id", "model-hash")
 
 # Server → store, SIMULATION ONLY: in place of TRAIN_ARRAYS, {"sha256": digest} of the round's
 # global model, which the simulation's worker fetches once per round from Ray's object store
-# and puts back before the ClientApp sees the message (simulations.model_ref). Not a value a
+# and puts back before the ClientApp sees the message (simulations.engine.model_ref). Not a value a
 # store sends; a deployed store never reads a model from a location a message names: its
 # ClientApp refuses a message carrying this (REFUSE_CODE) and reads nothing.
 MODEL_REF = "model-ref"
@@ -76,7 +76,7 @@ def decline_reason(info: dict) -> str:
 # a reason "storefed-refuse {json}" whose keys are REFUSE_KEYS. The reason names the store's
 # file and the problem (a missing column, an unreadable ledger), the run-config setting and
 # its allowed range, or why the store does not take part in the run
-# (client/run_authorization.py, client/pinned_exec.py: unsigned, expired, replayed with the
+# (client/run_authorization.py, client/daemon/pinned_exec.py: unsigned, expired, replayed with the
 # earlier run's id, another key, another app or version); the messages it comes from
 # describe files, columns, settings and the run (a parser error gives line and field
 # numbers), not member data. A refused model (client.client_app.checked_global) names the

@@ -1,5 +1,5 @@
 """The privacy ledger's content (DESIGN §4.2): records, their hash chain, the head, the
-budget check, and the arithmetic of a repair. Pure: no files (those are client.ledger).
+budget check, and the arithmetic of a repair. Pure: no files (those are client.state.ledger).
 
 A ledger is a JSON-lines text: a header line, then one record per line. A record is
 

@@ -78,7 +78,7 @@ WHO: dict[str, tuple[str, str]] = {
     "run-signature": (SIGNATURE, "ed25519 over every other key; checked before any data is read"),
     "run-expires": (SIGNATURE, "signed; judged when the store first sees the run"),
     "run-nonce": (SIGNATURE, "signed; recorded in the store's state dir, a second run with it is refused"),
-    "run-fab-hash": (SIGNATURE, "signed; the FAB's hash must equal it (client.pinned_exec)"),
+    "run-fab-hash": (SIGNATURE, "signed; the FAB's hash must equal it (client.daemon.pinned_exec)"),
     "operator-key-id": (SIGNATURE, "signed; must name the store's operator public key"),
 }
 

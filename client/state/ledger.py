@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from client.file_lock import locked
+from client.state.file_lock import locked
 from common.data.storefiles import atomic_write_text
 from common.privacy.ledger import (BudgetDecision, Head, Ledger, LedgerError, Mechanism, PrivacyEvent,
                                    Reservation, append, check_against_head, event_record, head_of, head_text,

@@ -1,6 +1,6 @@
 """Candidate designs of the private learning, measured fast (research only; issue 24, item 3).
 
-``python -m simulations.dp_candidates [--epsilon 8] [--no-dp] [--epochs 1] [--dp-lr 2.0]
+``python -m simulations.bench.dp_candidates [--epsilon 8] [--no-dp] [--epochs 1] [--dp-lr 2.0]
 [--batch 128] [--dim 64] [--ids-init random|zero] [--freeze-ids] [--rounds 10] [--stores 20]
 [--seed 0] [--diagnose]`` runs FedAvg over the generated chain's stores in one process — each store trains
 with :func:`common.learning.training.train_local`, the function the ClientApp calls, at σ

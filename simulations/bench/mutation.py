@@ -1,10 +1,10 @@
 """Mutation testing of the privacy- and aggregation-critical modules, module by module.
 
-    nice -n 19 python -m simulations.mutation            # run, then print the table
-    python -m simulations.mutation --table-only          # the table of the last run
-    python -m simulations.mutation --module accountant   # one module (repeatable)
-    nice -n 19 python -m simulations.mutation --sample 30 --json before.json
-    nice -n 19 python -m simulations.mutation --rerun-survivors before.json --json after.json
+    nice -n 19 python -m simulations.bench.mutation            # run, then print the table
+    python -m simulations.bench.mutation --table-only          # the table of the last run
+    python -m simulations.bench.mutation --module accountant   # one module (repeatable)
+    nice -n 19 python -m simulations.bench.mutation --sample 30 --json before.json
+    nice -n 19 python -m simulations.bench.mutation --rerun-survivors before.json --json after.json
 
 Runs mutmut (configured in pyproject.toml, ``[tool.mutmut]``: which files are mutated and
 which fast tests run) from the project root over the chosen modules' mutants (each mutant

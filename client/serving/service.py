@@ -1,6 +1,6 @@
 """What `storefed serve` knows about its store: members, histories, the model, the journal.
 
-The HTTP layer (:mod:`client.serve_api`) only calls :class:`StoreServing`. Loading does the
+The HTTP layer (:mod:`client.serving.api`) only calls :class:`StoreServing`. Loading does the
 costly work once (DESIGN §5.2): the store's files are validated as `storefed validate` does
 (the receipts journal included), every consenting member's history features are built, and
 with a model the member states (:class:`common.learning.recommend.MemberState`) of all of
@@ -9,11 +9,11 @@ them are precomputed, so a request is one matrix-vector product and a top-k.
 * A receipt taken through the API is validated with the contract's row rules and the
   intake's own (printable, length-limited text; a receipt id already used is refused unless
   the receipt is the same; a return only of what that member bought here), committed to the
-  journal (:mod:`client.receipts_journal`, one SQLite transaction) and then folded into that
+  journal (:mod:`client.state.receipts_journal`, one SQLite transaction) and then folded into that
   member's history and state at once.
 * A newly delivered model (``model.json`` changed) is loaded by a watcher thread, built
   completely aside and swapped in as one reference: requests never see half a model.
-* The store-local layer (DESIGN §5.1) kept for that model (:mod:`client.layer_store`; fitted
+* The store-local layer (DESIGN §5.1) kept for that model (:mod:`client.serving.layers`; fitted
   here and kept when there is none, e.g. a model kept from a train message) goes into the
   same reference: with it, every consenting member's scores of every catalog item are
   precomputed (global log-probability → the layer's scores), so a recommendation is a row
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client import layer_store
-from client.model_store import INFO_FILE, read_model
-from client.receipts_journal import Journal, JournalError, journal_sources, read_journal, text_problem
+from client.serving import layers as layer_store
+from client.state.model_store import INFO_FILE, read_model
+from client.state.receipts_journal import Journal, JournalError, journal_sources, read_journal, text_problem
 from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, build_store_data, days_since_epoch, \
     history_arrays, member_log, profile_matrix
 from common.data import contract
@@ -543,7 +543,7 @@ class StoreServing:
 
 def _text_reason(field: str, name: str, value: str) -> dict:
     problem = text_problem(name, value)
-    from client.receipts_journal import LIMITS
+    from client.state.receipts_journal import LIMITS
 
     why = {"control_character": "holds a control character (e.g. NUL, a line end): text must be printable",
            "field_too_long": f"longer than {LIMITS.get(name, 64)} characters"}[problem]

@@ -1,6 +1,6 @@
 """The quality benchmark's arithmetic and its report: means, spread, targets, Markdown. Pure.
 
-Input is one record per (method, store), as :mod:`simulations.bench_quality` measures them:
+Input is one record per (method, store), as :mod:`simulations.bench.quality` measures them:
 ``{"store", "train_members", "all": {...}, "explore": {...}, "audience": {...}}`` where
 ``all``/``explore`` hold the list metrics of :func:`common.evaluation.evaluation.list_report` (with
 their ``members`` count) and ``audience`` the "goods find people" figures.

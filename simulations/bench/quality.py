@@ -43,7 +43,7 @@ from common.learning.model import ModelConfig, Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
 from common.data.synth import default_spec
 from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local, train_pooled
-from simulations import quality_report as qr
+from simulations.bench import quality_report as qr
 
 QUICK = {"stores": 4, "rounds": 2}
 FULL = {"stores": 20, "rounds": 10}

@@ -12,9 +12,9 @@
    them. The replacements wait :data:`TICK_S`.
 3. The ServerApp's grid polls for replies every 0.1 s; at each phase boundary of a round
    that is time nobody works. It polls every :data:`TICK_S`, and a fatal fault of the
-   simulation (:data:`simulations.sim_backend.ABORT`) ends its wait with that fault
+   simulation (:data:`simulations.engine.backend.ABORT`) ends its wait with that fault
    instead of the round timeout (3600 s by default).
-4. The Ray backend becomes :class:`simulations.sim_backend.SimBackend`.
+4. The Ray backend becomes :class:`simulations.engine.backend.SimBackend`.
 
 Each patched function's source is hashed (:data:`PATCHED`); when Flower is not 1.41 or any
 of them differs, nothing is patched and Flower's own code runs (slower, same results).
@@ -159,7 +159,7 @@ def _grid_init(self: Any, state_factory: Any, pull_interval: float = TICK_S) -> 
 
 
 def _grid_pull(self: Any, message_ids: Any) -> Any:
-    from simulations.sim_backend import ABORT, FATAL
+    from simulations.engine.backend import ABORT, FATAL
 
     if ABORT.is_set():
         raise SimulationAborted(FATAL[0] if FATAL else "the simulation was aborted")
@@ -179,7 +179,7 @@ def apply() -> bool:
 
     if not str(getattr(flwr, "__version__", "")).startswith("1.41") or changed():
         return False
-    from simulations.sim_backend import SimBackend
+    from simulations.engine.backend import SimBackend
 
     if not _ORIGINAL:
         vce, grid = "flwr.server.superlink.fleet.vce.vce_api:", "flwr.superlink.grid.inmemory_grid:InMemoryGrid."

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from client.file_lock import locked
+from client.state.file_lock import locked
 from common.data.storefiles import atomic_write_text
 from common.privacy.store_policy import PolicyError
 

@@ -146,7 +146,7 @@ def peak_memory(catalog: int, mode: str, batch: int = 256, history: int = 50, re
 
 
 def _in_subprocess(call: str) -> object:
-    code = f"import json; from simulations.bench_dp import *; print(json.dumps({call}))"
+    code = f"import json; from simulations.bench.dp import *; print(json.dumps({call}))"
     # A fixed mmap threshold: every large tensor is its own mapping, returned on free, so
     # resident memory follows live tensors. With glibc's adaptive threshold, freed blocks
     # stay cached and the same run's peak varied by ±40%.

@@ -29,7 +29,7 @@ def _fingerprint(path: Path) -> str:
 
 def path(store_dir: Path, catalog_dir: Path, ex_cfg: ExampleConfig, assume_consent: bool) -> Path:
     """Where the prepared data of this store, under these settings, is kept."""
-    common_dir = Path(__file__).resolve().parent.parent / "common" / "data"
+    common_dir = Path(__file__).resolve().parents[2] / "common" / "data"
     h = hashlib.sha256()
     for part in (str(Path(store_dir).resolve()), _fingerprint(store_dir), str(Path(catalog_dir).resolve()),
                  _fingerprint(catalog_dir), repr(ex_cfg), repr(assume_consent)):

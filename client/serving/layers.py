@@ -1,6 +1,6 @@
 """The store-local layer a store keeps for serving (DESIGN §5.1, §5.2), next to its model.
 
-Under the store's state directory (:mod:`client.model_store`):
+Under the store's state directory (:mod:`client.state.model_store`):
 
 * ``local_layer.npz`` — the layer (:mod:`common.learning.layer_codec`), with the hash of the
   model it was fitted on (``model.json``'s ``hash``), when and by whom it was fitted;

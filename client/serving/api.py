@@ -1,6 +1,6 @@
 """`storefed serve`: the store's recommendation API over HTTP (FastAPI + uvicorn).
 
-Thin glue over :class:`client.serving.StoreServing`. The JSON shapes are the contract of
+Thin glue over :class:`client.serving.service.StoreServing`. The JSON shapes are the contract of
 issue 15 / README "Serve recommendations at a store". Handlers are ``async def`` and
 compute in about a millisecond, so they run on the event loop without a thread hop;
 a watcher thread picks up a newly delivered model.
@@ -31,7 +31,7 @@ from common.config import ConfigError
 from common.data.storefiles import read_store_meta
 
 if TYPE_CHECKING:  # the store's data and model (pandas, torch) load only once the key is checked
-    from client.serving import StoreServing
+    from client.serving.service import StoreServing
 
 K_MAX = 100
 AUDIENCE_K_MAX = 1_000  # members in one audience at most ...
@@ -173,7 +173,7 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
 
     ``key``: the bearer key every request must carry; without one the app is open only when
     ``open_api`` says so (``--no-auth``), else this refuses to build it."""
-    from client.serving import ReceiptRejected
+    from client.serving.service import ReceiptRejected
 
     stop = threading.Event()
 
@@ -256,7 +256,7 @@ def serve(store_dir: Path, catalog: Path | None, host: str, port: int, state_dir
     import uvicorn
 
     key = check_access(read_store_meta(store_dir), Path(store_dir), host, key_file, no_auth)
-    from client.serving import StoreServing
+    from client.serving.service import StoreServing
 
     serving = StoreServing(store_dir, catalog, state_dir)
     model = serving.model_info()

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from client import ledger as store_ledger
-from client.ledger import head_path, ledger_path
+from client.state import ledger as store_ledger
+from client.state.ledger import head_path, ledger_path
 from common.privacy import accountant as privacy
 from common.data.storefiles import DataError, read_store_meta
 from common.privacy.published_size import declared_size

@@ -3,7 +3,7 @@
 ``up`` does what a chain does by hand, in the same order: a generated chain; a CA and the
 SuperLink's certificate; a key pair per store (registered with ``flwr supernode register``);
 the operator's signing key; a SuperLink with TLS and SuperNode authentication; per store a
-SuperNode in ``process`` isolation plus storefed's executor (client/pinned_exec.py), which
+SuperNode in ``process`` isolation plus storefed's executor (client/daemon/pinned_exec.py), which
 runs the storefed installed here, never a run's code, with the operator's public key in the
 store's node config. It writes ``DIR/deployment.json``; ``down`` stops, by pid (and start
 time), every process ``up`` started and every process those started.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.storefiles import DataError, atomic_write_text
-from simulations.processes import BIN, Processes, free_port, start_time, stop_recorded, wait_for
+from simulations.deploy.processes import BIN, Processes, free_port, start_time, stop_recorded, wait_for
 
 FEDERATION = "chain"
 DEPLOYMENT_FILE = "deployment.json"
@@ -48,7 +48,7 @@ def supernode_argv(superlink: str, ca_cert: Path, private_key: Path, runtime_por
 
 
 def store_exec_argv(runtime_port: int) -> list[str]:
-    return [sys.executable, "-m", "client.pinned_exec", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return [sys.executable, "-m", "client.daemon.pinned_exec", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
 
 
 def store_node_config(store_dir: Path, catalog: Path, operator_public_key: Path) -> str:
@@ -72,7 +72,7 @@ def register_stores(env: dict[str, str], keys: dict[str, Path]) -> dict[str, int
 def up(out: Path, stores: int = 3, seed: int = 1, members: int | None = None, items: int = 300,
        timeout_s: float = 120.0) -> dict[str, Any]:
     """Bring the deployment up in ``out`` (which must not hold one) and return deployment.json's content."""
-    from client.node_key import make_node_key
+    from client.daemon.node_key import make_node_key
     from common.data.storefiles import write_chain
     from common.data.synth import ChainSpec, generate_chain
     from server.certs import make_dev_pki

@@ -11,10 +11,10 @@ least-busy actor.
 
 Faults that are not the ClientApp's own (an actor that died, a worker that cannot import
 the app) are fatal: the first one is kept in :data:`FATAL`, :data:`ABORT` is set, and the
-patched grid (see :mod:`simulations.flower_patches`) ends the ServerApp's wait with it.
+patched grid (see :mod:`simulations.engine.flower_patches`) ends the ServerApp's wait with it.
 
 The round's global model crosses to the workers once per round, not once per store
-(:mod:`simulations.model_ref`), and the ClientApp once per actor: each actor
+(:mod:`simulations.engine.model_ref`), and the ClientApp once per actor: each actor
 (:class:`StoreActor`) keeps both. With ``STOREFED_SIM_INLINE=1`` every task carries them
 as Flower's backend sends them (for measuring the difference).
 
@@ -37,7 +37,7 @@ from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.simulation.ray_transport.ray_actor import (ClientAppActor, VirtualClientEngineActor,
                                                      pool_size_from_resources)
 
-from simulations.model_ref import Inbox, Outbox
+from simulations.engine.model_ref import Inbox, Outbox
 
 DEPTH = 2  # tasks in flight per actor: one running, one waiting at the actor
 
@@ -105,7 +105,7 @@ def _round(message: Message) -> str:
 class StoreActor(VirtualClientEngineActor):
     """A Ray actor that runs store tasks: Flower's ClientAppActor, but the ClientApp is loaded
     once per actor (from one object in Ray's store) and a message's global model is
-    fetched once per round (:class:`simulations.model_ref.Inbox`)."""
+    fetched once per round (:class:`simulations.engine.model_ref.Inbox`)."""
 
     def __init__(self, on_actor_init_fn: Any = None) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from common.config import ConfigError
 from common.data.storefiles import DataError
 from common.privacy import run_signature
-from simulations.processes import BIN
+BIN = Path(sys.executable).parent  # flwr and flower-superlink live next to python
 
 OPERATOR_KEY_ENV = "STOREFED_OPERATOR_KEY"
 APP_DIR = Path(__file__).resolve().parents[1]  # the storefed project this command belongs to

@@ -58,7 +58,7 @@ def bench_validate(lines: int) -> dict:
         store = build_large_store(Path(tmp) / "chain", lines)
         size_mb = (store / "transactions.csv").stat().st_size / 2**20
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        proc = subprocess.run([sys.executable, "-c", "import sys; from simulations.bench_validate import _child; "
+        proc = subprocess.run([sys.executable, "-c", "import sys; from simulations.bench.validate import _child; "
                                "_child(sys.argv[1], sys.argv[2])", str(store), str(Path(tmp) / "chain")],
                               capture_output=True, text=True, check=True)
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

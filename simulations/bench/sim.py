@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.processes import descendants
+from simulations.deploy.processes import descendants
 
 TARGET_OVERHEAD = 0.30  # end to end, with a cold Ray
 TARGET_STEADY_OVERHEAD = 0.15  # per round after the first
@@ -85,7 +85,7 @@ def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, d
     from datetime import datetime, timezone
 
     from client.client_app import training_seed
-    from client.ledger import append_event, read_events
+    from client.state.ledger import append_event, read_events
     from client.store import dp_plan, load_store, state_dir
     from common.privacy import accountant as privacy
     from common.privacy.ledger import PrivacyEvent
@@ -207,7 +207,7 @@ def run_sim(config: dict, workers: int, ray_address: str | None = None) -> dict:
     Phases from the driver's clock: start-up until the first store task is handed to Ray;
     a round ends with the last reply of its tasks; shutdown is the rest (Flower's teardown,
     ``ray.shutdown``)."""
-    from simulations import sim_backend
+    from simulations.engine import backend as sim_backend
     from simulations.simulate import LAST, simulate
 
     started = time.perf_counter()
@@ -289,7 +289,7 @@ def _pss_mb(pids: list[int]) -> float:
 def measured(call: str, env: dict | None = None) -> dict:
     """Run ``call`` (an expression of this module) in a new process; its JSON result plus
     the peak PSS of its process tree."""
-    code = f"import json; from simulations.bench_sim import *; print('RESULT ' + json.dumps({call}))"
+    code = f"import json; from simulations.bench.sim import *; print('RESULT ' + json.dumps({call}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
     peak = 0.0

@@ -33,7 +33,7 @@ TARGETS = {  # issue 15, on 2 cores
     ("recommendations", 16): {"p99_ms": 50.0, "rps": 800.0},
     ("audience", 1): {"p99_ms": 30.0},
 }
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY_FILE = "serve.key"  # in the generated store's directory, named in its store.json
 
 
@@ -48,8 +48,8 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     (store, member ids, item ids, key)."""
     import torch
 
-    from client.layer_store import keep_layer
-    from client.model_store import keep_model
+    from client.serving.layers import keep_layer
+    from client.state.model_store import keep_model
     from common.learning import local_layer as ll
     from common.data.dataset import ItemIndex
     from common.data.storefiles import read_catalog, write_chain
