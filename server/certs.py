@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.privacy.keyfiles import refuse_overwrite, write_private, write_public
+from common.exchange.keyfiles import refuse_overwrite, write_private, write_public
 
 CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT = "ca.key", "ca.crt", "server.key", "server.pem"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.data.storefiles import DataError
-from common.privacy.keyfiles import refuse_overwrite, write_private, write_public
+from common.exchange.keyfiles import refuse_overwrite, write_private, write_public
 
 PRIVATE_NAME, PUBLIC_NAME = "operator.key", "operator.pub"
 

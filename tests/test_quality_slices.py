@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from common.data.dataset import MemberLog
-from common.evaluation import holdout, slices
+from common.data import holdout
+from common.evaluation import slices
 from common.learning import baselines as tifu
 
 

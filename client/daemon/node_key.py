@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.config import ConfigError
-from common.privacy.keyfiles import refuse_overwrite, write_private, write_public
+from common.exchange.keyfiles import refuse_overwrite, write_private, write_public
 
 
 def make_node_key(out: Path, name: str) -> tuple[Path, Path]:

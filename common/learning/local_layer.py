@@ -329,10 +329,10 @@ def member_histories(log: MemberLog, members: np.ndarray, upto: np.ndarray, at_d
 
 
 def validation_split(data: StoreData, valid_days: int) -> tuple[Examples, Histories, list[np.ndarray], Histories]:
-    """The store's validation split (:func:`common.evaluation.holdout.validation_split`) with
+    """The store's validation split (:func:`common.data.holdout.validation_split`) with
     the members' histories at its cut, and every training member's history there (for the
     similarities). Only the training period is read, never the test period."""
-    from common.evaluation.holdout import validation_split as split
+    from common.data.holdout import validation_split as split
 
     v = split(data, valid_days)
     everyone = member_histories(data.train_log, np.arange(data.n_train_members), v.upto, v.day)

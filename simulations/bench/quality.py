@@ -33,7 +33,7 @@ from common.config import RunConfig, default_chain_dir
 from common.data.dataset import ExampleConfig, StoreData
 from common.evaluation.evaluation import (audience_from_scores, list_report, member_pop_audience, member_scores,
                                          model_scores, scores as batch_scores)
-from common.evaluation.holdout import ValidSplit, ranking_metrics, truncated, validation_split
+from common.data.holdout import ValidSplit, ranking_metrics, truncated, validation_split
 from common.evaluation.slices import cold_slice, new_item_slice
 from common.learning import baselines as tifu
 from common.learning.local_layer import adapt, test_histories, training_member_histories
