@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.privacy.accountant import MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+# The noise multipliers storefed runs with, configured or calibrated
+# (common.privacy.accountant searches in this range too). Below 0.3 Opacus' PRV
+# accountant's numerics need more memory than a store has (σ = 0.01, 20 steps at q = 0.5:
+# killed; σ = 0.1, 100 steps at q = 1: over 4 GB), so a run could take a store down by asking
+# for it, and such σ protect no one (σ = 0.3: ε 20.8 for one full-batch step). Above 100 a
+# PRV evaluation slows down (σ = 10⁶: 80 s) for an ε indistinguishable from 0.
+MIN_NOISE_MULTIPLIER = 0.3
+MAX_NOISE_MULTIPLIER = 100.0
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,

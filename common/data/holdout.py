@@ -12,7 +12,6 @@ import dataclasses
 import numpy as np
 
 from common.data.dataset import Examples, MemberLog, StoreData, history_arrays
-from common.evaluation.metrics import mean_metrics, top_k
 
 VALID_DAYS = 28
 
@@ -68,12 +67,3 @@ def validation_split(data: StoreData, valid_days: int = VALID_DAYS) -> ValidSpli
     no_target = np.zeros((len(members), 1), np.int64)
     ex = Examples(items, feat, mask, data.profile[members], no_target, np.zeros((len(members), 1), np.float32))
     return ValidSplit(members, upto, ex, targets, float(day))
-
-
-def ranking_metrics(scores: np.ndarray, targets: list[np.ndarray], allowed: np.ndarray, k: int = 20) -> dict:
-    """Mean ranking metrics of top-``k`` lists over ``allowed`` items (members with a target there)."""
-    allowed = np.asarray(allowed, dtype=bool)
-    rows = [n for n, t in enumerate(targets) if allowed[t].any()]
-    if not rows:
-        return mean_metrics(np.zeros((0, k), np.int64), [])
-    return mean_metrics(top_k(np.asarray(scores)[rows], k, allowed=allowed), [targets[n] for n in rows])

@@ -8,34 +8,20 @@ goes with them so that the chain-wide mean is member-weighted.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from common.evaluation.audience import AUDIENCE_K, audience_metrics
 from common.data.dataset import Examples, StoreData, history_arrays
 from common.evaluation.metrics import (CUTOFFS, category_diversity, coverage, mean_metrics, popularity_scores, top_k,
                             topfreq_scores)
 from common.learning.model import Recommender
-from common.learning.training import batch_tensors
+from common.learning.training import predict
 
 LIST_LENGTH = 20
 
 
-@torch.no_grad()
-def scores(model: Recommender, ex: Examples, batch: int = 512) -> np.ndarray:
-    """Model scores of every catalog item for each member (row) of ``ex``, [N, n_items]."""
-    model.eval()
-    model.refresh_item_snapshot()
-    out = np.empty((len(ex), model.n_items), dtype=np.float32)
-    for start in range(0, len(ex), batch):
-        idx = np.arange(start, min(start + batch, len(ex)))
-        *inputs, _, _ = batch_tensors(ex, idx)
-        out[idx] = model(*inputs).numpy()
-    return out
-
-
 def model_scores(model: Recommender, data: StoreData) -> np.ndarray:
     """Model scores of every catalog item for each evaluated member, [E, n_items]."""
-    return scores(model, data.eval_examples)
+    return predict(model, data.eval_examples)
 
 
 def _evaluate_scores(scores: np.ndarray, data: StoreData) -> dict:
@@ -121,7 +107,7 @@ def member_scores(model: Recommender, data: StoreData) -> np.ndarray:
     n = data.n_train_members
     items, feat, mask = history_arrays(log, log.n_receipts(), np.full(n, data.cut_day), data.example_cfg)
     no_target = np.zeros((n, 1), np.int64)
-    return scores(model, Examples(items, feat, mask, data.profile, no_target, np.zeros((n, 1), np.float32)))
+    return predict(model, Examples(items, feat, mask, data.profile, no_target, np.zeros((n, 1), np.float32)))
 
 
 def evaluate_audience(model: Recommender, data: StoreData) -> dict:

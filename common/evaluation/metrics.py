@@ -125,3 +125,12 @@ def topfreq_scores(
             recency = (last - last.min() + 1.0) / (last.max() - last.min() + 2.0)  # in (0, 1)
             scores[n, items] = 2.0 + counts * 2.0 + recency
     return scores
+
+
+def ranking_metrics(scores: np.ndarray, targets: list[np.ndarray], allowed: np.ndarray, k: int = 20) -> dict:
+    """Mean ranking metrics of top-``k`` lists over ``allowed`` items (members with a target there)."""
+    allowed = np.asarray(allowed, dtype=bool)
+    rows = [n for n, t in enumerate(targets) if allowed[t].any()]
+    if not rows:
+        return mean_metrics(np.zeros((0, k), np.int64), [])
+    return mean_metrics(top_k(np.asarray(scores)[rows], k, allowed=allowed), [targets[n] for n in rows])

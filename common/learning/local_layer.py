@@ -48,6 +48,8 @@ import torch
 from scipy import sparse
 
 from common.data.dataset import Examples, ItemIndex, MemberLog, StoreData
+from common.data.holdout import validation_split as split
+from common.learning.training import predict
 
 FEATURES = ("global", "store_pop", "item_knn", "bought", "log_count", "recency", "global_bought", "pop_bought",
             "category", "brand", "ease", "repeat_ratio", "reach")
@@ -332,8 +334,6 @@ def validation_split(data: StoreData, valid_days: int) -> tuple[Examples, Histor
     """The store's validation split (:func:`common.data.holdout.validation_split`) with
     the members' histories at its cut, and every training member's history there (for the
     similarities). Only the training period is read, never the test period."""
-    from common.data.holdout import validation_split as split
-
     v = split(data, valid_days)
     everyone = member_histories(data.train_log, np.arange(data.n_train_members), v.upto, v.day)
     return v.examples, everyone.subset(v.members), v.targets, everyone
@@ -451,15 +451,13 @@ def adapt(global_model, data: StoreData, cfg: LocalConfig = LocalConfig()) -> Lo
     Fitted on the store's training period (:func:`validation_split`), then set up to serve
     from the whole pre-cut history. Reads the model's scores; the model is not changed.
     """
-    from common.evaluation.evaluation import scores
-
     ex, hist, targets, everyone = validation_split(data, cfg.valid_days)
     if len(ex) > cfg.fit_members:
         rows = fit_rows(len(ex), cfg.fit_members)
         ex, hist, targets = subset_examples(ex, rows), hist.subset(rows), [targets[r] for r in rows]
     if len(ex):
         side = store_side(everyone, data.items, data.store_counts, cfg)
-        layer = fit(scores(global_model, ex), hist, targets, data.store_counts, data.assortment, side.similarity,
+        layer = fit(predict(global_model, ex), hist, targets, data.store_counts, data.assortment, side.similarity,
                     cfg, side)
     else:
         layer = LocalLayer(PRIOR.copy(), np.zeros(data.items.n_items), store_pop_feature(data.store_counts),

@@ -113,6 +113,19 @@ def batch_tensors(ex: Examples, idx: np.ndarray | torch.Tensor) -> tuple[torch.T
     )
 
 
+@torch.no_grad()
+def predict(model: Recommender, ex: Examples, batch: int = 512) -> np.ndarray:
+    """Model scores of every catalog item for each member (row) of ``ex``, [N, n_items]."""
+    model.eval()
+    model.refresh_item_snapshot()
+    out = np.empty((len(ex), model.n_items), dtype=np.float32)
+    for start in range(0, len(ex), batch):
+        idx = np.arange(start, min(start + batch, len(ex)))
+        *inputs, _, _ = batch_tensors(ex, idx)
+        out[idx] = model(*inputs).numpy()
+    return out
+
+
 def train_local(
     model: Recommender,
     data: StoreData,

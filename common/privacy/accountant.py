@@ -12,15 +12,11 @@ import math
 import warnings
 from typing import Iterable, Sequence
 
+# The σ range the accountant handles is also the range a run may set: one definition, in the run config.
+from common.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
+
 ACCOUNTANTS = ("prv", "rdp")
 DEFAULT_DELTA = 1e-6
-# The noise multipliers storefed runs with, configured or calibrated. Below 0.3 Opacus' PRV
-# accountant's numerics need more memory than a store has (σ = 0.01, 20 steps at q = 0.5:
-# killed; σ = 0.1, 100 steps at q = 1: over 4 GB), so a run could take a store down by asking
-# for it, and such σ protect no one (σ = 0.3: ε 20.8 for one full-batch step). Above 100 a
-# PRV evaluation slows down (σ = 10⁶: 80 s) for an ε indistinguishable from 0.
-MIN_NOISE_MULTIPLIER = 0.3
-MAX_NOISE_MULTIPLIER = 100.0
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 

@@ -31,9 +31,9 @@ import torch
 from common.privacy import accountant as privacy
 from common.config import RunConfig, default_chain_dir
 from common.data.dataset import ExampleConfig, StoreData
-from common.evaluation.evaluation import (audience_from_scores, list_report, member_pop_audience, member_scores,
-                                         model_scores, scores as batch_scores)
-from common.data.holdout import ValidSplit, ranking_metrics, truncated, validation_split
+from common.data.holdout import ValidSplit, truncated, validation_split
+from common.evaluation.evaluation import audience_from_scores, list_report, member_pop_audience, member_scores, model_scores
+from common.evaluation.metrics import ranking_metrics
 from common.evaluation.slices import cold_slice, new_item_slice
 from common.learning import baselines as tifu
 from common.learning.local_layer import adapt, test_histories, training_member_histories
@@ -42,7 +42,8 @@ from common.evaluation.metrics import topfreq_scores
 from common.learning.model import ModelConfig, Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
 from common.data.synth import default_spec
-from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local, train_pooled
+from common.learning.training import (DPConfig, TrainConfig, predict, sample_rate_for, steps_per_epoch, train_local,
+                                     train_pooled)
 from simulations.bench import quality_report as qr
 
 QUICK = {"stores": 4, "rounds": 2}
@@ -134,7 +135,7 @@ def _valid_ndcg(model: Recommender, stores: list[StoreData], splits: list[ValidS
     values, weights = [], []
     for d, v in zip(stores, splits):
         if len(v.targets):
-            m = ranking_metrics(batch_scores(model, v.examples), v.targets, d.assortment)
+            m = ranking_metrics(predict(model, v.examples), v.targets, d.assortment)
             values.append(m["ndcg@10"])
             weights.append(len(v.targets))
     return float(np.average(values, weights=weights)) if weights else 0.0
