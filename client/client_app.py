@@ -8,13 +8,10 @@ durably (or release the reservation if training failed); only then let the updat
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 import warnings
 import zlib
-from dataclasses import replace
-from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -22,14 +19,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.serving import layer_fit as local_layer, layers as layer_store
-
-from client.state import evaluate_quota, ledger
-from client.state.model_store import check_delivery, keep_model, read_info
+from client import dp_round
 from client.policy import PolicyError
 from client.policy import enforce as store_policy_for
 from client.run_authorization import RunNotAuthorized, authorize
-from client.store import StoreNode, dp_plan, epsilon_budget, load_store, state_dir, store_label
+from client.serving import layers as layer_store
+from client.state import evaluate_quota
+from client.state.model_store import check_delivery, keep_model, read_info
+from client.store import StoreNode, load_store, store_label
 from common.config import ConfigError, RunConfig
 from common.data.dataset import ItemIndex
 from common.data.storefiles import DataError
@@ -38,10 +35,9 @@ from common.evaluation.evaluation import (audience_from_scores, evaluate_audienc
 from common.exchange import update_codec, wire
 from common.learning.local_layer import test_histories, training_member_histories
 from common.learning.model import ModelConfig, Recommender
-from common.learning.training import DPConfig, TrainConfig, train_local
+from common.learning.training import TrainConfig, train_local
 from common.learning.weights import ArraySpec, ModelFileError, check_array_specs, check_weights, weights_digest
-from common.privacy import accountant as privacy
-from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
+from common.privacy.ledger import LedgerError
 from common.privacy.published_size import size_warning
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -57,7 +53,7 @@ _MODEL: dict[tuple, Recommender] = {}
 
 def _model_object(node: StoreNode, cfg: RunConfig) -> Recommender:
     """This process's model object for the store's catalog and the run's shape."""
-    items, mcfg = node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"]))
+    items, mcfg = node.data.items, cfg.model_config()
     # What shapes the model: its config, the catalog's size and each item's category and brand.
     key = (mcfg, items.n_items, items.n_categories, items.n_brands,
            zlib.crc32(np.ascontiguousarray(items.category).tobytes()), zlib.crc32(np.ascontiguousarray(items.brand).tobytes()))
@@ -125,20 +121,6 @@ def _server_round(msg: Message) -> int:
     return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
 
 
-def training_seed(node: StoreNode, cfg: RunConfig, server_round: int) -> int:
-    """The seed of a round's sampling and noise.
-
-    A deployed store draws it from the operating system: the noise and the Poisson batches
-    must be unpredictable to the server, which knows the run config, or it could recreate
-    the noise and subtract it. A simulation derives it from (seed, store, round), so that a
-    run — and a resumed run — reproduces exactly; its randomness is public by construction,
-    so a simulation demonstrates the accounting, it protects no one.
-    """
-    if not node.simulated:
-        return secrets.randbits(62)
-    return zlib.crc32(f"{cfg['seed']}|{node.store_id}|{server_round}".encode())
-
-
 def send(reply: Message) -> Message:
     """The last step before a reply leaves the store (a seam for crash-injection tests)."""
     return reply
@@ -200,69 +182,15 @@ def _train(msg: Message, context: Context, cfg: RunConfig, node: StoreNode,
            weights: Mapping[str, torch.Tensor]) -> Message:
     if not cfg["dp"]:
         return _train_without_dp(msg, context, cfg, node, weights)
-    accountant = str(cfg["accountant"])
-    plan = dp_plan(node, cfg)  # from the published size only: the exact count stays here
-    warn_size(node, plan.published_size)
-    delta = plan.delta
-    budget = epsilon_budget(node, context.node_config, cfg)
-    ledger_dir = state_dir(node, context.node_config, cfg)
-
-    sigma, q, steps, batch = plan.noise_multiplier, plan.sample_rate, plan.steps, int(cfg["batch-size"])
-    server_round = _server_round(msg)
-
-    # --- reserve → train → commit (DESIGN §4.2): check and reservation are one step under
-    # the store's lock; a bad ledger stops here, loudly (LedgerError → refusal).
-    def epsilon_of(history: list) -> float:
-        return privacy.epsilon(history, delta, accountant)
-
-    planned = PrivacyEvent(
-        run_id=str(context.run_id), round=server_round, noise_multiplier=sigma, sample_rate=q,
-        steps=steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
-        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=delta,
-    )
-    decision, reservation = ledger.reserve(
-        ledger_dir, node.store_id, planned,
-        lambda history, reserved, new: budget_decision(history, reserved, new, budget, epsilon_of), epsilon_of)
-    if reservation is None:
-        reason = (f"training this round would bring ε from {decision.spent:.3f} to {decision.after:.3f}, "
-                  f"over the store's budget {budget:g}")
-        info = {"store-id": node.store_id, "epsilon": decision.spent, "epsilon-after": decision.after,
-                "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason}
-        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(info)), reply_to=msg)
-    try:
-        model = _model(node, cfg, weights)
-        train_cfg = TrainConfig(
-            local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["dp-lr"]),
-            optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
-            proximal_mu=_proximal_mu(msg), dp_path=str(cfg["dp-path"]),
-            secure_noise=not node.simulated,  # deployed: ChaCha20 noise and sampling (common.privacy.secure_noise)
-        )
-        result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
-    except BaseException as exc:
-        # Nothing was built from this round's noise, so nothing leaves: give the budget back.
-        try:
-            ledger.release(ledger_dir, node.store_id, reservation.id,
-                           f"training failed ({exc.__class__.__name__})", epsilon_of)
-        except LedgerError as release_error:  # the reservation then stays counted as spent
-            print(f"storefed: store {node.store_id}: {release_error}", file=sys.stderr, flush=True)
-        raise
-    event = replace(planned, steps=result.steps, at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    # Durable before the update leaves: a crash from here on over-counts, never under-counts.
-    committed = ledger.commit(ledger_dir, node.store_id, reservation.id, event, epsilon_of)
-    events = committed.events
-    # --- end of reserve → train → commit
-    metrics = {
-        "num-examples": plan.weight,  # the published size, never the exact count
-        # Everything the store counts as spent now (open reservations of other runs included).
-        "epsilon": epsilon_of(committed.counted()),
-        "delta": delta,
-        "noise-multiplier": sigma,
-        "rounds-trained": sum(1 for e in events if e.run_id == str(context.run_id)),
-        "epsilon-budget": budget,
-    }
+    warn_size(node, node.published_size())
+    outcome = dp_round.train_round(node, cfg, _model(node, cfg, weights), run_id=str(context.run_id),
+                                   server_round=_server_round(msg), proximal_mu=_proximal_mu(msg))
+    if isinstance(outcome, dp_round.Declined):
+        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(outcome.info)), reply_to=msg)
+    metrics = dict(outcome.metrics)
     if _allow_local_metrics(context, node):
-        metrics["train-loss"] = result.loss
-    return _train_reply(msg, model, weights, metrics, node, accountant, cfg, train_cfg.seed)
+        metrics["train-loss"] = outcome.loss
+    return _train_reply(msg, outcome.model, weights, metrics, node, outcome.accountant, cfg, outcome.seed)
 
 
 _SIZE_WARNED: set[str] = set()
@@ -283,7 +211,7 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
     model = _model(node, cfg, weights)
     server_round = _server_round(msg)
     train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                            lr=float(cfg["lr"]), seed=training_seed(node, cfg, server_round),
+                            lr=float(cfg["lr"]), seed=dp_round.training_seed(node, cfg, server_round),
                             proximal_mu=_proximal_mu(msg))
     result = train_local(model, node.data, train_cfg, None)
     # Without DP nothing is private; the weight is still the published size where there is one.
@@ -327,7 +255,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     # Not DP: bounded in how often and on how few members the store answers (client.state.evaluate_quota).
     cap, minimum = evaluate_quota.limits(context.node_config, deployed=not node.simulated)
     evaluate_quota.check_members(len(node.data.eval_member_ids), minimum)
-    evaluate_quota.take(state_dir(node, context.node_config, cfg), str(context.run_id), cap)
+    evaluate_quota.take(node.paths.state_dir, str(context.run_id), cap)
     keep_model_if_none(msg, context, cfg, node, weights, final=False)
     model = _model(node, cfg, weights)
     global_scores = model_scores(model, node.data)
@@ -349,13 +277,6 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return send(Message(content=content, reply_to=msg))
 
 
-def _spent_epsilon(node: StoreNode, context: Context, cfg: RunConfig) -> float | None:
-    """The store's ε over its whole ledger now (None when unbounded: a non-DP event)."""
-    counted = ledger.read_ledger(state_dir(node, context.node_config, cfg), node.store_id).counted()
-    eps = privacy.epsilon(counted, node.delta(cfg), str(cfg["accountant"]))
-    return eps if np.isfinite(eps) else None
-
-
 def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: StoreNode,
                        weights: Mapping[str, torch.Tensor] | None = None, *, final: bool) -> None:
     """A store without a model keeps the global model a train or evaluate message carries.
@@ -365,14 +286,14 @@ def keep_model_if_none(msg: Message, context: Context, cfg: RunConfig, node: Sto
     """
     if _server_round(msg) < 2 and msg.metadata.message_type.startswith("train"):
         return
-    where = state_dir(node, context.node_config, cfg)
+    where = node.paths.state_dir
     if read_info(where) is not None:
         return
     if weights is None:
         weights = checked_global(msg, node, cfg)
     keep_model(where, weights, run_id=str(context.run_id), server_round=_server_round(msg),
                delivered_in_run=str(context.run_id),
-               epsilon=_spent_epsilon(node, context, cfg), final=final)
+               epsilon=dp_round.spent_epsilon(node, cfg), final=final)
 
 
 def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -385,15 +306,15 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
     weights = checked_global(msg, node, cfg)
     if weights_digest(weights) != claimed:
         raise ValueError(f"store {node.store_id} refuses the final model: its hash differs from the one announced")
-    where = state_dir(node, context.node_config, cfg)
+    where = node.paths.state_dir
     # One final model per run, checked before the layer is fitted on member data for it.
     check_delivery(where, claimed, str(context.run_id))
     if bool(cfg["local-layer"]):  # kept before the model, so that serving finds both at once
         layer_store.keep_for_delivery(where, claimed,
-                                      lambda: local_layer.layer_for(str(node.store_dir), _model(node, cfg, weights), node.data))
+                                      lambda: layer_store.layer_for(str(node.store_dir), _model(node, cfg, weights), node.data))
     info = keep_model(where, weights, run_id=str(conf.get("run-id", "")), delivered_in_run=str(context.run_id),
                       server_round=_server_round(msg),  # range-checked by the policy (≥ 0)
-                      epsilon=_spent_epsilon(node, context, cfg), final=True)
+                      epsilon=dp_round.spent_epsilon(node, cfg), final=True)
     content = RecordDict({"store": ConfigRecord({"store-id": node.store_id, "model-hash": info["hash"]})})
     return send(Message(content=content, reply_to=msg))
 
@@ -401,8 +322,8 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def _served_metrics(node: StoreNode, model: Recommender, global_scores: np.ndarray) -> dict:
     """The store-local layer's step (DESIGN §5.1): fit it on the final global model, at the store,
     and measure the model the store serves. Its values replace the unprefixed `model` metrics;
-    the layer itself stays in this process (client.serving.layer_fit), never in a reply."""
-    layer = local_layer.layer_for(str(node.store_dir), model, node.data)
+    the layer itself stays in this process (client.serving.layers), never in a reply."""
+    layer = layer_store.layer_for(str(node.store_dir), model, node.data)
     served = evaluate_scores(layer.scores(global_scores, test_histories(node.data)), node.data)
     members = training_member_histories(node.data)
     audience = audience_from_scores(layer.scores(member_scores(model, node.data), members), node.data)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.state.file_lock import locked
+from client.state.paths import own_state_dir
 from common.data.storefiles import atomic_write_text
 from common.privacy import run_signature
 from common.privacy.run_signature import RunSignatureError
@@ -44,15 +45,6 @@ class RunNotAuthorized(Exception):
 
 def is_simulated(node_config: Mapping[str, Any]) -> bool:
     return "store-dir" not in node_config and "partition-id" in node_config
-
-
-def own_state_dir(node_config: Mapping[str, Any]) -> Path:
-    """The store's state directory from its own configuration only."""
-    if node_config.get("state-dir"):
-        return Path(str(node_config["state-dir"])).expanduser().resolve()
-    if node_config.get("store-dir"):
-        return Path(str(node_config["store-dir"])).expanduser().resolve() / "state"
-    raise RunNotAuthorized("node config has no store-dir: this store cannot check runs and refuses them")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -98,6 +90,8 @@ def authorize(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run
                                "and refuses every run")
     public_key = load_public_key(Path(str(node_config[PUBLIC_KEY_CONFIG])))
     state = own_state_dir(node_config)
+    if state is None:
+        raise RunNotAuthorized("node config has no store-dir: this store cannot check runs and refuses them")
     nonces = state / NONCE_FILE
     run = str(run_id)
     with _locked(state):

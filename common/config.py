@@ -196,6 +196,14 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The recommender's shape (common.learning.model): the run config's dim and hidden."""
+
+    dim: int = 64
+    hidden: int = 128
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The run configuration with defaults filled in and types checked."""
 
@@ -220,6 +228,10 @@ class RunConfig:
             merged[key] = value
         check_values(merged)
         return cls(merged)
+
+    def model_config(self) -> ModelConfig:
+        """The shape of the run's model."""
+        return ModelConfig(dim=int(self["dim"]), hidden=int(self["hidden"]))
 
     def chain_dir(self) -> Path:
         data = str(self["data-dir"])

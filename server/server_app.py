@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig, cache_root
 from common.data.dataset import ItemIndex
-from common.learning.model import ModelConfig, Recommender
+from common.learning.model import Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
 from common.data.synth import default_spec
 from common.learning.weights import weights_digest
@@ -46,7 +46,7 @@ def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> int:
 def initial_model(cfg: RunConfig, chain_dir: Path) -> Recommender:
     torch.manual_seed(int(cfg["seed"]))
     items = ItemIndex.from_catalog(read_catalog(chain_dir))
-    return Recommender(items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    return Recommender(items, cfg.model_config())
 
 
 class RunInterrupted(Exception):

@@ -317,7 +317,8 @@ def chain_member_privacy(cfg: RunConfig) -> dict:
     ledgers (all runs) and their training members — what only a simulation, which sees
     every store, can compute (see common.privacy.member_privacy)."""
     from client.state.ledger import read_events
-    from client.store import epsilon_budget, load_store, state_dir
+    from client.policy import store_settings
+    from client.store import load_store
     from common.data import contract
     from common.data.storefiles import DataError, locate, read_table, store_dirs
     from common.privacy.member_privacy import member_privacy
@@ -328,16 +329,18 @@ def chain_member_privacy(cfg: RunConfig) -> dict:
         members_file = locate(store_dir, contract.MEMBERS_FILE)
         if members_file is not None:
             registered[store_dir.name] = read_table(members_file, ("member_id",))["member_id"].str.strip().tolist()
+        node_config = {"partition-id": part, "num-partitions": len(dirs)}
         try:
-            node = load_store({"partition-id": part, "num-partitions": len(dirs)}, cfg)
+            store_cfg = store_settings(node_config, cfg)
+            node = load_store(node_config, store_cfg)
         except DataError:
             continue  # a store that cannot load its data trained no one
-        events = read_events(state_dir(node, {}, cfg), node.store_id)
+        events = read_events(node.paths.state_dir, node.store_id)
         registered[node.store_id] = registered.pop(store_dir.name, [])
         histories[node.store_id] = [e.mechanism() for e in events]
         deltas[node.store_id] = min((e.delta for e in events), default=1.0)
         trained[node.store_id] = [str(m) for m in node.data.member_ids] if events else []
-        budgets.append(epsilon_budget(node, {}, cfg))
+        budgets.append(float(store_cfg["epsilon-budget"]))
     result = member_privacy(histories, deltas, trained, registered, max(budgets, default=float(cfg["epsilon-budget"])),
                             str(cfg["accountant"]))
     if not cfg["dp"]:

@@ -185,7 +185,7 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     # tested in test_local_layer; here the layer-free prior stands in for it, to keep this fast).
     import numpy as np
 
-    from client.serving import layer_fit as local_layer
+    from client.serving import layers as local_layer
     from common.learning import local_layer as ll
 
     fitted_on = []
@@ -223,9 +223,9 @@ def test_model_delivery_reply_and_what_the_store_keeps(small_chain_dir, tmp_path
     assert read_info(tmp_path)["run_id"] == "run-9"
     # A store with a model keeps it when a later run's messages arrive; one without takes
     # the first trained global model (round ≥ 2), not a run's untrained initial model.
-    node = load_store(node_config, cfg)
     other = tmp_path / "other"
     context2 = _context(small_chain_dir, {**node_config, "state-dir": str(other)})
+    node = load_store(context2.node_config, cfg)  # the store's paths come from its node config
     first = _message(small_chain_dir, MessageType.TRAIN)
     keep_model_if_none(first, context2, cfg, node, final=False)
     assert read_info(other) is None

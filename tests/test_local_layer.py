@@ -157,7 +157,7 @@ def _message(chain_dir, kind, server_round):
 
 @pytest.mark.usefixtures("task_identity")
 def test_train_reply_is_bit_identical_with_or_without_a_local_layer(small_chain_dir, tmp_path):
-    from client.serving import layer_fit as store_layer
+    from client.serving import layers as store_layer
     from client.client_app import handle_evaluate, handle_train
 
     def train(state, **run):

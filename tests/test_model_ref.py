@@ -108,7 +108,7 @@ def test_a_deployed_store_refuses_a_message_that_names_a_model_and_reads_nothing
     def no_read(*_a, **_k):
         raise AssertionError("the store read something")
 
-    for name in ("load_store", "authorize", "state_dir"):
+    for name in ("load_store", "authorize", "store_policy_for"):
         monkeypatch.setattr(client_app, name, no_read)
     store_dir = small_chain_dir / "stores" / "S001"
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={"data-dir": str(small_chain_dir)},

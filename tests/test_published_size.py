@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client import store as store_mod
 from client.client_app import handle_train
 from client.state.ledger import append_event, read_events
-from client.store import dp_plan, load_store
+from client.dp_round import dp_plan
+from client.store import load_store
 from common.config import RunConfig
 from common.data.dataset import ItemIndex
 from common.data.storefiles import DataError, read_catalog

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from client.store import StoreNode, epsilon_budget
-from common.config import RunConfig
+from common.privacy.store_policy import own_settings, resolved_values
 
 
 def _budget(run_budget: float, *, simulated: bool, node_config: dict | None = None, meta: dict | None = None) -> float:
-    node = StoreNode("S001", Path("/nowhere"), data=None, meta={"store_id": "S001", **(meta or {})},
-                     simulated=simulated)
-    return epsilon_budget(node, node_config or {}, RunConfig.from_mapping({"epsilon-budget": run_budget}))
+    """The budget the store uses (client.policy.store_settings decides it with these two)."""
+    own = own_settings(node_config or {}, {"store_id": "S001", **(meta or {})}, "store.json")
+    return resolved_values({"epsilon-budget": run_budget, "delta": 1e-6}, own, deployed=not simulated)["epsilon-budget"]
 
 
 def test_a_deployed_store_without_its_own_budget_keeps_the_default_whatever_the_server_asks():

@@ -159,7 +159,7 @@ def test_a_deployed_store_keeps_its_ledger_where_it_is_whatever_the_run_says(sma
     assert "a deployed store keeps its ledger in its own state directory" in _refusal(reply)
     assert not elsewhere.exists() and not ledger_path(tmp_path / "state").exists() and sent == []
     # Called without the ClientApp's policy, the store still never puts its ledger there.
-    from client.store import state_dir_for
+    from client.state.paths import state_dir_for
     cfg = RunConfig.from_mapping({"state-dir": str(elsewhere)})
     store_dir = small_chain_dir / "stores" / "S001"
     assert state_dir_for(store_dir, {"store-dir": str(store_dir)}, cfg, "S001") == store_dir / "state"

@@ -13,14 +13,19 @@ model alone until one is fitted. Nothing here is sent: the layer is the store's 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
+from common.data.dataset import StoreData
 from common.data.storefiles import atomic_write_bytes
 from common.learning.layer_codec import LayerFileError, decode_layer, encode_layer
-from common.learning.local_layer import LocalLayer
+from common.learning.local_layer import LocalConfig, LocalLayer, adapt
+from common.learning.model import Recommender
 
 LAYER_FILE = "local_layer.npz"
 PREV_LAYER_FILE = "local_layer.prev.npz"
@@ -63,16 +68,61 @@ def keep_layer(state_dir: Path, layer: LocalLayer, model_hash: str, fitted_by: s
     return meta
 
 
+Found = tuple[LocalLayer, dict]  # a layer and its file's description
+
+
+def obtain(state_dir: Path, model_hash: str, fit: Callable[[], LocalLayer] | None, fitted_by: str,
+           usable: Callable[[LocalLayer], bool] = lambda layer: True) -> tuple[Found | None, str | None]:
+    """The layer of the model ``model_hash`` and why it is not (or not kept): the one kept
+    for it when ``usable``; else ``fit()`` (None: do not fit), kept for it.
+
+    ((layer, meta), None) · ((layer, meta), why it could not be kept: it is used all the
+    same and fitted again later) · (None, why it could not be fitted) · (None, None)."""
+    found = read_layer(state_dir, model_hash)
+    if found is not None and usable(found[0]):
+        return found, None
+    if fit is None:
+        return None, None
+    try:
+        layer = fit()
+    except Exception as exc:  # a store too small or too new to split: the global model alone
+        return None, f"no store-local layer: {exc.__class__.__name__}: {exc}"
+    try:
+        return (layer, keep_layer(state_dir, layer, model_hash, fitted_by)), None
+    except Exception as exc:  # e.g. a read-only state directory: the layer is still used
+        meta = {"model_hash": model_hash, "fitted_by": fitted_by, "fitted_on": int(getattr(layer, "fitted_on", 0))}
+        return (layer, meta), f"the layer is used but could not be kept: {exc}"
+
+
 def keep_for_delivery(state_dir: Path, model_hash: str, fit: Callable[[], LocalLayer]) -> dict | None:
     """At a model's delivery: the layer ``fit()`` returns, kept for ``model_hash`` unless the
     store already holds one for it. Returns its meta; None when it could not be fitted or
     written: the model is kept all the same and `storefed serve` fits the layer itself."""
-    found = read_layer(state_dir, model_hash)
-    if found is not None:
-        return found[1]
-    try:
-        return keep_layer(state_dir, fit(), model_hash, "delivery")
-    except Exception as exc:  # the model matters more than its layer: say why, and go on
+    found, problem = obtain(state_dir, model_hash, fit, "delivery")
+    if problem is not None:  # the model matters more than its layer: say why, and go on
         print(f"storefed: {state_dir}: no store-local layer kept with model {model_hash[:12]} "
-              f"({exc.__class__.__name__}: {exc}); storefed serve will fit it", file=sys.stderr, flush=True)
+              f"({problem}); storefed serve will fit it", file=sys.stderr, flush=True)
         return None
+    return found[1]
+
+
+_CACHE: dict[str, tuple[str, LocalLayer]] = {}
+
+
+def model_digest(model: Recommender) -> str:
+    """A fingerprint of the model's weights: a new global model means a new layer."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value.detach().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def layer_for(store_key: str, model: Recommender, data: StoreData, cfg: LocalConfig = LocalConfig()) -> LocalLayer:
+    """This store's layer on ``model``, fitted once per (store, model) and process (the
+    ClientApp's: the last model's layer, in memory)."""
+    digest = model_digest(model)
+    cached = _CACHE.get(store_key)
+    if cached is None or cached[0] != digest:
+        _CACHE[store_key] = (digest, adapt(model, data, cfg))
+    return _CACHE[store_key][1]

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from client.serving import layers as layer_store
-from client.state.model_store import INFO_FILE, read_model
+from client.state.model_store import INFO_FILE, MODEL_FILE, read_model
+from client.state.paths import StorePaths
 from client.state.receipts_journal import Journal, JournalError, journal_sources, read_journal, text_problem
 from common.data.dataset import ExampleConfig, ItemIndex, MemberLog, build_store_data, days_since_epoch, \
     history_arrays, member_log, profile_matrix
@@ -80,11 +81,10 @@ class StoreServing:
     """A store's serving state; see the module docstring."""
 
     def __init__(self, store_dir: Path, catalog: Path | None = None, state_dir: Path | None = None) -> None:
-        self.store_dir = Path(store_dir).resolve()
-        self.catalog_path = Path(catalog).resolve() if catalog else self.store_dir.parent.parent
+        self.paths = StorePaths.at(store_dir, catalog, state_dir)
+        self.store_dir, self.catalog_path, self.state_dir = self.paths.store_dir, self.paths.catalog_dir, self.paths.state_dir
         self.meta = read_store_meta(self.store_dir)
         self.store_id = str(self.meta["store_id"])
-        self.state_dir = Path(state_dir).resolve() if state_dir else self.store_dir / "state"
         self.tz = str(self.meta.get("timezone", "UTC"))
         self.cfg = ExampleConfig()
         self._lock = threading.Lock()  # receipts and model swaps; reads take no lock
@@ -241,24 +241,13 @@ class StoreServing:
                    fit: bool) -> tuple[tuple | None, str | None]:
         """((layer, meta) for the model of ``model_hash``, None) — read from the state directory,
         else (``fit``) fitted here on the store's data and kept there; (None, why) otherwise."""
-        found = layer_store.read_layer(self.state_dir, model_hash)
-        if found is not None and self._usable(found[0]):
-            return found, None
-        if not fit:
-            return None, None
-        try:
+        def fitted() -> LocalLayer:
             model = Recommender(self.items, ModelConfig(dim=dims[0], hidden=dims[1]))
             model.load_state_dict(weights)
-            data = build_store_data(self.store_id, self.lines, self.anonymous, self.member_rows, self.items, self.cfg)
-            layer = adapt(model, data)
-        except Exception as exc:  # a store too small or too new to split: the global model alone
-            return None, f"no store-local layer: {exc.__class__.__name__}: {exc}"
-        try:
-            meta = layer_store.keep_layer(self.state_dir, layer, model_hash, "serve")
-        except (OSError, TypeError, ValueError) as exc:  # e.g. a read-only state directory: used here, fitted again next start
-            meta = {"model_hash": model_hash, "fitted_by": "serve", "fitted_on": int(layer.fitted_on)}
-            return (layer, meta), f"the layer is used but could not be kept: {exc}"
-        return (layer, meta), None
+            return adapt(model, build_store_data(self.store_id, self.lines, self.anonymous, self.member_rows,
+                                                 self.items, self.cfg))
+
+        return layer_store.obtain(self.state_dir, model_hash, fitted if fit else None, "serve", self._usable)
 
     def _usable(self, layer: LocalLayer) -> bool:
         """Whether a kept layer scores this catalog (one member without history): a file that
@@ -556,7 +545,7 @@ def _dims_of(state_dir: Path) -> tuple[int, int]:
     import torch
 
     try:
-        state = torch.load(Path(state_dir) / "model.pt", weights_only=True, map_location="cpu")
+        state = torch.load(Path(state_dir) / MODEL_FILE, weights_only=True, map_location="cpu")
         return int(state["item_out.weight"].shape[1]), int(state["encoder_in.weight"].shape[0])
     except Exception as exc:  # damaged or foreign file: the full check reports it
-        raise ModelFileError(f"{Path(state_dir) / 'model.pt'}: not a storefed model ({exc.__class__.__name__})") from None
+        raise ModelFileError(f"{Path(state_dir) / MODEL_FILE}: not a storefed model ({exc.__class__.__name__})") from None

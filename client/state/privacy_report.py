@@ -15,11 +15,12 @@ from typing import Callable
 
 from client.state import ledger as store_ledger
 from client.state.ledger import head_path, ledger_path
-from common.privacy import accountant as privacy
+from client.state.paths import StorePaths
 from common.data.storefiles import DataError, read_store_meta
+from common.privacy import accountant as privacy
 from common.privacy.published_size import declared_size
+from common.privacy.store_policy import STORE_DEFAULT_BUDGET
 
-DEFAULT_BUDGET = 8.0
 _MAX_ROUNDS_SHOWN = 1000
 
 
@@ -50,14 +51,14 @@ def privacy_report(store_dir: Path, state_dir: Path | None = None, *, accountant
         raise DataError(f"{store_dir}: store directory not found")
     meta = read_store_meta(store_dir)
     store_id = str(meta["store_id"])
-    state = resolve_state_dir(store_dir, state_dir)
+    state = StorePaths.at(store_dir, state_dir=state_dir).state_dir
     ledger = store_ledger.read_ledger(state, store_id)
     events = list(ledger.events)
     history = [e.mechanism() for e in events]
     # The store accounts at the δ of its latest event (δ follows the store's size).
     delta = _delta(ledger, meta)
     if budget is None:
-        budget = float(meta.get("epsilon_budget", DEFAULT_BUDGET) or DEFAULT_BUDGET)
+        budget = float(meta.get("epsilon_budget", STORE_DEFAULT_BUDGET) or STORE_DEFAULT_BUDGET)
     # Open reservations count as spent (a run is training them, or crashed while it did).
     spent = privacy.epsilon(ledger.counted(), delta, accountant)
     try:
@@ -114,11 +115,6 @@ def render_privacy(report: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_state_dir(store_dir: Path, state_dir: Path | None) -> Path:
-    """The store's state directory: the one given, else <store-dir>/state."""
-    return Path(state_dir).expanduser().resolve() if state_dir else Path(store_dir).expanduser().resolve() / "state"
-
-
 def _delta(ledger, meta: dict) -> float:
     if ledger.latest is not None:
         return ledger.latest.delta
@@ -129,7 +125,7 @@ def _store(store_dir: Path, state_dir: Path | None) -> tuple[str, Path]:
     store_dir = Path(store_dir).expanduser().resolve()
     if not store_dir.is_dir():
         raise DataError(f"{store_dir}: store directory not found")
-    return str(read_store_meta(store_dir)["store_id"]), resolve_state_dir(store_dir, state_dir)
+    return str(read_store_meta(store_dir)["store_id"]), StorePaths.at(store_dir, state_dir=state_dir).state_dir
 
 
 Confirm = Callable[[str], bool]

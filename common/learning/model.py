@@ -22,18 +22,13 @@ privacy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from common.config import ModelConfig
 from common.data.dataset import HISTORY_FEATURES, PROFILE_DIM, ItemIndex
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    dim: int = 64
-    hidden: int = 128
+__all__ = ["BasketLoss", "ModelConfig", "Recommender"]
 
 
 class Recommender(nn.Module):

@@ -189,13 +189,22 @@ def refusals(values: Mapping[str, Any]) -> list[str]:
     return reasons
 
 
+def resolved_values(values: Mapping[str, Any], own: OwnSettings, deployed: bool) -> dict[str, Any]:
+    """The privacy values a store uses instead of the run's: budget and δ lowered by the
+    store's own (a deployed store's defaults where it sets none) and, at a deployed store,
+    its own accountant. The one place where a store's budget, δ and accountant are decided."""
+    out: dict[str, Any] = {
+        "epsilon-budget": effective_budget(float(values["epsilon-budget"]), own, deployed=deployed),
+        "delta": effective_delta(float(values["delta"]), own, deployed=deployed),
+    }
+    if deployed:
+        out["accountant"] = own.accountant or STORE_DEFAULT_ACCOUNTANT
+    return out
+
+
 def deployed_values(values: Mapping[str, Any], own: OwnSettings) -> dict[str, Any]:
     """The store-decided and tightened run-config values a deployed store uses instead of the run's."""
-    return {
-        "accountant": own.accountant or STORE_DEFAULT_ACCOUNTANT,
-        "epsilon-budget": effective_budget(float(values["epsilon-budget"]), own, deployed=True),
-        "delta": effective_delta(float(values["delta"]), own, deployed=True),
-    }
+    return resolved_values(values, own, deployed=True)
 
 
 def check_message_config(config: Mapping[str, Any]) -> None:

@@ -39,7 +39,7 @@ from common.learning import baselines as tifu
 from common.learning.local_layer import adapt, test_histories, training_member_histories
 from common.data.ingest import prepare_store
 from common.evaluation.metrics import topfreq_scores
-from common.learning.model import ModelConfig, Recommender
+from common.learning.model import Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, store_dirs
 from common.data.synth import default_spec
 from common.learning.training import (DPConfig, TrainConfig, predict, sample_rate_for, steps_per_epoch, train_local,
@@ -86,7 +86,7 @@ def _chain_dir(settings: BenchSettings) -> Path:
 
 def _new_model(stores: list[StoreData], cfg: RunConfig, seed: int) -> Recommender:
     torch.manual_seed(seed)
-    return Recommender(stores[0].items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    return Recommender(stores[0].items, cfg.model_config())
 
 
 def _train_config(cfg: RunConfig, seed: int, epochs: int | None = None, dp: bool = False) -> TrainConfig:

@@ -80,35 +80,23 @@ def run_config(stores: int, rounds: int, chain: Path, work: Path, extra: dict | 
 # --- the plain run -------------------------------------------------------------------------
 
 def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, dict]:
-    """One store's train task as the ClientApp runs it, without Flower."""
+    """One store's train task as the ClientApp runs it (client.dp_round), without Flower."""
     import torch
-    from datetime import datetime, timezone
 
-    from client.client_app import training_seed
-    from client.state.ledger import append_event, read_events
-    from client.store import dp_plan, load_store, state_dir
-    from common.privacy import accountant as privacy
-    from common.privacy.ledger import PrivacyEvent
-    from common.learning.model import ModelConfig, Recommender
-    from common.learning.training import DPConfig, TrainConfig, train_local
+    from client.dp_round import Trained, train_round
+    from client.policy import store_settings
+    from client.store import load_store
+    from common.learning.model import Recommender
 
     node_config = {"partition-id": part, "num-partitions": int(cfg["stores"])}
+    cfg = store_settings(node_config, cfg)
     node = load_store(node_config, cfg)
-    ledger = state_dir(node, node_config, cfg)
-    history = [e.mechanism() for e in read_events(ledger, node.store_id)]
-    plan, batch = dp_plan(node, cfg), int(cfg["batch-size"])
-    sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
-    privacy.epsilon(history + [(sigma, q, steps)], node.delta(cfg), str(cfg["accountant"]))
-    model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    model = Recommender(node.data.items, cfg.model_config())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=batch, lr=float(cfg["lr"]),
-                            seed=training_seed(node, cfg, server_round), dp_path=str(cfg["dp-path"]))
-    result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
-    append_event(ledger, node.store_id, PrivacyEvent(
-        run_id="plain", round=server_round, noise_multiplier=sigma, sample_rate=q, steps=result.steps,
-        clip_norm=float(cfg["clip-norm"]), accountant=str(cfg["accountant"]),
-        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=node.delta(cfg)))
-    return plan.weight, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    outcome = train_round(node, cfg, model, run_id="plain", server_round=server_round)
+    if not isinstance(outcome, Trained):
+        raise RuntimeError(f"store {node.store_id} declined round {server_round}: {outcome.info['reason']}")
+    return int(outcome.metrics["num-examples"]), {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def _store_evaluate(part: int, state: dict, cfg) -> float:
@@ -118,10 +106,10 @@ def _store_evaluate(part: int, state: dict, cfg) -> float:
     from client.client_app import _baselines
     from client.store import load_store
     from common.evaluation.evaluation import evaluate_audience, evaluate_model
-    from common.learning.model import ModelConfig, Recommender
+    from common.learning.model import Recommender
 
     node = load_store({"partition-id": part, "num-partitions": int(cfg["stores"])}, cfg)
-    model = Recommender(node.data.items, ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+    model = Recommender(node.data.items, cfg.model_config())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     metrics = evaluate_model(model, node.data)
     _baselines(node)
@@ -153,14 +141,14 @@ def run_plain(config: dict, workers: int) -> dict:
 
     from common.config import RunConfig
     from common.data.dataset import ItemIndex
-    from common.learning.model import ModelConfig, Recommender
+    from common.learning.model import Recommender
     from common.data.storefiles import read_catalog
 
     started = time.perf_counter()
     cfg = RunConfig.from_mapping(config)
     torch.manual_seed(int(cfg["seed"]))
     model = Recommender(ItemIndex.from_catalog(read_catalog(cfg.chain_dir())),
-                        ModelConfig(dim=int(cfg["dim"]), hidden=int(cfg["hidden"])))
+                        cfg.model_config())
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     stores = int(cfg["stores"])
     ctx = mp.get_context("spawn")
