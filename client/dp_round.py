@@ -33,8 +33,9 @@ from client.state import ledger
 from client.store import StoreNode
 from common.config import RunConfig
 from common.learning.model import Recommender
-from common.learning.training import DPConfig, TrainConfig, expected_batch, sample_rate_for, steps_per_epoch, train_local
+from common.learning.training import DPConfig, TrainConfig, train_local
 from common.privacy import accountant as privacy
+from common.privacy.accountant import expected_batch, sample_rate_for, steps_per_epoch
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision
 
 

@@ -15,7 +15,6 @@ The privacy *accounting* is not done here: the function reports the mechanism it
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -26,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.dataset import ExampleConfig, Examples, StoreData, concat_examples, sample_train_examples
 from common.learning.model import BasketLoss, Recommender
+# The sampling of DP-SGD (q, steps, divisor) is part of the mechanism the accountant prices.
+from common.privacy.accountant import expected_batch, sample_rate_for, steps_per_epoch
 
 if TYPE_CHECKING:
     from common.privacy.secure_noise import SecureRandom
@@ -63,21 +64,6 @@ class TrainResult:
     sample_rate: float
     noise_multiplier: float  # 0.0 for plain training
     clip_norm: float
-
-
-def steps_per_epoch(n_members: int, batch_size: int) -> int:
-    """Steps in one epoch: ⌈members / batch_size⌉, the length of the plain loader."""
-    return max(1, math.ceil(max(n_members, 1) / batch_size))
-
-
-def sample_rate_for(n_members: int, batch_size: int) -> float:
-    """The Poisson sample rate Opacus uses: 1 / steps per epoch (≤ batch_size / members)."""
-    return 1.0 / steps_per_epoch(n_members, batch_size)
-
-
-def expected_batch(published_size: int, sample_rate: float) -> int:
-    """The divisor of the noised sum: Opacus' ``int(N · q)``, with N the published size."""
-    return max(1, int(published_size * sample_rate))
 
 
 class PoissonBatches:

@@ -3,6 +3,9 @@
 A store's history is the list of DP-SGD mechanisms it ran, one entry per training round:
 ``(noise_multiplier, sample_rate, steps)`` — the format of Opacus' accountants, so anyone
 can recompute ε from it. ε always composes over the *whole* history, never one round.
+A round's sampling rate and steps follow from the store's published size and the batch
+size (:func:`sample_rate_for`, :func:`steps_per_epoch`); δ from the published size too
+(:func:`store_delta`). Which history a store counts, and when: :mod:`client.dp_round`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ def store_delta(n_members: int, default: float = DEFAULT_DELTA) -> float:
         return default
     return min(default, 1.0 / (10.0 * n_members))
 
+
+# --- the sampling of a round's DP-SGD steps: what q, the steps and the divisor are
+
+def steps_per_epoch(n_members: int, batch_size: int) -> int:
+    """Steps in one epoch: ⌈members / batch_size⌉, the length of the plain loader."""
+    return max(1, math.ceil(max(n_members, 1) / batch_size))
+
+
+def sample_rate_for(n_members: int, batch_size: int) -> float:
+    """The Poisson sample rate Opacus uses: 1 / steps per epoch (≤ batch_size / members)."""
+    return 1.0 / steps_per_epoch(n_members, batch_size)
+
+
+def expected_batch(published_size: int, sample_rate: float) -> int:
+    """The divisor of the noised sum: Opacus' ``int(N · q)``, with N the published size."""
+    return max(1, int(published_size * sample_rate))
+
+
+# --- ε of a history of mechanisms
 
 def merge_history(history: Iterable[Mechanism]) -> list[Mechanism]:
     """Entries with the same (σ, q) summed into one, in first-seen order.
