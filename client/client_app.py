@@ -144,7 +144,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if fault == "crash":
         raise RuntimeError(f"injected fault: store {node.store_id} crashed")
     if fault == "slow":
-        time.sleep(float(cfg["fault-slow-s"]))
+        time.sleep(cfg["fault-slow-s"])
     keep_model_if_none(msg, context, cfg, node, weights, final=False)
     reply = _train(msg, context, cfg, node, weights)
     return send(misbehave(reply, fault) if fault in ("nan", "scale", "shape") else reply)
@@ -152,11 +152,11 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 def injected_fault(node: StoreNode, context: Context, cfg: RunConfig) -> str:
     """The fault this store plays in a simulation (the first ``fault-stores`` stores), or ""."""
-    if not node.simulated or not cfg["fault"] or int(cfg["fault-stores"]) <= 0:
+    if not node.simulated or not cfg["fault"] or cfg["fault-stores"] <= 0:
         return ""
-    if str(cfg["fault"]) not in FAULTS:
+    if cfg["fault"] not in FAULTS:
         raise ValueError(f"unknown fault '{cfg['fault']}'; use one of {', '.join(FAULTS)}")
-    return str(cfg["fault"]) if int(context.node_config["partition-id"]) < int(cfg["fault-stores"]) else ""
+    return cfg["fault"] if int(context.node_config["partition-id"]) < cfg["fault-stores"] else ""
 
 
 FAULTS = ("nan", "scale", "shape", "crash", "slow")
@@ -210,8 +210,8 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
     """Non-private training, for reference runs only: ε is reported as infinite."""
     model = _model(node, cfg, weights)
     server_round = _server_round(msg)
-    train_cfg = TrainConfig(local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                            lr=float(cfg["lr"]), seed=dp_round.training_seed(node, cfg, server_round),
+    train_cfg = TrainConfig(local_epochs=cfg["local-epochs"], batch_size=cfg["batch-size"],
+                            lr=cfg["lr"], seed=dp_round.training_seed(node, cfg, server_round),
                             proximal_mu=_proximal_mu(msg))
     result = train_local(model, node.data, train_cfg, None)
     # Without DP nothing is private; the weight is still the published size where there is one.
@@ -225,7 +225,7 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
 
 def _train_reply(msg: Message, model: Recommender, sent_model: Mapping[str, torch.Tensor], metrics: dict,
                  node: StoreNode, accountant: str, cfg: RunConfig, seed: int) -> Message:
-    encoding = str(cfg["update-encoding"])
+    encoding = cfg["update-encoding"]
     if encoding == "float32":
         arrays = ArrayRecord(model.state_dict())
     else:
@@ -268,7 +268,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     for prefix, key in (("audience", "model"), ("audience_pop", "member_pop")):
         metrics[f"{prefix}.auc"] = audience[key]["auc"]
         metrics[f"{prefix}.recall@100"] = audience[key]["recall@100"]
-    if bool(cfg["local-layer"]) and _server_round(msg) >= int(cfg["rounds"]):
+    if cfg["local-layer"] and _server_round(msg) >= cfg["rounds"]:
         metrics.update(_served_metrics(node, model, global_scores))
     content = RecordDict({
         "metrics": MetricRecord(metrics),
@@ -309,7 +309,7 @@ def handle_model(msg: Message, context: Context, cfg: RunConfig) -> Message:
     where = node.paths.state_dir
     # One final model per run, checked before the layer is fitted on member data for it.
     check_delivery(where, claimed, str(context.run_id))
-    if bool(cfg["local-layer"]):  # kept before the model, so that serving finds both at once
+    if cfg["local-layer"]:  # kept before the model, so that serving finds both at once
         layer_store.keep_for_delivery(where, claimed,
                                       lambda: layer_store.layer_for(str(node.store_dir), _model(node, cfg, weights), node.data))
     info = keep_model(where, weights, run_id=str(conf.get("run-id", "")), delivered_in_run=str(context.run_id),

@@ -56,19 +56,19 @@ class DPPlan:
 def planned_noise(node: StoreNode, cfg: RunConfig) -> float:
     """σ for this store: the configured one, or calibrated so that this run's planned rounds
     alone end at the run's ε target (the budget then caps the total over all runs)."""
-    if float(cfg["noise-multiplier"]) > 0:
-        return float(cfg["noise-multiplier"])
+    if cfg["noise-multiplier"] > 0:
+        return cfg["noise-multiplier"]
     n = node.published_size()  # never the exact count
-    q = sample_rate_for(n, int(cfg["batch-size"]))
-    steps = int(cfg["rounds"]) * int(cfg["local-epochs"]) * steps_per_epoch(n, int(cfg["batch-size"]))
-    return _calibrated(float(cfg["target-epsilon"]), node.delta(cfg), q, steps, str(cfg["accountant"]))
+    q = sample_rate_for(n, cfg["batch-size"])
+    steps = cfg["rounds"] * cfg["local-epochs"] * steps_per_epoch(n, cfg["batch-size"])
+    return _calibrated(cfg["target-epsilon"], node.delta(cfg), q, steps, cfg["accountant"])
 
 
 def dp_plan(node: StoreNode, cfg: RunConfig) -> DPPlan:
     """The round's mechanism at this store (raises DataError when it publishes no size)."""
-    size, batch = node.published_size(), int(cfg["batch-size"])
+    size, batch = node.published_size(), cfg["batch-size"]
     q = sample_rate_for(size, batch)
-    return DPPlan(published_size=size, sample_rate=q, steps=int(cfg["local-epochs"]) * steps_per_epoch(size, batch),
+    return DPPlan(published_size=size, sample_rate=q, steps=cfg["local-epochs"] * steps_per_epoch(size, batch),
                   noise_multiplier=planned_noise(node, cfg), divisor=expected_batch(size, q),
                   delta=node.delta(cfg), weight=size)
 
@@ -100,7 +100,7 @@ def training_seed(node: StoreNode, cfg: RunConfig, server_round: int) -> int:
 def spent_epsilon(node: StoreNode, cfg: RunConfig) -> float | None:
     """The store's ε over its whole ledger now (None when unbounded: a non-DP event)."""
     counted = ledger.read_ledger(node.paths.state_dir, node.store_id).counted()
-    eps = privacy.epsilon(counted, node.delta(cfg), str(cfg["accountant"]))
+    eps = privacy.epsilon(counted, node.delta(cfg), cfg["accountant"])
     return eps if math.isfinite(eps) else None
 
 
@@ -128,9 +128,9 @@ def train_round(node: StoreNode, cfg: RunConfig, model: Recommender, *, run_id: 
     """Plan, reserve, train ``model`` (the global model, changed in place) and commit one
     round at ``node``. ``cfg`` carries the store's settings (client.policy.store_settings).
     Raises LedgerError (a damaged ledger: nothing trains) or the training's own error."""
-    accountant = str(cfg["accountant"])
+    accountant = cfg["accountant"]
     plan = dp_plan(node, cfg)  # from the published size only: the exact count stays here
-    delta, budget = plan.delta, float(cfg["epsilon-budget"])
+    delta, budget = plan.delta, cfg["epsilon-budget"]
     ledger_dir = node.paths.state_dir
     sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
 
@@ -139,7 +139,7 @@ def train_round(node: StoreNode, cfg: RunConfig, model: Recommender, *, run_id: 
 
     planned = PrivacyEvent(
         run_id=run_id, round=server_round, noise_multiplier=sigma, sample_rate=q,
-        steps=steps, clip_norm=float(cfg["clip-norm"]), accountant=accountant,
+        steps=steps, clip_norm=cfg["clip-norm"], accountant=accountant,
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"), delta=delta,
     )
     # The check and the reservation are one step under the store's lock; a bad ledger stops
@@ -154,12 +154,12 @@ def train_round(node: StoreNode, cfg: RunConfig, model: Recommender, *, run_id: 
                          "epsilon-budget": budget, "delta": delta, "accountant": accountant, "reason": reason})
     try:
         train_cfg = TrainConfig(
-            local_epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["dp-lr"]),
-            optimizer=str(cfg["dp-optimizer"]), seed=training_seed(node, cfg, server_round),
-            proximal_mu=proximal_mu, dp_path=str(cfg["dp-path"]),
+            local_epochs=cfg["local-epochs"], batch_size=cfg["batch-size"], lr=cfg["dp-lr"],
+            optimizer=cfg["dp-optimizer"], seed=training_seed(node, cfg, server_round),
+            proximal_mu=proximal_mu, dp_path=cfg["dp-path"],
             secure_noise=not node.simulated,  # deployed: ChaCha20 noise and sampling (common.privacy.secure_noise)
         )
-        result = train_local(model, node.data, train_cfg, DPConfig(sigma, float(cfg["clip-norm"]), plan.published_size))
+        result = train_local(model, node.data, train_cfg, DPConfig(sigma, cfg["clip-norm"], plan.published_size))
     except BaseException as exc:
         # Nothing was built from this round's noise, so nothing leaves: give the budget back.
         try:

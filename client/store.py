@@ -60,7 +60,7 @@ class StoreNode:
     def delta(self, cfg: RunConfig) -> float:
         """The store's δ: the run config's (already the store's own, see
         :func:`client.policy.store_settings`), capped at 1/(10·published size)."""
-        return privacy.store_delta(self.published_size(), float(cfg["delta"]))
+        return privacy.store_delta(self.published_size(), cfg["delta"])
 
 
 _CACHE: dict[tuple, tuple[StoreData, dict]] = {}
@@ -137,4 +137,4 @@ def _mtime(store_dir: Path) -> float:
 
 
 def example_config(cfg: RunConfig) -> ExampleConfig:
-    return ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
+    return ExampleConfig(history_len=cfg["history-len"], test_days=cfg["test-days"])

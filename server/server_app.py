@@ -44,7 +44,7 @@ def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> int:
 
 
 def initial_model(cfg: RunConfig, chain_dir: Path) -> Recommender:
-    torch.manual_seed(int(cfg["seed"]))
+    torch.manual_seed(cfg["seed"])
     items = ItemIndex.from_catalog(read_catalog(chain_dir))
     return Recommender(items, cfg.model_config())
 
@@ -55,20 +55,20 @@ class RunInterrupted(Exception):
 
 def strategy_options(cfg: RunConfig) -> dict:
     """Flower constructor arguments of the configured strategy, from the run config."""
-    name = str(cfg["strategy"])
+    name = cfg["strategy"]
     options: dict = {}
     if name == "fedavgm":
-        options["server_momentum"] = float(cfg["server-momentum"])
-        if float(cfg["server-lr"]) > 0:
-            options["server_learning_rate"] = float(cfg["server-lr"])
-    elif name in ("fedadam", "fedyogi") and float(cfg["server-lr"]) > 0:
-        options["eta"] = float(cfg["server-lr"])
+        options["server_momentum"] = cfg["server-momentum"]
+        if cfg["server-lr"] > 0:
+            options["server_learning_rate"] = cfg["server-lr"]
+    elif name in ("fedadam", "fedyogi") and cfg["server-lr"] > 0:
+        options["eta"] = cfg["server-lr"]
     elif name == "fedprox":
-        options["proximal_mu"] = float(cfg["proximal-mu"])
+        options["proximal_mu"] = cfg["proximal-mu"]
     elif name == "fedtrimmedavg":
-        options["beta"] = float(cfg["trim-beta"])
+        options["beta"] = cfg["trim-beta"]
     elif name in ("krum", "multikrum"):
-        options["num_malicious_nodes"] = int(cfg["krum-malicious"])
+        options["num_malicious_nodes"] = cfg["krum-malicious"]
     return options
 
 
@@ -77,10 +77,10 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     started = time.time()
     chain_dir = cfg.chain_dir()
     if cfg.generated():
-        if ensure_generated_chain(chain_dir, default_spec(int(cfg["stores"]), int(cfg["seed"]))):
+        if ensure_generated_chain(chain_dir, default_spec(cfg["stores"], cfg["seed"])):
             _say(f"generated the chain (seed {cfg['seed']}, {cfg['stores']} stores) at {chain_dir}")
-    out_dir = Path(str(cfg["out-dir"])).expanduser() if str(cfg["out-dir"]) else cache_root() / "runs" / run_name
-    ckpt_dir = Path(str(cfg["checkpoint-dir"])).expanduser() if str(cfg["checkpoint-dir"]) else out_dir / "checkpoint"
+    out_dir = Path(cfg["out-dir"]).expanduser() if cfg["out-dir"] else cache_root() / "runs" / run_name
+    ckpt_dir = Path(cfg["checkpoint-dir"]).expanduser() if cfg["checkpoint-dir"] else out_dir / "checkpoint"
     config = dict(cfg.values)
     resumed = load_checkpoint(ckpt_dir, config) if cfg["resume"] else None
     if resumed is not None:
@@ -89,14 +89,14 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     model = initial_model(cfg, chain_dir)
     if resumed is not None:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in resumed["arrays"].items()})
-    nodes = wait_for_nodes(grid, int(cfg["stores"]), float(cfg["node-wait-s"]))
+    nodes = wait_for_nodes(grid, cfg["stores"], cfg["node-wait-s"])
     if nodes == 0:
         raise RuntimeError("no store node connected; start the SuperNodes (or raise num-supernodes)")
-    if nodes < int(cfg["stores"]):
+    if nodes < cfg["stores"]:
         _say(f"note: {nodes} store nodes connected, the chain has {cfg['stores']} stores; training "
              f"with {nodes}. For a simulation of the whole chain pass "
              f"--federation-config \"num-supernodes={cfg['stores']}\".")
-    num_rounds = int(cfg["rounds"])
+    num_rounds = cfg["rounds"]
     done = resumed["round"] if resumed is not None else 0
 
     def on_round_end(server_round: int, arrays) -> None:
@@ -105,33 +105,33 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         save_checkpoint(ckpt_dir, {
             "round": server_round, "run_name": run_name, "config": config,
             "arrays": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
-            "strategy": str(cfg["strategy"]), "strategy_state": strategy.state(),
+            "strategy": cfg["strategy"], "strategy_state": strategy.state(),
             "rounds": strategy.rounds, "privacy": strategy.privacy, "failures": strategy.failures,
             "stores_by_node": strategy.stores_by_node,
         })
-        if int(cfg["stop-after-round"]) and server_round >= int(cfg["stop-after-round"]):
+        if cfg["stop-after-round"] and server_round >= cfg["stop-after-round"]:
             raise RunInterrupted(f"stopped after round {server_round} as the run config asked "
                                  f"(stop-after-round); continue with --resume")
 
     _say(f"training {num_rounds - done} rounds over {nodes} stores with {cfg['strategy']} "
          f"({'DP-SGD, target ε ' + str(cfg['target-epsilon']) + ' per store' if cfg['dp'] else 'no DP'})")
     strategy = make_strategy(
-        str(cfg["strategy"]),
+        cfg["strategy"],
         num_rounds=num_rounds,
         printer=_say,
-        min_stores=int(cfg["min-stores"]),
-        norm_factor=float(cfg["update-norm-factor"]),
+        min_stores=cfg["min-stores"],
+        norm_factor=cfg["update-norm-factor"],
         round_offset=done,
         on_round_end=on_round_end,
-        update_encoding=str(cfg["update-encoding"]),
-        fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=float(cfg["fraction-evaluate"]),
+        update_encoding=cfg["update-encoding"],
+        fraction_train=cfg["fraction-train"],
+        fraction_evaluate=cfg["fraction-evaluate"],
         # Flower waits, before each round, until this many nodes are online. A store whose
         # daemon died must not stall the chain: wait only for the fewest stores a round
         # needs; the stores that are online are sampled by the fractions above.
-        min_train_nodes=max(1, int(cfg["min-stores"])),
-        min_evaluate_nodes=max(1, int(cfg["min-stores"])),
-        min_available_nodes=max(1, int(cfg["min-stores"])),
+        min_train_nodes=max(1, cfg["min-stores"]),
+        min_evaluate_nodes=max(1, cfg["min-stores"]),
+        min_available_nodes=max(1, cfg["min-stores"]),
         **strategy_options(cfg),
     )
     if resumed is not None:
@@ -147,7 +147,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
                 grid=grid,
                 initial_arrays=ArrayRecord(model.state_dict()),
                 num_rounds=num_rounds - done,
-                timeout=float(cfg["round-timeout-s"]),
+                timeout=cfg["round-timeout-s"],
                 train_config=ConfigRecord({"run-name": run_name}),
             )
     except BudgetExhausted as exc:
@@ -167,7 +167,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         final_metrics=final, elapsed_s=time.time() - started,
         failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir), stopped=stopped,
     )
-    results["strategy"] = str(cfg["strategy"])
+    results["strategy"] = cfg["strategy"]
     results["checkpoint"] = {"dir": str(ckpt_dir), "round": evaluated[-1]["round"] if evaluated else done,
                              "resumed_from": resumed["round"] if resumed is not None else None}
     if strategy.latest_arrays is not None:
@@ -180,7 +180,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         final_round = max([int(r["round"]) for r in strategy.rounds] + [done])
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         results["delivery"] = deliver_model(grid, state, run_id=run_name, server_round=final_round,
-                                            digest=weights_digest(state), timeout=float(cfg["round-timeout-s"]))
+                                            digest=weights_digest(state), timeout=cfg["round-timeout-s"])
         delivery = results["delivery"]
         _say(f"final model (hash {delivery['hash'][:12]}…) kept by {len(delivery['delivered'])} stores"
              + (f"; {len(delivery['failed'])} did not take it" if delivery["failed"] else ""))

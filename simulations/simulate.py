@@ -268,7 +268,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     if not given.get("out-dir"):
         given["out-dir"] = tempfile.mkdtemp(prefix="storefed-run-")
     cfg = RunConfig.from_mapping(given)
-    out = Path(str(cfg["out-dir"])) / "results.json"
+    out = Path(cfg["out-dir"]) / "results.json"
     out.unlink(missing_ok=True)
     if not verbose:
         # Flower warns that run_simulation is deprecated in favour of `flwr run`; both are
@@ -287,7 +287,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
             run_simulation(
                 server_app=server_app(cfg.values),
                 client_app=client_app(cfg.values),
-                num_supernodes=int(cfg["stores"]),
+                num_supernodes=cfg["stores"],
                 backend_config=backend,
                 verbose_logging=verbose,
             )
@@ -323,7 +323,7 @@ def chain_member_privacy(cfg: RunConfig) -> dict:
     from common.data.storefiles import DataError, locate, read_table, store_dirs
     from common.privacy.member_privacy import member_privacy
 
-    dirs = store_dirs(cfg.chain_dir())[: int(cfg["stores"])]
+    dirs = store_dirs(cfg.chain_dir())[: cfg["stores"]]
     histories, deltas, trained, registered, budgets = {}, {}, {}, {}, []
     for part, store_dir in enumerate(dirs):
         members_file = locate(store_dir, contract.MEMBERS_FILE)
@@ -341,8 +341,8 @@ def chain_member_privacy(cfg: RunConfig) -> dict:
         deltas[node.store_id] = min((e.delta for e in events), default=1.0)
         trained[node.store_id] = [str(m) for m in node.data.member_ids] if events else []
         budgets.append(float(store_cfg["epsilon-budget"]))
-    result = member_privacy(histories, deltas, trained, registered, max(budgets, default=float(cfg["epsilon-budget"])),
-                            str(cfg["accountant"]))
+    result = member_privacy(histories, deltas, trained, registered, max(budgets, default=cfg["epsilon-budget"]),
+                            cfg["accountant"])
     if not cfg["dp"]:
         result["max_epsilon"] = None  # trained without noise: unbounded (JSON has no infinity)
     return result

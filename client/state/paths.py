@@ -69,7 +69,7 @@ class StorePaths:
         """This node's store: ``store-dir`` (a store daemon) or the ``partition-id``-th store of
         the run's chain (a simulation). Reads no member data; raises DataError."""
         store_dir, catalog, simulated = resolve_store_dir(node_config, cfg)
-        if simulated and not node_config.get("state-dir") and str(cfg["state-dir"]):
+        if simulated and not node_config.get("state-dir") and cfg["state-dir"]:
             store_id = str(read_store_meta(store_dir)["store_id"])  # a simulation's state is kept per store id
         else:
             store_id = ""
@@ -98,7 +98,7 @@ def state_dir_for(store_dir: Path, node_config: Mapping[str, Any], cfg: RunConfi
     else <store-dir>/state. A deployed store never keeps its ledger where a run says."""
     if node_config.get("state-dir"):
         return _path(node_config["state-dir"])
-    if "store-dir" not in node_config and str(cfg["state-dir"]):
+    if "store-dir" not in node_config and cfg["state-dir"]:
         return _path(cfg["state-dir"]) / store_id
     return default_state_dir(store_dir)
 

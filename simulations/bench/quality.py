@@ -30,7 +30,8 @@ import torch
 
 from common.privacy import accountant as privacy
 from common.config import RunConfig, default_chain_dir
-from common.data.dataset import ExampleConfig, StoreData
+from client.store import example_config
+from common.data.dataset import StoreData
 from common.data.holdout import ValidSplit, truncated, validation_split
 from common.evaluation.evaluation import audience_from_scores, list_report, member_pop_audience, member_scores, model_scores
 from common.evaluation.metrics import ranking_metrics
@@ -91,9 +92,9 @@ def _new_model(stores: list[StoreData], cfg: RunConfig, seed: int) -> Recommende
 
 def _train_config(cfg: RunConfig, seed: int, epochs: int | None = None, dp: bool = False) -> TrainConfig:
     """The run's local training settings; DP-SGD uses its own optimizer and rate, as the ClientApp does."""
-    return TrainConfig(local_epochs=epochs or int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
+    return TrainConfig(local_epochs=epochs or cfg["local-epochs"], batch_size=cfg["batch-size"],
                        lr=float(cfg["dp-lr"] if dp else cfg["lr"]),
-                       optimizer=str(cfg["dp-optimizer"]) if dp else "adam", seed=seed)
+                       optimizer=cfg["dp-optimizer"] if dp else "adam", seed=seed)
 
 
 def _record(store: StoreData, scores: np.ndarray, audience: dict | None) -> dict:
@@ -212,16 +213,16 @@ def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: floa
     """One store trains alone with the federated runs' DP settings: the same rounds of local
     epochs (a fresh optimizer each round, as in federation), σ calibrated to ``target_epsilon``."""
     model = _new_model([store], cfg, seed)
-    n, batch = store.n_train_members, int(cfg["batch-size"])
-    rounds, epochs = int(cfg["rounds"]), int(cfg["local-epochs"])
-    delta = privacy.store_delta(n, float(cfg["delta"]))
+    n, batch = store.n_train_members, cfg["batch-size"]
+    rounds, epochs = cfg["rounds"], cfg["local-epochs"]
+    delta = privacy.store_delta(n, cfg["delta"])
     q = sample_rate_for(n, batch)
     steps = rounds * epochs * steps_per_epoch(n, batch)
-    sigma = privacy.calibrate_noise(target_epsilon, delta, q, steps, str(cfg["accountant"]))
-    dp = DPConfig(noise_multiplier=sigma, clip_norm=float(cfg["clip-norm"]))
+    sigma = privacy.calibrate_noise(target_epsilon, delta, q, steps, cfg["accountant"])
+    dp = DPConfig(noise_multiplier=sigma, clip_norm=cfg["clip-norm"])
     for r in range(rounds):
         train_local(model, store, _train_config(cfg, seed + 1000 * (r + 1), dp=True), dp)
-    spent = privacy.epsilon([(sigma, q, steps)], delta, str(cfg["accountant"]))
+    spent = privacy.epsilon([(sigma, q, steps)], delta, cfg["accountant"])
     served, _ = _model_records(model, [store])
     return served[0], {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
 
@@ -236,7 +237,7 @@ def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, 
     run_dir.mkdir(parents=True, exist_ok=True)
     # The local layer is fitted here, in-process, on the final model (the same code the stores run).
     config = {**cfg.values, "dp": dp, "target-epsilon": target_epsilon, "local-layer": False,
-              "epsilon-budget": max(target_epsilon, float(cfg["epsilon-budget"])),
+              "epsilon-budget": max(target_epsilon, cfg["epsilon-budget"]),
               "out-dir": str(run_dir), "state-dir": tempfile.mkdtemp(prefix=f"storefed-bench-{name}-")}
     log = io.StringIO()
     try:
@@ -245,7 +246,7 @@ def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, 
     finally:
         # The run's own per-round lines are kept next to its results, not lost.
         atomic_write_text(run_dir / "log.txt", log.getvalue())
-    model = _new_model(stores, cfg, int(cfg["seed"]))
+    model = _new_model(stores, cfg, cfg["seed"])
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     eps = [p["epsilon"] for p in results["privacy"].values() if p["epsilon"] is not None]
     info = {"per_round": [{"round": r["round"], "ndcg@10": r["ndcg@10"]} for r in results["per_round"]],
@@ -269,7 +270,7 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
     bar = tqdm(total=len(dirs) * 2 + 3 + len(fed_runs), desc="quality", unit="step", disable=not progress,
                dynamic_ncols=True)
     stores = []
-    ex_cfg = ExampleConfig(history_len=int(cfg["history-len"]), test_days=int(cfg["test-days"]))
+    ex_cfg = example_config(cfg)
     for d in dirs:
         bar.set_postfix_str(f"reading {d.name}")
         stores.append(prepare_store(d, chain, ex_cfg, quarantine_dir=Path(tempfile.mkdtemp()))[0])
@@ -316,12 +317,12 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
         "data": str(chain), "generated": settings.data is None, "seed": seed, "quick": settings.quick,
         "stores": len(stores), "train_members": int(sum(d.n_train_members for d in stores)),
         "eval_members": int(sum(len(d.eval_member_ids) for d in stores)), "catalog": int(stores[0].items.n_items),
-        "rounds": int(cfg["rounds"]), "local_epochs": int(cfg["local-epochs"]), "batch_size": int(cfg["batch-size"]),
-        "lr": float(cfg["lr"]), "clip_norm": float(cfg["clip-norm"]), "delta": float(cfg["delta"]),
-        "accountant": str(cfg["accountant"]), "central_epochs": central_info["epochs"],
-        "central_lr": central_info["lr"], "dp_optimizer": str(cfg["dp-optimizer"]), "dp_lr": float(cfg["dp-lr"]),
-        "test_days": int(cfg["test-days"]), "epsilons": list(qr.EPSILONS), "dim": int(cfg["dim"]),
-        "hidden": int(cfg["hidden"]), "dataset": settings.dataset,
+        "rounds": cfg["rounds"], "local_epochs": cfg["local-epochs"], "batch_size": cfg["batch-size"],
+        "lr": cfg["lr"], "clip_norm": cfg["clip-norm"], "delta": cfg["delta"],
+        "accountant": cfg["accountant"], "central_epochs": central_info["epochs"],
+        "central_lr": central_info["lr"], "dp_optimizer": cfg["dp-optimizer"], "dp_lr": cfg["dp-lr"],
+        "test_days": cfg["test-days"], "epsilons": list(qr.EPSILONS), "dim": cfg["dim"],
+        "hidden": cfg["hidden"], "dataset": settings.dataset,
         "provenance": _provenance(settings.dataset),
         "store_sizes": sorted(int(d.n_train_members) for d in stores),
     }

@@ -88,7 +88,7 @@ def _store_train(part: int, server_round: int, state: dict, cfg) -> tuple[int, d
     from client.store import load_store
     from common.learning.model import Recommender
 
-    node_config = {"partition-id": part, "num-partitions": int(cfg["stores"])}
+    node_config = {"partition-id": part, "num-partitions": cfg["stores"]}
     cfg = store_settings(node_config, cfg)
     node = load_store(node_config, cfg)
     model = Recommender(node.data.items, cfg.model_config())
@@ -108,7 +108,7 @@ def _store_evaluate(part: int, state: dict, cfg) -> float:
     from common.evaluation.evaluation import evaluate_audience, evaluate_model
     from common.learning.model import Recommender
 
-    node = load_store({"partition-id": part, "num-partitions": int(cfg["stores"])}, cfg)
+    node = load_store({"partition-id": part, "num-partitions": cfg["stores"]}, cfg)
     model = Recommender(node.data.items, cfg.model_config())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     metrics = evaluate_model(model, node.data)
@@ -146,11 +146,11 @@ def run_plain(config: dict, workers: int) -> dict:
 
     started = time.perf_counter()
     cfg = RunConfig.from_mapping(config)
-    torch.manual_seed(int(cfg["seed"]))
+    torch.manual_seed(cfg["seed"])
     model = Recommender(ItemIndex.from_catalog(read_catalog(cfg.chain_dir())),
                         cfg.model_config())
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    stores = int(cfg["stores"])
+    stores = cfg["stores"]
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
     for w in range(workers):
@@ -162,7 +162,7 @@ def run_plain(config: dict, workers: int) -> dict:
     ndcg, ends = [], []
     first = time.perf_counter()  # the workers import and prepare their stores in round 1, as actors do
     try:
-        for server_round in range(1, int(cfg["rounds"]) + 1):
+        for server_round in range(1, cfg["rounds"] + 1):
             for pipe in pipes:
                 pipe.send(("train", server_round, state))
             replies = [r for pipe in pipes for r in pipe.recv()]
