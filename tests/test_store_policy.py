@@ -133,7 +133,7 @@ def test_the_store_reads_only_classified_keys_and_a_deployed_store_only_its_own_
 
 
 def test_the_readme_table_is_the_policy():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "client" / "README.md").read_text(encoding="utf-8")
     section = text.split("### Who sets what at a deployed store", 1)[1].split("\n#", 1)[0]
     rows = re.findall(r"^\| `([a-z-]+)` \| (\w+) \| ([^|]*) \|", section, flags=re.M)
     assert {key: who for key, who, _ in rows} == {key: who for key, (who, _) in store_policy.WHO.items()}
