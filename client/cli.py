@@ -10,11 +10,15 @@ from typing import Annotated, Callable, Optional
 import click
 import typer
 
-from common.cli import EXIT_USAGE, Json, writing
 from common.config import ConfigError
 from common.data.storefiles import DataError
+from common.exchange.keyfiles import writing
 
 PANEL = "Store"
+# A user mistake (bad path, missing column, bad value): one line on stderr, then this code.
+EXIT_USAGE = 2
+# Only `--json`: typer would otherwise add a `--no-json` that the command line never had.
+Json = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 app = typer.Typer()
 
 StoreDir = Annotated[str, typer.Option("--store-dir", help="the store's data directory")]

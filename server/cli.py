@@ -11,10 +11,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from common.cli import Json, writing
 from common.config import ConfigError
+from common.exchange.keyfiles import writing
 
 PANEL = "Chain operator"
+# Only `--json` (as client.cli's; the operator's commands cannot import the store's).
+Json = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 app = typer.Typer()
 
 Out = Annotated[str, typer.Option("--out", help="directory to write (files that exist are never replaced)")]

@@ -29,7 +29,7 @@ import click
 import typer
 
 from client import cli as store_cli
-from common.cli import EXIT_USAGE, Json
+from client.cli import EXIT_USAGE, Json
 from common.config import ConfigError
 from common.data.storefiles import DataError
 from common.privacy.ledger import LedgerError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 from common.data.storefiles import DataError, atomic_write_bytes
 
@@ -31,3 +31,15 @@ def refuse_overwrite(paths: Iterable[Path]) -> None:
             raise DataError(f"{path}: already exists; keys and certificates are never replaced in place. "
                             "Move the old files away (and re-issue or re-register what depended on them), "
                             "or choose another --out")
+
+
+T = TypeVar("T")
+
+
+def writing(out: str, make: Callable[[], T]) -> T:
+    """Run a key-writing function; a directory that cannot be written is a one-line error
+    (DataError) that names it."""
+    try:
+        return make()
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
