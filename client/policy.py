@@ -4,7 +4,7 @@ A deployed store (node config ``store-dir``) decides its privacy itself, whateve
 config says (DESIGN §1, §4.1): it refuses a run that asks for training without DP or for a
 ledger elsewhere than its own state directory, uses its own accountant, and lets a run only
 lower its ε budget and δ. Every number from outside must be in range, in simulation too.
-Which key is whose: :mod:`common.privacy.store_policy`. Refusals raise PolicyError, which
+Which key is whose: :mod:`client.store_policy`. Refusals raise PolicyError, which
 the ClientApp turns into a refusal reply (wire.REFUSE_CODE) before anything is trained or sent.
 """
 
@@ -18,8 +18,8 @@ from client.state.paths import StorePaths
 
 from common.config import RunConfig, check_values
 from common.data.storefiles import read_store_meta
-from common.privacy import store_policy
-from common.privacy.store_policy import PolicyError
+from client import store_policy
+from client.store_policy import PolicyError
 
 __all__ = ["PolicyError", "enforce", "is_deployed", "store_settings"]
 

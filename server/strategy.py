@@ -6,7 +6,7 @@ them and, each round:
 
 * records what each store reported (privacy, declines, failures) and prints one line;
 * rejects updates that do not fit the model, hold NaN/Inf or are far larger than the
-  round's others (:mod:`common.exchange.update_checks`), and skips the round when fewer than
+  round's others (:mod:`server.update_checks`), and skips the round when fewer than
   ``min_stores`` updates remain;
 * reduces each reply to what aggregation needs (arrays and example count), because Flower
   rejects a whole round when stores' metric keys differ;
@@ -27,7 +27,7 @@ from flwr.serverapp import strategy as flower
 
 from common.exchange import update_codec
 from common.exchange import wire
-from common.exchange.update_checks import check_updates
+from server.update_checks import check_updates
 
 class MultiKrumOfEachRound(flower.MultiKrum):
     """Multi-Krum as its paper states it: of a round's n accepted updates, average the n − f

@@ -9,7 +9,7 @@
    ε; without DP: the plain optimiser the ClientApp uses), the updates averaged by FedAvg
    weighted by the examples count, for ``rounds`` rounds. The privacy events the audited
    store would write to its ledger are kept, and ``epsilon`` is their ε.
-3. The one-run audit (common.privacy.audit) scores each canary on what leaves the store:
+3. The one-run audit (simulations.audit_bound) scores each canary on what leaves the store:
    the sum over rounds of its loss under the global model it received minus its loss under
    the model it sent back. 4. A loss-threshold membership-inference attack on the final
    global model: AUC of −loss between the canaries in and out.
@@ -132,7 +132,7 @@ def run_audit(settings: AuditSettings, work: Path | None = None) -> dict:
     from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
     from common.privacy.published_size import bucket
     from common.privacy import accountant as privacy
-    from common.privacy.audit import one_run_audit
+    from simulations.audit_bound import one_run_audit
 
     began = time.perf_counter()
     if settings.epsilon is not None and not (math.isfinite(settings.epsilon) and settings.epsilon > 0):

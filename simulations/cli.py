@@ -137,7 +137,7 @@ def import_(
     """
     from datetime import date
 
-    from common.data import importers
+    from simulations import importers
     from simulations import real_data
 
     if stores < 1:
@@ -205,7 +205,7 @@ def _cj_options(cut: str | None, min_members: int, min_item_buyers: int, max_qua
     """The Complete Journey's import options from the command line."""
     from datetime import date
 
-    from common.data.importers import CJOptions
+    from simulations.importers import CJOptions
 
     cut_day = None
     if cut:

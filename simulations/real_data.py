@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.config import cache_root
-from common.data import importers
+from simulations import importers
 from common.data.storefiles import DataError, atomic_write_bytes, atomic_write_text, build_once, write_chain
 
 QUARANTINE_FILE = "import_quarantine.csv"

@@ -315,13 +315,13 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
 def chain_member_privacy(cfg: RunConfig) -> dict:
     """`member_privacy`: each person's ε over every store they trained at, from the stores'
     ledgers (all runs) and their training members — what only a simulation, which sees
-    every store, can compute (see common.privacy.member_privacy)."""
+    every store, can compute (see simulations.member_privacy)."""
     from client.state.ledger import read_events
     from client.policy import store_settings
     from client.store import load_store
     from common.data import contract
     from common.data.storefiles import DataError, locate, read_table, store_dirs
-    from common.privacy.member_privacy import member_privacy
+    from simulations.member_privacy import member_privacy
 
     dirs = store_dirs(cfg.chain_dir())[: cfg["stores"]]
     histories, deltas, trained, registered, budgets = {}, {}, {}, {}, []

@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.exchange.update_checks import check_updates
+from server.update_checks import check_updates
 from server.strategy import STRATEGIES, make_strategy
 from simulations.cli import STRATEGY_NAMES
 

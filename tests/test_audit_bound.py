@@ -1,4 +1,4 @@
-"""The one-run audit's ε lower bound (common.privacy.audit) against hand-computed values,
+"""The one-run audit's ε lower bound (simulations.audit_bound) against hand-computed values,
 exact binomial sums (math.comb) and scipy."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.privacy.audit import binomial_pmf, epsilon_lower_bound, one_run_audit, p_value
+from simulations.audit_bound import binomial_pmf, epsilon_lower_bound, one_run_audit, p_value
 
 
 def _exact_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:

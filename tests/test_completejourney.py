@@ -9,7 +9,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from common.data.importers import CJOptions
+from simulations.importers import CJOptions
 from common.data.storefiles import store_dirs
 from simulations import real_data
 from simulations.cli import main
@@ -168,7 +168,7 @@ def test_bad_options_stop_with_one_line(tmp_path, capsys, args):
 
 
 def test_home_store_ties_go_to_the_first_visited_then_the_lowest_store():
-    from common.data.importers import cj_home_stores
+    from simulations.importers import cj_home_stores
 
     t = pd.to_datetime(["2017-01-02", "2017-01-01", "2017-01-03", "2017-01-03", "2017-02-01", "2017-02-02"]).to_numpy()
     home = cj_home_stores(hh=[1, 1, 2, 2, 3, 3], store=[5, 7, 9, 4, 8, 6], basket=[1, 2, 3, 4, 5, 6], ts=t,

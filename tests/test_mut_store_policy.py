@@ -1,4 +1,4 @@
-"""common.privacy.store_policy: who decides each setting, checked value by value against
+"""client.store_policy: who decides each setting, checked value by value against
 hand-written expectations and exact messages (kills the mutants tests/test_store_policy.py
 leaves alive). Pure: no store, no Flower."""
 
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from common.privacy import store_policy as sp
-from common.privacy.store_policy import OwnSettings, PolicyError
+from client import store_policy as sp
+from client.store_policy import OwnSettings, PolicyError
 
 
 def test_keys_of_each_class_is_exactly_the_table():

@@ -1,4 +1,4 @@
-"""common.exchange.update_checks against hand-computed distances, limits and exact reasons
+"""server.update_checks against hand-computed distances, limits and exact reasons
 (written to kill the mutants that tests/test_aggregation.py leaves alive)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from common.exchange.update_checks import check_updates, distance, shape_problem
+from server.update_checks import check_updates, distance, shape_problem
 
 
 def _ref():

@@ -9,7 +9,7 @@ import pytest
 from common.data.dataset import MemberLog
 from common.data import holdout
 from common.evaluation import slices
-from common.learning import baselines as tifu
+from simulations.bench import baselines as tifu
 
 
 def _log():

@@ -157,7 +157,7 @@ def test_a_store_checks_the_fab_as_data_name_version_and_the_signed_hash(tmp_pat
 
     from flwr.cli.build import build_fab_from_disk
 
-    from common.exchange.fab_check import FabRefused, check_fab, fab_identity, wire_compatible
+    from client.daemon.fab_check import FabRefused, check_fab, fab_identity, wire_compatible
 
     foreign = Path(__file__).resolve().parent / "foreign_app"
     fab = build_fab_from_disk(foreign)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.privacy.store_policy import own_settings, resolved_values
+from client.store_policy import own_settings, resolved_values
 
 
 def _budget(run_budget: float, *, simulated: bool, node_config: dict | None = None, meta: dict | None = None) -> float:

@@ -23,7 +23,7 @@ from common.exchange import update_codec, wire
 from common.learning.model import Recommender
 from common.privacy import accountant as privacy
 from common.privacy import run_signature, store_policy
-from common.privacy.store_policy import PolicyError
+from client.store_policy import PolicyError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ SuperNode launches nothing: it queues each message as a task on its Runtime API
 
 1. acquire a ClientApp task from the SuperNode's Runtime API (what flower-superexec does);
 2. pull its message, context, run and FAB (what flwr-clientapp does) — the FAB as bytes only;
-3. check the FAB (common/exchange/fab_check.py): storefed, at a wire-compatible version,
+3. check the FAB (client/daemon/fab_check.py): storefed, at a wire-compatible version,
    and the very FAB whose hash the operator signed; else refuse with the reason;
 4. answer with ``client.client_app.app`` imported from this process's own installation,
    which verifies the run's signature before it reads any data (client/run_authorization.py);
@@ -40,7 +40,7 @@ from client.client_app import app as installed_app
 from client.store import store_label
 from common.config import ConfigError
 from common.exchange import wire
-from common.exchange.fab_check import FabRefused, check_fab
+from client.daemon.fab_check import FabRefused, check_fab
 
 
 def installed_version() -> str:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from client.state.file_lock import locked
 from common.data.storefiles import atomic_write_text
-from common.privacy.store_policy import PolicyError
+from client.store_policy import PolicyError
 
 QUOTA_FILE = "evaluations.json"
 DEPLOYED_MAX_EVALUATIONS = 20

@@ -19,7 +19,7 @@ from client.state.paths import StorePaths
 from common.data.storefiles import DataError, read_store_meta
 from common.privacy import accountant as privacy
 from common.privacy.published_size import declared_size
-from common.privacy.store_policy import STORE_DEFAULT_BUDGET
+from client.store_policy import STORE_DEFAULT_BUDGET
 
 _MAX_ROUNDS_SHOWN = 1000
 

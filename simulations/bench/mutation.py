@@ -9,8 +9,9 @@
 Runs mutmut (configured in pyproject.toml, ``[tool.mutmut]``: which files are mutated and
 which fast tests run) from the project root over the chosen modules' mutants (each mutant
 runs only the selected tests that reach its function), then reads ``mutmut results --all true``. Only the
-Poisson sampler and the numbers that set it are counted for common/learning/training.py
-(the rest of that file is local training, covered elsewhere). A mutant that times out counts
+Poisson sampler is counted for common/learning/training.py (the rest of that file is local
+training, covered elsewhere; the numbers that set the sampler, q, steps and the divisor,
+are the accountant's). A mutant that times out counts
 as killed; one that no selected test reaches ("no tests") counts as a survivor.
 
 ``--direct`` runs the chosen mutants without ``mutmut run``'s per-run set-up (its stats and
@@ -44,15 +45,15 @@ from concurrent.futures import ThreadPoolExecutor
 MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "accountant": ("common.privacy.accountant.*", None),
     "ledger": ("common.privacy.ledger.*", None),
-    "store_policy": ("common.privacy.store_policy.*", None),
+    "store_policy": ("client.store_policy.*", None),
     "run_signature": ("common.privacy.run_signature.*", None),
     "published_size": ("common.privacy.published_size.*", None),
     "secure_noise": ("common.privacy.secure_noise.*", None),
     "dp_fast": ("common.learning.dp_fast.*", None),
     "training (sampler)": ("common.learning.training.*",
-                           ("x_steps_per_epoch", "x_sample_rate_for", "x_expected_batch", "xǁPoissonBatchesǁ")),
+                           ("xǁPoissonBatchesǁ",)),
     "wire": ("common.exchange.wire.*", None),
-    "update_checks": ("common.exchange.update_checks.*", None),
+    "update_checks": ("server.update_checks.*", None),
     "strategy": ("server.strategy.*", None),
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}

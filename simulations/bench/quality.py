@@ -36,7 +36,7 @@ from common.data.holdout import ValidSplit, truncated, validation_split
 from common.evaluation.evaluation import audience_from_scores, list_report, member_pop_audience, member_scores, model_scores
 from common.evaluation.metrics import ranking_metrics
 from common.evaluation.slices import cold_slice, new_item_slice
-from common.learning import baselines as tifu
+from simulations.bench import baselines as tifu
 from common.learning.local_layer import adapt, test_histories, training_member_histories
 from common.data.ingest import prepare_store
 from common.evaluation.metrics import topfreq_scores
