@@ -28,7 +28,7 @@ from common.privacy.accountant import ACCOUNTANTS, DEFAULT_DELTA
 
 STORE, TIGHTEN, RUN, SIMULATION, SERVER, SIGNATURE = "store", "tighten", "run", "simulation", "server", "signature"
 
-# key: (class, what a deployed store does with it). The README's table "Who sets what at a
+# key: (class, what a deployed store does with it). The client/README.md's table "Who sets what at a
 # deployed store" is this table; tests/test_store_policy.py checks both against the code.
 WHO: dict[str, tuple[str, str]] = {
     "dp": (STORE, "always on; a run with dp=false is refused"),

@@ -313,7 +313,7 @@ CJ_IMPORT_VERSION = 1  # part of the benchmark cache's key: raise it when the ma
 
 @dataclass(frozen=True)
 class CJOptions:
-    """How The Complete Journey becomes a chain (README "Real store data").
+    """How The Complete Journey becomes a chain (simulations/README.md "Real data: public datasets as a chain").
 
     ``cut``: home stores and the product filter use only baskets before this day (default:
     the data's last day + 1 − 28 days, the benchmark's test period). ``min_members``: a store

@@ -27,7 +27,7 @@ class Packaged:
     """A public data set that a package on the package index ships as a file."""
 
     package: str
-    version: str  # the version imported and measured (README "Quality")
+    version: str  # the version imported and measured (simulations/README.md "Quality")
     path: str  # inside the distribution: the data file, or the directory of the tables
     format: str
     layout: str  # "joined": one table, the order's columns repeated on each product line; "tables": a directory

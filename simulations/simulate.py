@@ -272,7 +272,7 @@ def simulate(config: Mapping[str, Any] | None = None, *, verbose: bool = False, 
     out.unlink(missing_ok=True)
     if not verbose:
         # Flower warns that run_simulation is deprecated in favour of `flwr run`; both are
-        # supported here (README), so keep the user's screen for the run's own lines.
+        # supported here (simulations/README.md), so keep the user's screen for the run's own lines.
         logging.getLogger("flwr").setLevel(logging.ERROR)
     backend = backend_config(ray_address=ray_address, num_cpus=num_cpus, verbose=verbose)
     with _Stop() as stop:

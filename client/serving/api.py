@@ -1,7 +1,7 @@
 """`storefed serve`: the store's recommendation API over HTTP (FastAPI + uvicorn).
 
 Thin glue over :class:`client.serving.service.StoreServing`. The JSON shapes are the contract of
-issue 15 / README "Serve recommendations at a store". Handlers are ``async def`` and
+issue 15 / client/README.md "Serve recommendations at a store". Handlers are ``async def`` and
 compute in about a millisecond, so they run on the event loop without a thread hop;
 a watcher thread picks up a newly delivered model.
 

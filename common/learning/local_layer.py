@@ -64,7 +64,7 @@ class LocalConfig:
     """How the layer is fitted."""
 
     # The blend's active features (the others stay at the prior). Measured on 5 stores of seed 2
-    # (DP ε = 8 global model, README "Quality"): category, brand (fitted apart from the
+    # (DP ε = 8 global model, simulations/README.md "Quality"): category, brand (fitted apart from the
     # own-history block) and repeat_ratio took explore from 0.0674 to 0.0804 and "all" from
     # 0.4150 to 0.4160; ease on top added +0.0015 explore, item_knn +0.0007: within noise,
     # for an item × item matrix per store and up to twice the fitting time; so they are off.

@@ -335,7 +335,7 @@ def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = Tr
 
 
 def _provenance(dataset: str | None) -> str | None:
-    """Where a real data set's lines come from (the README's licence line), or None."""
+    """Where a real data set's lines come from (the licence line of simulations/README.md), or None."""
     if dataset is None:
         return None
     from simulations.real_data import DATASETS, PACKAGED

@@ -186,7 +186,7 @@ def markdown_report(results: dict) -> str:
              f"Test: the last {s['test_days']} days; target = each member's first basket after the cut.",
              f"Run time {results['elapsed_s']:.0f} s{' (quick mode: a small chain, few rounds)' if s['quick'] else ''}.",
              *([f"Data: {s['provenance']} (`--dataset {s['dataset']}`); stores hashed from member ids, dates "
-                "from day offsets, no categories (README \"Quality\")."] if s.get("provenance") else []),
+                "from day offsets, no categories (simulations/README.md \"Quality\")."] if s.get("provenance") else []),
              "", "## Member-weighted means (all items)", ""]
     header = "| method | " + " | ".join(TABLE_KEYS) + " | explore ndcg@10 | explore recall@10 | audience AUC | audience recall@100 |"
     lines += [header, "|" + "---|" * (len(TABLE_KEYS) + 5)]

@@ -67,7 +67,7 @@ def _prepare(out: Path, members: int, items: int) -> tuple[Path, list[str], list
     # Its store-local layer, kept with it as a delivery does. Like the model, its values do not
     # change what serving costs (a row of scores per member either way), so it is the unfitted
     # layer (the blend's starting weights) with every blend term switched on, not a fit of
-    # minutes on a model that learned nothing. The fit's own cost: README "Serve recommendations".
+    # minutes on a model that learned nothing. The fit's own cost: client/README.md "Serve recommendations".
     n = model.n_items
     layer = ll.fit(np.zeros((1, n)), ll.Histories([np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)], 0.0),
                    [np.zeros(0, np.int64)], np.ones(n), np.ones(n, dtype=bool), None)

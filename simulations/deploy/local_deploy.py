@@ -1,4 +1,4 @@
-"""`storefed local-deploy up|down`: README "Deploy to stores" on loopback, with real processes.
+"""`storefed local-deploy up|down`: server/README.md "Deploy to stores" on loopback, with real processes.
 
 ``up`` does what a chain does by hand, in the same order: a generated chain; a CA and the
 SuperLink's certificate; a key pair per store (registered with ``flwr supernode register``);
