@@ -26,7 +26,6 @@ quarantined (``incomplete_receipt``) and a retry is recorded in the SQLite journ
 from __future__ import annotations
 
 import csv
-import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+
+from common.data.storefiles import fsync_dir as _fsync_dir  # a name of this module: tests count the syncs
 
 JOURNAL_FILE = "receipts.journal.sqlite"
 LEGACY_FILE = "receipts.journal.csv"  # the append-only CSV of earlier versions: read, never written
@@ -93,14 +94,6 @@ def _shown(value: str) -> str:
 def _number(value: float) -> str:
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JournalError(Exception):
