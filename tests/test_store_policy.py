@@ -22,7 +22,8 @@ from common.data.storefiles import read_catalog
 from common.exchange import update_codec, wire
 from common.learning.model import Recommender
 from common.privacy import accountant as privacy
-from common.privacy import run_signature, store_policy
+from client import store_policy
+from common.privacy import run_signature
 from client.store_policy import PolicyError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
