@@ -84,7 +84,11 @@ def test_pages_answer_within_a_second_at_100_runs_of_500_stores(tmp_path):
 
     charts.warm()  # `storefed dashboard` does this at start-up
     write_synthetic_runs(tmp_path, runs=100, stores=500, rounds=10)
-    client = TestClient(create_dashboard(RunIndex([tmp_path])))
+    index = RunIndex([tmp_path])
+    started = time.perf_counter()
+    index.list(fresh=True)  # `storefed dashboard` indexes before it serves: every results.json parsed once
+    assert time.perf_counter() - started < 10
+    client = TestClient(create_dashboard(index))
     timings = {}
     for _ in range(2):
         started = time.perf_counter()
