@@ -368,6 +368,68 @@ def refuse_when_unusable(msg: Message, context: Context, handler: Callable[[], M
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(store, str(exc))), reply_to=msg)
 
 
+def reply_state_dir(context: Context, overrides: Mapping[str, Any] | None = None):
+    """The state directory where this node's reply log goes, or None when it cannot be told
+    without trusting the run: a deployed store's own (node config), a simulated store's as
+    the run's settings place it."""
+    from client.state.paths import StorePaths, own_state_dir
+
+    if "store-dir" in context.node_config or context.node_config.get("state-dir"):
+        return own_state_dir(context.node_config)  # never a directory the run config names
+    try:
+        cfg = RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        return StorePaths.of_node(context.node_config, cfg).state_dir
+    except Exception:  # a run config or partition that does not resolve: nothing to log into
+        return None
+
+
+def _array_size(reply: Message) -> tuple[int, int] | None:
+    """(tensors, bytes) of the model or update a reply carries; None when it carries none."""
+    if reply.has_error() or not reply.has_content() or wire.TRAIN_ARRAYS not in reply.content.array_records:
+        return None
+    arrays = reply.content.array_records[wire.TRAIN_ARRAYS]
+    return len(arrays), sum(len(a.data or b"") for a in arrays.values())
+
+
+def log_reply(msg: Message, context: Context, reply: Message | None, *, signed_by: str | None = None,
+              failure: BaseException | None = None, overrides: Mapping[str, Any] | None = None) -> None:
+    """Write what leaves the store in its reply log (client.state.reply_log) before it goes.
+    Never changes the reply: a log that cannot be written is said in the store's log."""
+    from client.state import reply_log
+
+    try:
+        state = reply_state_dir(context, overrides)
+        if state is None:
+            return
+        try:
+            server_round = _server_round(msg)
+        except Exception:
+            server_round = 0
+        common = {"message": msg.metadata.message_type, "run_id": str(context.run_id), "server_round": server_round,
+                  "signed_by": signed_by}
+        if failure is not None:
+            item = reply_log.entry(outcome="failed", reason=f"{failure.__class__.__name__}: {failure}", **common)
+        elif reply.has_error():
+            decline = wire.parse_decline(reply.error.reason) if reply.error.code == wire.DECLINE_CODE else None
+            refusal = wire.parse_refusal(reply.error.reason) if reply.error.code == wire.REFUSE_CODE else None
+            found = decline if decline is not None else refusal
+            if found is not None:
+                item = reply_log.entry(outcome="declined" if decline is not None else "refused", values=found,
+                                       reason=str(found.get("reason", "")), **common)
+            else:
+                item = reply_log.entry(outcome="failed", reason=str(reply.error.reason), **common)
+        else:
+            values: dict = {}
+            for name in ("metrics", "store"):
+                if name in reply.content:
+                    values.update(dict(reply.content[name]))
+            item = reply_log.entry(outcome="sent", values=values, arrays=_array_size(reply), **common)
+        reply_log.record(state, item)
+    except Exception as exc:  # the log describes; it must never stop a reply
+        print(f"storefed: the reply log could not be written ({exc.__class__.__name__}: {exc})", file=sys.stderr,
+              flush=True)
+
+
 def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is the Flower run config with ``overrides`` on top."""
     client_app = ClientApp()
@@ -375,25 +437,38 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def config(context: Context) -> RunConfig:
         return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
 
-    def authorized(context: Context, handler: Callable[[RunConfig], Message]) -> Callable[[], Message]:
+    def authorized(context: Context, handler: Callable[[RunConfig], Message], signed: dict) -> Callable[[], Message]:
         """The store's run authorization first, before the run config is used or any data read."""
         def run() -> Message:
-            authorize(context.node_config, context.run_config, context.run_id)
+            auth = authorize(context.node_config, context.run_config, context.run_id)
+            if auth is not None:
+                signed["key_id"] = auth.key_id
             return handler(config(context))
         return run
 
+    def answer(msg: Message, context: Context, handler: Callable[[RunConfig], Message]) -> Message:
+        """The reply, logged (client.state.reply_log) before it leaves."""
+        signed: dict = {}
+        try:
+            reply = refuse_when_unusable(msg, context, authorized(context, handler, signed))
+        except BaseException as exc:
+            log_reply(msg, context, None, signed_by=signed.get("key_id"), failure=exc, overrides=overrides)
+            raise
+        log_reply(msg, context, reply, signed_by=signed.get("key_id"), overrides=overrides)
+        return reply
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_train(msg, context, cfg)))
+        return answer(msg, context, lambda cfg: handle_train(msg, context, cfg))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_evaluate(msg, context, cfg)))
+        return answer(msg, context, lambda cfg: handle_evaluate(msg, context, cfg))
 
     @client_app.query(wire.MODEL_MESSAGE.split(".")[1])
     def model(msg: Message, context: Context) -> Message:
         # The kept model is what the store serves: only a run its operator signed may place it.
-        return refuse_when_unusable(msg, context, authorized(context, lambda cfg: handle_model(msg, context, cfg)))
+        return answer(msg, context, lambda cfg: handle_model(msg, context, cfg))
 
     return client_app
 

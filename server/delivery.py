@@ -37,7 +37,11 @@ def deliver_model(grid: Grid, state: Mapping[str, object], *, run_id: str, serve
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
-            out["failed"].append({"node": node, "reason": str(reply.error.reason)[:300]})
+            refusal = wire.parse_refusal(reply.error.reason) if reply.error.code == wire.REFUSE_CODE else None
+            failed = {"node": node, "reason": str(reply.error.reason)[:300]}
+            if refusal is not None:  # the store said who it is and why it would not keep the model
+                failed.update(store=str(refusal.get("store-id", "")), reason=str(refusal.get("reason", ""))[:300])
+            out["failed"].append(failed)
             continue
         store = reply.content["store"]
         if str(store.get("model-hash", "")) != digest:

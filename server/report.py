@@ -17,6 +17,14 @@ def _pick(metrics: dict, prefix: str = "") -> dict:
     return {k: float(metrics.get(prefix + k, 0.0)) for k in SUMMARY_KEYS}
 
 
+def round_quality(metrics: dict) -> dict:
+    """NDCG@10 of one round's evaluation: the model the stores serve (with the store-local
+    layer in the last round, else the global model), the global model alone and the baselines."""
+    names = {"served": "", "global_model": "global_model.", **{b: f"{b}." for b in BASELINES}}
+    return {name: float(metrics[prefix + "ndcg@10"]) for name, prefix in names.items()
+            if prefix + "ndcg@10" in metrics}
+
+
 def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, final_metrics: dict,
                   elapsed_s: float, failures: list[dict], out_dir: str, data_dir: str,
                   stopped: str | None = None) -> dict:
@@ -40,7 +48,12 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
              # Mean bytes one store sent in its train reply (wire format).
              **({"bytes_per_store": round(r["bytes_received"] / r["participated"])}
                 if r.get("bytes_received") and r.get("participated") else {}),
-             "seconds": r.get("seconds")}
+             "seconds": r.get("seconds"),
+             # Which store did what this round (trained, declined, refused, failed; rejected:
+             # trained, but the server set its update aside) and why each decline was one.
+             **({"stores": r["stores"]} if "stores" in r else {}),
+             **({"declines": r["declines"]} if r.get("declines") else {}),
+             **({"quality": round_quality(r["metrics"])} if r.get("metrics") else {})}
             for r in rounds
         ],
         "privacy": {

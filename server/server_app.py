@@ -49,6 +49,13 @@ def initial_model(cfg: RunConfig, chain_dir: Path) -> Recommender:
     return Recommender(items, cfg.model_config())
 
 
+def _iso(seconds: float) -> str:
+    """A time (seconds since the epoch) in ISO-8601 UTC, to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
 class RunInterrupted(Exception):
     """The run config asked the server to stop after a round (to exercise --resume)."""
 
@@ -168,6 +175,12 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir), stopped=stopped,
     )
     results["strategy"] = cfg["strategy"]
+    # For the operator's dashboard: which run this is (the stores' ledgers name it by Flower's
+    # run id, the number after "run-"), when, and which operator key signed it (None: unsigned).
+    results["run_id"] = run_name
+    results["started_at"] = _iso(started)
+    results["finished_at"] = _iso(time.time())
+    results["signed_by"] = cfg["operator-key-id"] or None
     results["checkpoint"] = {"dir": str(ckpt_dir), "round": evaluated[-1]["round"] if evaluated else done,
                              "resumed_from": resumed["round"] if resumed is not None else None}
     if strategy.latest_arrays is not None:

@@ -169,6 +169,9 @@ class ObserverMixin:
             did.setdefault("failed", []).append(store)
         self.rounds.append(entry)
         self.printer(who_did_what(server_round, did))
+        # Per store, what it did this round (the dashboard's table); reasons are in failures
+        # (refused, failed, rejected) and here for a decline, which is no failure.
+        entry["stores"] = {what: sorted(stores) for what, stores in sorted(did.items())}
         if replies and entry["declined"] == len(replies):
             self.printer(progress_line(entry, self.num_rounds, self.privacy))
             raise BudgetExhausted(f"every store declined round {server_round}: their privacy budgets "
@@ -178,6 +181,8 @@ class ObserverMixin:
         ordered = sorted((m for m in replies if not m.has_error()),
                          key=lambda m: self.stores_by_node.get(m.metadata.src_node_id, ""))
         accepted = self._reject_bad_updates(server_round, ordered, entry)
+        if entry.get("_rejected"):
+            entry["stores"]["rejected"] = sorted(entry.pop("_rejected"))
         if len(accepted) < self.min_stores:
             self.printer(f"  round {server_round} skipped: {len(accepted)} acceptable updates, "
                          f"{self.min_stores} needed; the global model stays as it was")
@@ -214,6 +219,7 @@ class ObserverMixin:
                 continue
             entry["rejected"] += 1
             store = self.store_name(msg.metadata.src_node_id)
+            entry.setdefault("_rejected", []).append(store)
             self.failures.append({"round": server_round, "node": msg.metadata.src_node_id, "store": store,
                                   "reason": f"rejected: {reason}", "phase": "validation"})
             self.printer(f"  update of store {store} rejected in round {server_round}: {reason}")
@@ -254,6 +260,7 @@ class ObserverMixin:
             "declined_rounds": previous.get("declined_rounds", 0) + 1,
         }
         self.printer(f"  store {store} declined round {server_round}: {decline.get('reason', '')}")
+        entry.setdefault("declines", {})[store] = str(decline.get("reason", ""))
         return "declined", store
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):

@@ -10,22 +10,36 @@ Closed by default: every path (the API, ``/docs``, ``/openapi.json``, any other)
 start without a non-empty key unless ``--no-auth`` on a loopback address. A request body
 above :data:`BODY_MAX` bytes is answered 413 before it is read (by its Content-Length, or
 by counting a chunked body as it arrives).
+
+A browser cannot send a bearer header, so the store's pages — ``/privacy`` (what the store
+spent and sent, :mod:`client.serving.privacy_page`) and the API docs ``/docs`` / ``/redoc``
+with their assets — also open with a session cookie, which ``/signin`` sets for the same key
+(a form; the key compared in constant time, a wrong one answered after a pause). The
+cookie is HttpOnly and SameSite=Strict, stands for a random session (the key never goes
+into it) and lasts :data:`SESSION_S`; it opens no ``/v1`` path, which keeps the bearer
+key. The docs' script and stylesheet are served from the installed ``fastapi-offline``
+package: nothing is loaded from elsewhere, so they render on a store's machine without
+internet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
 import json
 import gc
+import secrets
 import threading
+import time
+from urllib.parse import parse_qs
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from common.config import ConfigError
 from common.data.storefiles import read_store_meta
@@ -38,6 +52,19 @@ AUDIENCE_K_MAX = 1_000  # members in one audience at most ...
 AUDIENCE_SHARE_MAX = 0.25  # ... and never more than this share of the store's consenting members
 BODY_MAX = 1 << 20  # bytes of a request body (a receipt of 1000 lines is ~100 KB)
 KEY_SETTING = "store.json \"serve_api_key_file\" (or \"serve_api_key\"), or --api-key-file FILE"
+SESSION_COOKIE = "storefed_session"
+SESSION_S = 12 * 3600  # a signed-in browser's session lasts this long
+SESSIONS_MAX = 64  # sessions kept at most (the oldest ends first)
+SIGNIN_BODY_MAX = 4096  # bytes of the sign-in form
+WRONG_KEY_PAUSE_S = 0.5  # a wrong key is answered after this pause (no fast guessing)
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline's Swagger UI and ReDoc files are served
+# What a signed-in browser may open with its cookie (the JSON API keeps the bearer key).
+PAGE_PATHS = frozenset(("/", "/privacy", "/privacy/epsilon.svg", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json", "/signout"))
+PUBLIC_PATHS = frozenset(("/signin",))
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 def api_key(meta: dict, store_dir: Path, key_file: Path | None = None) -> str | None:
@@ -113,19 +140,85 @@ def _plain(status: int, message: str, **extra) -> tuple[dict, bytes]:
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}, body
 
 
-class _Guard:
-    """Pure ASGI middleware in front of everything: the bearer key on every path, and the
-    body limit by Content-Length (no byte of the body is read before either check)."""
+class Sessions:
+    """The signed-in browsers: random tokens (what the cookie holds) and when each ends."""
 
-    def __init__(self, app, expected: bytes | None, body_max: int) -> None:
+    def __init__(self, lifetime_s: float = SESSION_S, keep: int = SESSIONS_MAX) -> None:
+        self.lifetime_s, self.keep = lifetime_s, keep
+        self._ends: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        """A new session's token."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            now = time.monotonic()
+            self._ends = {t: end for t, end in self._ends.items() if end > now}
+            while len(self._ends) >= self.keep:
+                self._ends.pop(next(iter(self._ends)))
+            self._ends[token] = now + self.lifetime_s
+        return token
+
+    def valid(self, token: str | None) -> bool:
+        """Whether ``token`` is a session that has not ended (compared in constant time)."""
+        if not token:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            found = [end for t, end in self._ends.items() if hmac.compare_digest(t.encode(), token.encode())]
+        return bool(found) and found[0] > now
+
+    def end(self, token: str | None) -> None:
+        """End a session (sign-out)."""
+        with self._lock:
+            self._ends.pop(token or "", None)
+
+
+def cookie_of(headers: dict, name: str = SESSION_COOKIE) -> str | None:
+    """The value of cookie ``name`` in a request's headers (None: not sent)."""
+    raw = headers.get(b"cookie", b"").decode("latin-1")
+    for part in raw.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+class _Guard:
+    """Pure ASGI middleware in front of everything: the bearer key on every path (or, on the
+    store's pages only, a signed-in session's cookie), and the body limit by Content-Length
+    (no byte of the body is read before either check)."""
+
+    def __init__(self, app, expected: bytes | None, body_max: int, sessions: Sessions | None = None,
+                 signin_page=None) -> None:
         self.app, self.expected, self.body_max = app, expected, body_max
+        self.sessions, self.signin_page = sessions, signin_page
+
+    def _admitted(self, path: str, headers: dict) -> bool:
+        if self.expected is None or hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return True
+        if path in PUBLIC_PATHS:
+            return True
+        if self.sessions is not None and (path in PAGE_PATHS or path.startswith(DOCS_STATIC + "/")):
+            return self.sessions.valid(cookie_of(headers))
+        return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         refusal = None
         headers = dict(scope.get("headers") or ())
-        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if not self._admitted(scope.get("path", ""), headers):
+            path = scope.get("path", "")
+            if self.signin_page is not None and scope.get("method") == "GET" and \
+                    b"text/html" in headers.get(b"accept", b"") and (path in PAGE_PATHS or path.startswith(DOCS_STATIC)):
+                # A browser: the sign-in form instead of the data (still 401).
+                body = self.signin_page("").encode()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in PAGE_HEADERS.items())]})
+                await send({"type": "http.response.body", "body": body})
+                return
             refusal = _plain(401, "missing or wrong bearer key (Authorization: Bearer <key>)")
         else:
             length = headers.get(b"content-length")
@@ -144,6 +237,26 @@ class _Guard:
         start["headers"].append((b"connection", b"close"))  # the unread body is not drained: end the connection
         await send(start)
         await send({"type": "http.response.body", "body": body})
+
+
+class _Timed:
+    """Pure ASGI middleware: how long each ``/v1`` request takes, from its arrival to the
+    end of its answer, into ``latency`` (the privacy page's percentiles)."""
+
+    def __init__(self, app, latency) -> None:
+        self.app, self.latency = app, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+
+        async def timed_send(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.latency.add(time.perf_counter() - started)
+
+        return await self.app(scope, receive, timed_send)
 
 
 class _TooLarge(Exception):
@@ -191,12 +304,98 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
         yield
         stop.set()
 
-    app = FastAPI(title=f"storefed serve — store {serving.store_id}", lifespan=lifespan,
-                  description="Recommendations, audiences and receipts at the store. Nothing here leaves it.")
+    from fastapi_offline import FastAPIOffline
+
+    from client.serving import privacy_page as pages
+
+    latency = pages.Latency()
+    view = pages.PrivacyView(serving.paths.store_dir, serving.state_dir)
+
+    def warm() -> None:
+        """The privacy page's first numbers (the accountant and matplotlib load slowly)."""
+        try:
+            view.ledger()
+            from common.view import charts
+
+            charts.warm()
+        except Exception:  # the page itself says what is wrong with the ledger
+            pass
+
+    @contextlib.asynccontextmanager
+    async def lifespan_with_pages(_app):
+        threading.Thread(target=warm, name="privacy-page-warmup", daemon=True).start()
+        async with lifespan(_app):
+            yield
+
+    # FastAPIOffline: FastAPI with /docs and /redoc served from the package's own copies of
+    # Swagger UI and ReDoc (no CDN), mounted at DOCS_STATIC.
+    app = FastAPIOffline(title=f"storefed serve — store {serving.store_id}", lifespan=lifespan_with_pages,
+                         static_url=DOCS_STATIC,
+                         description="Recommendations, audiences and receipts at the store. Nothing here leaves it. "
+                                     "The store's privacy page is at /privacy (sign in at /signin with the store's key).")
     if not key and not open_api:
         raise ConfigError(f"no bearer key for store {serving.store_id}: set {KEY_SETTING}")
     expected = f"Bearer {key}".encode() if key else None
-    app.add_middleware(_Guard, expected=expected, body_max=body_max)
+    sessions = Sessions()
+    app.add_middleware(_Timed, latency=latency)
+    app.add_middleware(_Guard, expected=expected, body_max=body_max, sessions=sessions,
+                       signin_page=lambda message: pages.signin_page(serving.store_id, message))
+
+    def _page(text: str, status: int = 200) -> HTMLResponse:
+        return HTMLResponse(text, status_code=status, headers=PAGE_HEADERS)
+
+    @app.get("/signin", include_in_schema=False)
+    async def signin_form(request: Request):
+        if key is None:
+            return RedirectResponse("/privacy", status_code=303)
+        return _page(pages.signin_page(serving.store_id))
+
+    @app.post("/signin", include_in_schema=False)
+    async def signin(request: Request):
+        if key is None:
+            return RedirectResponse("/privacy", status_code=303)
+        try:
+            form = parse_qs((await _read_body(request, SIGNIN_BODY_MAX)).decode("utf-8", "replace"),
+                            max_num_fields=4)
+        except (_TooLarge, ValueError):
+            form = {}
+        given = (form.get("key") or [""])[0].strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            await asyncio.sleep(WRONG_KEY_PAUSE_S)
+            return _page(pages.signin_page(serving.store_id, "That is not this store's key; nothing is shown "
+                                           "without it."), 401)
+        answer = RedirectResponse("/privacy", status_code=303, headers=PAGE_HEADERS)
+        answer.set_cookie(SESSION_COOKIE, sessions.new(), max_age=SESSION_S, path="/", httponly=True,
+                          samesite="strict", secure=request.url.scheme == "https")
+        return answer
+
+    @app.post("/signout", include_in_schema=False)
+    async def signout(request: Request):
+        sessions.end(cookie_of(dict(request.scope.get("headers") or ())))
+        answer = RedirectResponse("/signin", status_code=303, headers=PAGE_HEADERS)
+        answer.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return answer
+
+    @app.get("/", include_in_schema=False)
+    async def home():
+        return RedirectResponse("/privacy", status_code=303)
+
+    @app.get("/privacy", include_in_schema=False)
+    async def privacy():
+        data = await asyncio.to_thread(pages.page_data, serving, view, latency)
+        return _page(pages.privacy_page(data))
+
+    drawn: dict = {}
+
+    def chart() -> str:
+        ledger = view.ledger()
+        if drawn.get("stamp") != ledger["stamp"]:  # drawn again only when the ledger changed
+            drawn.update(stamp=ledger["stamp"], svg=pages.epsilon_chart({"ledger": ledger, "store_id": serving.store_id}))
+        return drawn["svg"]
+
+    @app.get("/privacy/epsilon.svg", include_in_schema=False)
+    async def privacy_chart():
+        return Response(await asyncio.to_thread(chart), media_type="image/svg+xml", headers=PAGE_HEADERS)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -264,7 +463,7 @@ def serve(store_dir: Path, catalog: Path | None, host: str, port: int, state_dir
           f"{len(serving.candidates)} items in the assortment, model "
           f"{model['hash'][:12] + '… (run ' + str(model['run_id']) + ', round ' + str(model['round']) + ')' if model else 'none yet (best sellers only: ' + str(serving.model_error) + ')'}"
           f"{'' if not model else ' with the store-local layer' if serving.layer_info() else ' alone (' + str(serving.layer_error) + ')'}; "
-          f"http://{host}:{port}/docs; "
+          f"http://{host}:{port}/docs, privacy page http://{host}:{port}/privacy; "
           f"{'OPEN, no key (--no-auth, loopback only)' if key is None else 'bearer key required on every path'}"
           f"{'; receipts refused: ' + serving.journal_error if serving.journal_error else ''}", flush=True)
     for warning in serving.journal_warnings:

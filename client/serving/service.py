@@ -104,6 +104,9 @@ class StoreServing:
                                  journal=journal_sources(self.state_dir, journal))
         if not checked.usable:
             raise DataError(f"store {self.store_id} cannot be served: " + "; ".join(checked.fatal))
+        # The privacy page shows this validation's row counts per file (counts only, no rows).
+        self.validation = {"at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"), "by": "storefed serve",
+                           "files": {name: report.as_dict() for name, report in checked.files.items()}}
         catalog = read_catalog(self.catalog_path)
         self.items = ItemIndex.from_catalog(catalog)
         self.catalog_ids = pd.Index(catalog["item_id"].astype(str).str.strip())
