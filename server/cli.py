@@ -105,3 +105,30 @@ def train(
     if json and results is not None:
         print(dumps(results))
     return code
+
+
+@app.command(rich_help_panel=PANEL)
+def dashboard(
+    runs: Annotated[Optional[list[str]], typer.Option(
+        "--runs", help="a run's --out directory, a benchmark's results folder, or a folder of either "
+        "(repeat; default: where storefed train writes, ~/.cache/storefed/runs)")] = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on (no sign-in: keep it loopback)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8090,
+) -> int:
+    """The operator's dashboard: runs, rounds, stores and their privacy spend, benchmark reports.
+
+    Pages in the browser, readable without JavaScript and without internet: the runs (when, who
+    signed, strategy, stores, rounds, status, ε range), one run (quality per round, what each
+    store did each round and why, each store's ε against its budget, the final model and who
+    keeps it) and the benchmark reports. Runs until stopped (Ctrl-C).
+    """
+    from common.config import cache_root
+    from common.data.storefiles import DataError
+    from server.dashboard.app import serve_dashboard
+    from server.dashboard.runs import RunsError
+
+    try:
+        serve_dashboard(runs or [cache_root() / "runs"], host, port, cache_file=cache_root() / "dashboard" / "index.json")
+    except RunsError as exc:
+        raise DataError(str(exc)) from None
+    return 0

@@ -468,6 +468,31 @@ def bench_privacy(json: Json = False) -> int:
     return 0
 
 
+@bench.command("dashboard")
+def bench_dashboard(
+    runs: Annotated[int, typer.Option("--runs", help="synthetic runs to write")] = 100,
+    stores: Annotated[int, typer.Option("--stores", help="stores per run")] = 500,
+    rounds: Annotated[int, typer.Option("--rounds", help="rounds per run")] = 10,
+    json: Json = False,
+) -> int:
+    """The operator's dashboard over synthetic runs: each page's time over HTTP."""
+    from simulations.bench.dashboard import bench_dashboard as run
+
+    if min(runs, stores, rounds) < 1:
+        raise ConfigError("--runs, --stores and --rounds must be at least 1")
+    result = run(runs, stores, rounds)
+    if json:
+        print(dumps(result))
+        return 0
+    print(f"{runs} runs × {stores} stores × {rounds} rounds: start-up index {result['startup_index_ms']:.0f} ms, "
+          f"charts {result['startup_charts_ms']:.0f} ms")
+    for name, t in result["pages"].items():
+        print(f"  {name:<18} {t['status']}  median {t['median_ms']:7.1f} ms  max {t['max_ms']:7.1f} ms  "
+              f"{t['bytes'] / 1000:8.1f} kB")
+    print("every page under 1 s" if result["under_1s"] else "a page took 1 s or more")
+    return 0 if result["under_1s"] else 1
+
+
 @bench.command("quality")
 def bench_quality(
     data: Annotated[Optional[str], typer.Option(
