@@ -225,8 +225,9 @@ def render_validation(report: dict) -> str:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import SimulationError, simulate
 
-    config = {"stores": args.stores, "rounds": args.rounds, "seed": args.seed, "dp": not args.no_dp,
-              "local-epochs": args.local_epochs}
+    config = {"stores": args.stores, "rounds": args.rounds, "seed": args.seed, "dp": not args.no_dp}
+    if args.local_epochs is not None:
+        config["local-epochs"] = args.local_epochs
     if args.target_epsilon is not None:
         config["target-epsilon"] = args.target_epsilon
     if args.epsilon_budget is not None:
@@ -610,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--data", help="a chain directory (catalog.csv, stores/*) instead of generated data")
     sim.add_argument("--out", help="where results.json and model.pt go (default: a temp dir)")
-    sim.add_argument("--local-epochs", type=int, default=1)
+    sim.add_argument("--local-epochs", type=int, help="local epochs per round (default: the run config's, 2)")
     sim.add_argument("--target-epsilon", type=float, help="ε per store over this run's rounds (sets σ; default 8)")
     sim.add_argument("--epsilon-budget", type=float, help="ε_max per store over all runs (default 8)")
     sim.add_argument("--state-dir", help="where stores keep ledgers across runs "
