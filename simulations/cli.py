@@ -264,7 +264,8 @@ def simulate(
         "--data", help="a chain directory (catalog.csv, stores/*) instead of generated data")] = None,
     out: Annotated[Optional[str], typer.Option(
         "--out", help="where results.json and model.pt go (default: a temp dir)")] = None,
-    local_epochs: Annotated[int, typer.Option("--local-epochs", help="epochs a store trains each round")] = 1,
+    local_epochs: Annotated[Optional[int], typer.Option(
+        "--local-epochs", help="epochs a store trains each round (default: the run config's, 2)")] = None,
     target_epsilon: Annotated[Optional[float], typer.Option(
         "--target-epsilon", help="ε per store over this run's rounds (sets σ; default 8)")] = None,
     epsilon_budget: Annotated[Optional[float], typer.Option(
@@ -290,7 +291,9 @@ def simulate(
     """Federated training over many simulated stores."""
     from simulations.simulate import SimulationError, simulate as run_simulation
 
-    config = {"stores": stores, "rounds": rounds, "seed": seed, "dp": not no_dp, "local-epochs": local_epochs}
+    config = {"stores": stores, "rounds": rounds, "seed": seed, "dp": not no_dp}
+    if local_epochs is not None:
+        config["local-epochs"] = local_epochs
     if target_epsilon is not None:
         config["target-epsilon"] = target_epsilon
     if epsilon_budget is not None:

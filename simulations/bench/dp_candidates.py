@@ -1,7 +1,7 @@
 """Candidate designs of the private learning, measured fast (research only; issue 24, item 3).
 
-``python -m simulations.bench.dp_candidates [--epsilon 8] [--no-dp] [--epochs 1] [--dp-lr 2.0]
-[--batch 128] [--dim 64] [--ids-init random|zero] [--freeze-ids] [--rounds 10] [--stores 20]
+``python -m simulations.bench.dp_candidates [--epsilon 8] [--no-dp] [--epochs 2] [--dp-lr 2.0]
+[--batch 128] [--dim 64] [--ids-init zero|random] [--freeze-ids] [--rounds 10] [--stores 20]
 [--seed 0] [--diagnose]`` runs FedAvg over the generated chain's stores in one process — each store trains
 with :func:`common.learning.training.train_local`, the function the ClientApp calls, at σ
 calibrated from its published size for the run's ε (prv, δ 1e-6) — and prints the final
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import default_chain_dir
+from common.config import DEFAULTS, default_chain_dir
 from common.data.dataset import ExampleConfig, StoreData
 from common.data.ingest import prepare_store
 from common.data.storefiles import ensure_generated_chain, read_store_meta, store_dirs
@@ -36,11 +36,12 @@ from common.privacy import accountant as privacy
 class Candidate:
     epsilon: float = 8.0
     dp: bool = True
-    epochs: int = 1
+    epochs: int = int(DEFAULTS["local-epochs"])
     dp_lr: float = 2.0
     batch: int = 128
     dim: int = 64
-    ids_init: str = "random"  # "zero": item-ID vectors start at 0 (items start as their category + brand)
+    ids_init: str = "zero"  # the model's own init: item-ID vectors at 0 (items start as their category + brand);
+    # "random": N(0, 0.1), the design before issue 24
     freeze_ids: bool = False  # item-ID vectors not trained (their bias still is)
     rounds: int = 10
 
@@ -61,9 +62,9 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
     torch.manual_seed(seed)
     model_cfg = ModelConfig(dim=c.dim)
     model = Recommender(stores[0][0].items, model_cfg)
-    if c.ids_init == "zero":
+    if c.ids_init == "random":
         with torch.no_grad():
-            model.item_out.weight.zero_()
+            torch.nn.init.normal_(model.item_out.weight, std=0.1)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     sigma = {}
     for data, size in stores:
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--no-dp", action="store_true")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=int(DEFAULTS["local-epochs"]))
     p.add_argument("--dp-lr", type=float, default=2.0)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--ids-init", choices=("random", "zero"), default="random")
+    p.add_argument("--ids-init", choices=("zero", "random"), default="zero",
+                   help="item-ID vectors at 0 (the model's init) or N(0, 0.1) (the design before issue 24)")
     p.add_argument("--freeze-ids", action="store_true")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--stores", type=int, default=20)

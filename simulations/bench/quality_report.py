@@ -169,6 +169,14 @@ def median_store_difference(a: list[dict], b: list[dict]) -> float:
     return float(np.median(diffs)) if diffs else 0.0
 
 
+# How each real data set became a chain, for the report's "Data:" line.
+DATA_MAPPING = {
+    "instacart": "stores hashed from member ids, dates from day offsets, no categories",
+    "completejourney": "its real stores (a household trains at the store of most of its baskets before the cut), "
+                       "real timestamps, category and manufacturer from its product table",
+}
+
+
 def markdown_report(results: dict) -> str:
     """``report.md``: settings, the member-weighted table, store-weighted means, spread, targets."""
     s = results["settings"]
@@ -185,8 +193,8 @@ def markdown_report(results: dict) -> str:
              f"with DP: {s.get('dp_optimizer', 'adam')} lr {s.get('dp_lr', s['lr'])}. Local-only: each store alone, DP at ε = 8, same rounds and settings. "
              f"Test: the last {s['test_days']} days; target = each member's first basket after the cut.",
              f"Run time {results['elapsed_s']:.0f} s{' (quick mode: a small chain, few rounds)' if s['quick'] else ''}.",
-             *([f"Data: {s['provenance']} (`--dataset {s['dataset']}`); stores hashed from member ids, dates "
-                "from day offsets, no categories (simulations/README.md \"Quality\")."] if s.get("provenance") else []),
+             *([f"Data: {s['provenance']} (`--dataset {s['dataset']}`); {DATA_MAPPING.get(s['dataset'], 'imported')} "
+                "(simulations/README.md \"Quality\")."] if s.get("provenance") else []),
              "", "## Member-weighted means (all items)", ""]
     header = "| method | " + " | ".join(TABLE_KEYS) + " | explore ndcg@10 | explore recall@10 | audience AUC | audience recall@100 |"
     lines += [header, "|" + "---|" * (len(TABLE_KEYS) + 5)]
