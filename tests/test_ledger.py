@@ -13,6 +13,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from client.state import ledger as store_ledger
 from client.state.ledger import head_path, ledger_path, read_events, read_ledger
+from common.config import DEFAULTS
 from common.exchange import wire
 from common.privacy import accountant as privacy
 from common.privacy.ledger import LedgerError, PrivacyEvent, budget_decision, merged
@@ -125,10 +126,11 @@ def _train_message(chain_dir):
 
 
 # S003 of the small chain has 400 training members and declares 500 in store.json: both give
-# ⌈n/128⌉ = 4 steps. The node config here declares 250 instead (⌈250/128⌉ = 2), so a plan
-# that followed the exact count (4 steps, q = 1/4) or store.json's size is told apart.
+# ⌈n/128⌉ = 4 steps an epoch. The node config here declares 250 instead (⌈250/128⌉ = 2), so a
+# plan that followed the exact count (q = 1/4, 4 steps an epoch) or store.json's size is told apart.
 PUBLISHED = 250
-PLAN = (1.0, 1 / 2, 2)  # σ as configured, q = 1/⌈250/128⌉, steps = 1 epoch × ⌈250/128⌉
+EPOCHS = int(DEFAULTS["local-epochs"])  # the run config's default: 2
+PLAN = (1.0, 1 / 2, EPOCHS * 2)  # σ as configured, q = 1/⌈250/128⌉, steps = 2 epochs × ⌈250/128⌉
 PLAN_DELTA = 1e-6  # min(1e-6, 1/(10 × 250))
 
 
@@ -161,7 +163,7 @@ def test_two_runs_at_one_store_with_budget_for_one_round_train_once(small_chain_
 
     node = load_store({"store-dir": str(small_chain_dir / "stores" / "S003"), "catalog": str(small_chain_dir)},
                       RunConfig.from_mapping({}))
-    assert -(-node.data.n_train_members // 128) != PLAN[2], "the sizes must give different step counts"
+    assert EPOCHS * -(-node.data.n_train_members // 128) != PLAN[2], "the sizes must give different step counts"
     one, two = _eps_at([PLAN], PLAN_DELTA), _eps_at([PLAN] * 2, PLAN_DELTA)
     budget = (one + two) / 2
 

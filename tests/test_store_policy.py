@@ -168,9 +168,11 @@ def test_a_deployed_store_keeps_its_ledger_where_it_is_whatever_the_run_says(sma
 
 def test_budget_and_delta_are_the_stores_and_a_run_may_only_lower_them(small_chain_dir, tmp_path, sent):
     node = _deployed(small_chain_dir, tmp_path, accountant="rdp")
-    # Asking for more (budget 100, δ 1e-3) and another accountant: the store's own apply.
+    # Asking for more (budget 100, δ 1e-3) and another accountant: the store's own apply. One
+    # local epoch, so that a round at σ 1 fits in the store's ε 8 (at the default 2 epochs it
+    # would bring ε to 8.33 under rdp, and the store would decline).
     reply = _run(small_chain_dir, node, {"epsilon-budget": 100.0, "delta": 1e-3, "accountant": "prv",
-                                         "noise-multiplier": 1.0})
+                                         "noise-multiplier": 1.0, "local-epochs": 1})
     assert not reply.has_error()
     metrics = reply.content["metrics"]
     assert metrics["epsilon-budget"] == 8.0 and metrics["delta"] == 1e-6
@@ -181,7 +183,8 @@ def test_budget_and_delta_are_the_stores_and_a_run_may_only_lower_them(small_cha
     assert metrics["epsilon"] == pytest.approx(spent, rel=1e-12)
     # Asking for less is honoured: a lower budget and a smaller δ (here: a decline at them).
     low_budget = round(spent / 2, 6)
-    reply = _run(small_chain_dir, node, {"epsilon-budget": low_budget, "delta": 1e-8, "noise-multiplier": 1.0})
+    reply = _run(small_chain_dir, node, {"epsilon-budget": low_budget, "delta": 1e-8, "noise-multiplier": 1.0,
+                                         "local-epochs": 1})
     assert reply.has_error() and reply.error.code == wire.DECLINE_CODE
     info = wire.parse_decline(reply.error.reason)
     assert info["epsilon-budget"] == low_budget and info["delta"] == 1e-8 and info["accountant"] == "rdp"
