@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import gc
 import secrets
@@ -43,6 +42,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from common.config import ConfigError
 from common.data.storefiles import read_store_meta
+from common.exchange.address import is_loopback
 
 if TYPE_CHECKING:  # the store's data and model (pandas, torch) load only once the key is checked
     from client.serving.service import StoreServing
@@ -93,16 +93,6 @@ def api_key(meta: dict, store_dir: Path, key_file: Path | None = None) -> str | 
         raise ConfigError(f"the bearer key of {where} holds whitespace, control or non-ASCII characters; "
                           "use printable ASCII without spaces (e.g. 'openssl rand -hex 32')")
     return key
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` binds to this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_access(meta: dict, store_dir: Path, host: str, key_file: Path | None, no_auth: bool) -> str | None:

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
+from common.exchange.address import is_loopback
 from common.view import charts
 from server.dashboard import pages
 from server.dashboard.runs import REPORT, DamagedRun, RunIndex, Summary
@@ -82,18 +83,6 @@ def explore_chart(results: dict) -> str:
             series[f"{ref} (no ε)"] = (eps, [explore(ref)] * len(eps))
     return charts.line_chart(series, title="explore NDCG@10 against ε", xlabel="ε per store (log scale)",
                              ylabel="NDCG@10", log_x=True)
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` binds to this machine only (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    if host.strip().lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def create_dashboard(index: RunIndex) -> Starlette:
@@ -196,7 +185,7 @@ def serve_dashboard(runs: Sequence[Path | str], host: str = "127.0.0.1", port: i
     damaged = sum(1 for s in rows if s.damaged)
     print(f"storefed dashboard: {len(rows)} runs and reports under {', '.join(map(str, index.roots))}"
           f"{f' ({damaged} damaged)' if damaged else ''}; http://{host}:{port}/", flush=True)
-    if not _is_loopback(host):
+    if not is_loopback(host):
         print(f"storefed dashboard: warning: {host} is not loopback: anyone who reaches it sees every run's stores "
               "and their privacy spend (there is no sign-in)", file=sys.stderr, flush=True)
     threading.Thread(target=charts.warm, name="chart-warmup", daemon=True).start()
