@@ -25,6 +25,7 @@ from client.state.ledger import read_events
 from server.train import parse_overrides
 
 STORES = ("S001", "S002", "S003")
+REPLY_LOG = "replies.jsonl"  # client.state.reply_log: what the store answered
 
 pytestmark = [
     pytest.mark.deploy,
@@ -89,8 +90,14 @@ def test_no_attack_changed_a_ledger_or_a_nonce_record_or_wrote_where_the_run_sai
         before, after = attacked["state_before_attacks"][store], attacked["state_after_attacks"][store]
         assert set(after) == set(before) and "privacy-ledger.jsonl" in after
         assert after["privacy-ledger.jsonl"] == before["privacy-ledger.jsonl"]
-        assert {k: v for k, v in after.items() if k != "run-nonces.json"} == \
-            {k: v for k, v in before.items() if k != "run-nonces.json"}
+        assert {k: v for k, v in after.items() if k not in ("run-nonces.json", REPLY_LOG)} == \
+            {k: v for k, v in before.items() if k not in ("run-nonces.json", REPLY_LOG)}
+        # The store's log of what it answered (its privacy page) gained only refusals: no
+        # attack got a reply with a value or a model in it.
+        old_log = before[REPLY_LOG]
+        assert after[REPLY_LOG].startswith(old_log)
+        added = [json.loads(line) for line in after[REPLY_LOG][len(old_log):].decode().splitlines() if line]
+        assert added and all(e["outcome"] == "refused" and e["arrays"] is None for e in added), added
         nonces_before = json.loads(before["run-nonces.json"])
         nonces_after = json.loads(after["run-nonces.json"])
         assert set(nonces_after) == set(nonces_before) | {foreign_nonce}
