@@ -242,6 +242,21 @@ def _train_reply(msg: Message, model: Recommender, sent_model: Mapping[str, torc
     return Message(content=content, reply_to=msg)
 
 
+def handle_explore(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """The store's one explore release of the run (DESIGN §5.3), charged to its ledger."""
+    cfg = store_policy_for(msg, context.node_config, cfg)  # before any data is read
+    node = load_store(context.node_config, cfg)
+    outcome = dp_round.release_round(node, cfg, run_id=str(context.run_id))
+    if isinstance(outcome, dp_round.Declined):
+        return Message(Error(code=wire.DECLINE_CODE, reason=wire.decline_reason(outcome.info)), reply_to=msg)
+    content = RecordDict({
+        wire.EXPLORE_ARRAYS: ArrayRecord({"release": Array(outcome.vector)}),
+        "metrics": MetricRecord(outcome.metrics),
+        "store": ConfigRecord({"store-id": node.store_id}),
+    })
+    return send(Message(content=content, reply_to=msg))
+
+
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model, the model the store serves (the global model with the store-local
     layer, fitted in the last round) and the baselines on this store's test split."""
@@ -469,6 +484,10 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def model(msg: Message, context: Context) -> Message:
         # The kept model is what the store serves: only a run its operator signed may place it.
         return answer(msg, context, lambda cfg: handle_model(msg, context, cfg))
+
+    @client_app.query(wire.EXPLORE_MESSAGE.split(".")[1])
+    def explore(msg: Message, context: Context) -> Message:
+        return answer(msg, context, lambda cfg: handle_explore(msg, context, cfg))
 
     return client_app
 

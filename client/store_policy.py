@@ -44,6 +44,9 @@ WHO: dict[str, tuple[str, str]] = {
     "batch-size": (RUN, "sets q, recorded in the ledger"),
     "local-epochs": (RUN, "sets steps, recorded in the ledger"),
     "dp-lr": (RUN, "step size of DP-SGD (post-processing)"),
+    "dp-train": (RUN, "which layers DP-SGD trains (fewer noised dimensions, same mechanism and clipping)"),
+    "explore-prior-share": (RUN, "share of target ε for the store's one explore release per run (DESIGN §5.3), "
+                                 "recorded in the ledger; 0 = none; the budget caps the total"),
     "dp-optimizer": (RUN, "post-processing of the noised gradient"),
     "dp-path": (RUN, "two exact implementations of the same mechanism; a deployed store refuses opacus (no secure noise there)"),
     "update-encoding": (RUN, "post-processing of the DP output"),

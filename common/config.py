@@ -21,6 +21,12 @@ from typing import Any, Mapping
 MIN_NOISE_MULTIPLIER = 0.3
 MAX_NOISE_MULTIPLIER = 100.0
 
+# dp-train = heads: these layers are frozen under DP-SGD. At ε 1 their run SNR is 0.02–0.26
+# (simulations/results/dp-design/report.md): trained, they carry noise that drowns the
+# explore prior; frozen, the noise goes only into the repeat/gate heads (SNR 2–30).
+HEAD_FROZEN = ("item_out", "cat_out", "brand_out", "encoder_in", "encoder_out")
+HEADS_BELOW_EPSILON = 2.0
+
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "stores": 20,
@@ -32,6 +38,13 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "dp-optimizer": "sgd",
     "dp-lr": 2.0,
+    # Which layers DP-SGD trains (DESIGN §5.3): all; heads (the item side and the member
+    # encoder frozen, so only the repeat/gate heads take noise); auto = heads below ε 2.
+    "dp-train": "auto",
+    # Share of the run's target ε each store spends on its one explore-prior release before
+    # round 1 (DESIGN §5.3); 0: no release. DP-SGD's σ is calibrated for the rest; composition
+    # is sub-additive, so at ε 8 the release's ε 4 costs the rounds little (dp-design report).
+    "explore-prior-share": 0.5,
     "dim": 64,
     "hidden": 128,
     "history-len": 50,
@@ -137,6 +150,8 @@ RANGES: dict[str, Range] = {
     "lr": Range(low=0, low_open=True, high=100),
     "dp-optimizer": Range(choices=("sgd", "adam")),
     "dp-lr": Range(low=0, low_open=True, high=100),
+    "dp-train": Range(choices=("auto", "all", "heads")),
+    "explore-prior-share": Range(low=0, high=0.9),
     "dim": Range.whole(1),
     "hidden": Range.whole(1),
     "history-len": Range.whole(1),
@@ -232,6 +247,13 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         """The shape of the run's model."""
         return ModelConfig(dim=int(self["dim"]), hidden=int(self["hidden"]))
+
+    def frozen_layers(self) -> tuple[str, ...]:
+        """The layers DP-SGD leaves as they are (``dp-train``; auto: heads only below ε 2)."""
+        mode = self["dp-train"]
+        if mode == "auto":
+            mode = "heads" if float(self["target-epsilon"]) < HEADS_BELOW_EPSILON else "all"
+        return HEAD_FROZEN if mode == "heads" and self["dp"] else ()
 
     def chain_dir(self) -> Path:
         data = str(self["data-dir"])

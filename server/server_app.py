@@ -21,6 +21,7 @@ from common.learning.model import Recommender
 from common.data.storefiles import atomic_write_bytes, atomic_write_text, ensure_generated_chain, read_catalog
 from common.data.synth import default_spec
 from common.learning.weights import weights_digest
+from server.explore_round import collect_prior
 from server.delivery import deliver_model
 from server.report import build_results, summary_table
 from server.checkpoint import load_checkpoint, save_checkpoint
@@ -146,6 +147,13 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         strategy.rounds, strategy.privacy, strategy.failures = resumed["rounds"], resumed["privacy"], resumed["failures"]
         # A node that fails before it replies again is still named by its store.
         strategy.stores_by_node.update(resumed.get("stores_by_node", {}))
+    explore = None
+    if resumed is None and cfg["explore-prior-share"] > 0 and num_rounds > done:
+        # Once per run, before round 1 (a resumed run has the prior in its checkpoint's model).
+        explore = collect_prior(grid, model, timeout=cfg["round-timeout-s"])
+        _say(f"explore prior from {len(explore['released'])} stores' DP releases"
+             + (f"; {len(explore['failed'])} did not release: "
+                + "; ".join(f"{f['store']}: {f['reason']}" for f in explore["failed"][:5]) if explore["failed"] else ""))
     stopped = None
     interrupted = False
     try:
@@ -175,6 +183,8 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
         failures=strategy.failures, out_dir=str(out_dir), data_dir=str(chain_dir), stopped=stopped,
     )
     results["strategy"] = cfg["strategy"]
+    if explore is not None:
+        results["explore_prior"] = explore
     # For the operator's dashboard: which run this is (the stores' ledgers name it by Flower's
     # run id, the number after "run-"), when, and which operator key signed it (None: unsigned).
     results["run_id"] = run_name

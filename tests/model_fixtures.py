@@ -17,5 +17,8 @@ def mixture_model(data) -> Recommender:
         m.gate.bias.fill_(0.4)
         m.repeat_mix.weight.normal_(0, 0.5)
         m.item_out.bias.normal_(0, 0.5)
+        # A non-zero explore prior (DESIGN §5.3), so its item and category terms count too.
+        m.prior_item.normal_(0, 1.0)
+        m.prior_cat.normal_(0, 1.0)
     m.refresh_item_snapshot()
     return m

@@ -66,6 +66,9 @@ def test_the_wire_lists_are_exactly_the_designed_values():
     assert wire.EVAL_CONFIG == EVAL_CONFIG and wire.AUDIENCE_METRICS == AUDIENCE_METRICS
     assert wire.MODEL_ACK_CONFIG == MODEL_ACK_CONFIG and wire.MODEL_MESSAGE == "query.model"
     assert wire.DECLINE_KEYS == DECLINE_KEYS and wire.REFUSE_KEYS == REFUSE_KEYS
+    assert wire.EXPLORE_MESSAGE == "query.explore" and wire.EXPLORE_ARRAYS == "explore-release"
+    assert wire.EXPLORE_METRICS == ("epsilon", "delta", "noise-multiplier", "epsilon-budget")
+    assert wire.EXPLORE_CONFIG == ("store-id",)
 
 
 @pytest.mark.parametrize("simulated", [True, False])

@@ -33,13 +33,13 @@ def test_member_and_item_scores_equal_the_models_log_probabilities(small_store, 
     n = small_store.items.n_items
     everything = np.arange(n)
     for m in range(12):
-        ours = recommend.scores_for_member(states, m, side.V, side.b, everything)
+        ours = recommend.scores_for_member(states, m, side.V, side.b, side.category, everything)
         np.testing.assert_allclose(ours, logp[m].numpy(), atol=2e-4)
     # The batch form the store-local layer re-scores: every item for several members at once.
-    np.testing.assert_allclose(recommend.scores_for_members(states, np.arange(12), side.V, side.b), logp.numpy(),
+    np.testing.assert_allclose(recommend.scores_for_members(states, np.arange(12), side.V, side.b, side.category), logp.numpy(),
                                atol=2e-4)
     for item in (0, int(ex.hist_items[0, 0]), n - 1):
-        np.testing.assert_allclose(recommend.scores_for_item(states, side.V[item], side.b[item], item),
+        np.testing.assert_allclose(recommend.scores_for_item(states, side.V[item], side.b[item], int(side.category[item]), item),
                                    logp[:, item].numpy(), atol=2e-4)
 
 

@@ -210,8 +210,11 @@ class StoreServing:
             # float32 keeps their differences to ~1e-6); states are built in float64.
             states.u, states.log_z = states.u.astype(np.float32), states.log_z.astype(np.float32)
             states.gate, states.rep_prob = states.gate.astype(np.float32), states.rep_prob.astype(np.float32)
+            states.aff = states.aff.astype(np.float32)
             item_v = np.where(self.cold[:, None], side.cat_brand, side.V).astype(np.float32)
-            item_b = np.where(self.cold, float(side.b.mean()), side.b).astype(np.float32)
+            # A never-sold item: the catalog's mean trained bias, plus its own explore prior (the chain's demand).
+            trained_b = side.b - side.prior_item
+            item_b = (np.where(self.cold, float(trained_b.mean()), trained_b) + side.prior_item).astype(np.float32)
             bundle = Bundle(info, side, states, item_v[self.candidates], item_b[self.candidates], item_v, item_b,
                             weights=weights, dims=dims)
             if found is not None:
@@ -272,7 +275,7 @@ class StoreServing:
         return out
 
     def _served_rows(self, bundle: Bundle, rows: np.ndarray) -> np.ndarray:
-        g = recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b)
+        g = recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b, self.items.category)
         return bundle.layer.scores(g, self.layer_hist.subset(rows))
 
     def _encode_all(self, side: recommend.ItemSide) -> recommend.MemberState:
@@ -284,9 +287,9 @@ class StoreServing:
             d = side.V.shape[1]
             return recommend.MemberState(np.zeros((0, d)), np.zeros(0), np.zeros(0),
                                          np.zeros((0, self.cfg.history_len), np.int64),
-                                         np.zeros((0, self.cfg.history_len)))
+                                         np.zeros((0, self.cfg.history_len)), np.zeros((0, side.exp_prior_cat.shape[0])))
         return recommend.MemberState(*(np.concatenate([getattr(p, f) for p in parts])
-                                       for f in ("u", "log_z", "gate", "rep_items", "rep_prob")))
+                                       for f in ("u", "log_z", "gate", "rep_items", "rep_prob", "aff")))
 
     def model_info(self) -> dict | None:
         b = self.bundle
@@ -318,7 +321,8 @@ class StoreServing:
         if bundle.served is not None:  # the store-local layer's scores, over the assortment
             scores = bundle.served[row, self.candidates]
         else:
-            scores = recommend.scores_for_member(bundle.states, row, bundle.cand_v, bundle.cand_b, self.cand_pos)
+            scores = recommend.scores_for_member(bundle.states, row, bundle.cand_v, bundle.cand_b,
+                                                 self.items.category[self.candidates], self.cand_pos)
         bought = self.bought.get(member_id, set())
         out = []
         for pos in recommend.top_k(scores, k):
@@ -338,7 +342,8 @@ class StoreServing:
         if bundle.served is not None:
             scores = bundle.served[:, item]
         else:
-            scores = recommend.scores_for_item(bundle.states, bundle.item_v[item], float(bundle.item_b[item]), item)
+            scores = recommend.scores_for_item(bundle.states, bundle.item_v[item], float(bundle.item_b[item]),
+                                               int(self.items.category[item]), item)
         return [{"member_id": str(self.member_ids[m]), "score": float(scores[m])} for m in recommend.top_k(scores, k)]
 
     # -- receipts -----------------------------------------------------------------------

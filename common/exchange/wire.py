@@ -30,6 +30,16 @@ TRAIN_CONFIG = ("store-id", "accountant")
 MODEL_MESSAGE = "query.model"
 MODEL_ACK_CONFIG = ("store-id", "model-hash")
 
+# The explore release (DESIGN §5.3), server → store once per run before round 1: the store
+# answers with EXPLORE_ARRAYS = {"release": its per-member unit vectors (item popularity and
+# category co-occurrence, client.explore_release) summed, plus Gaussian noise}: (ε, δ)-DP per
+# member, charged to the store's ledger as round 0 of the run — and EXPLORE_METRICS, which
+# like the train reply's are functions of public settings. Or a decline (DECLINE_KEYS).
+EXPLORE_MESSAGE = "query.explore"
+EXPLORE_ARRAYS = "explore-release"
+EXPLORE_METRICS = ("epsilon", "delta", "noise-multiplier", "epsilon-budget")
+EXPLORE_CONFIG = ("store-id",)
+
 # Server → store, SIMULATION ONLY: in place of TRAIN_ARRAYS, {"sha256": digest} of the round's
 # global model, which the simulation's worker fetches once per round from Ray's object store
 # and puts back before the ClientApp sees the message (simulations.engine.model_ref). Not a value a

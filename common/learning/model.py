@@ -9,6 +9,13 @@ score(member, item) = u · v_item + b_item + repeat(member, item)
   No member-ID embedding exists anywhere.
 * ``repeat`` scores the member's own history items from their purchase features (how much,
   how often, how recently): "buy again" as a learned term.
+* An **explore prior** (DESIGN §5.3), two arrays the server sets and no store trains:
+  ``prior_item`` (a log-popularity per item) and ``prior_cat`` (``log P(category c' | c)``),
+  both from the chain's one DP release of item popularity and category co-occurrence
+  (:mod:`server.explore_prior`). The explore logit of item i for member m adds
+  ``prior_item[i] + log Σ_c h_m(c)·exp(prior_cat[c, cat(i)])``, with ``h_m`` the member's
+  history share per category. At zero (the default, and every run without the release) both
+  terms vanish; the trained vectors learn what the prior leaves.
 
 Tied item vectors, DP-exact: the history encoder reads a *snapshot* of the item vectors
 (a buffer, refreshed by :meth:`Recommender.refresh_item_snapshot` from the global model at
@@ -28,7 +35,11 @@ from torch import nn
 from common.config import ModelConfig
 from common.data.dataset import HISTORY_FEATURES, PROFILE_DIM, ItemIndex
 
-__all__ = ["BasketLoss", "ModelConfig", "Recommender"]
+__all__ = ["BasketLoss", "ModelConfig", "PRIOR_LIMIT", "Recommender"]
+
+# The explore prior's values are clamped to ± this when read: a log-odds of e^30 is past any
+# real popularity ratio, and a hostile server's huge values then cannot overflow the softmax.
+PRIOR_LIMIT = 30.0
 
 
 class Recommender(nn.Module):
@@ -54,6 +65,11 @@ class Recommender(nn.Module):
         self.gate = nn.Linear(cfg.hidden, 1)
         self.act = nn.ReLU()
         self.register_buffer("item_snapshot", torch.zeros(items.n_items, d), persistent=False)
+        # The explore prior: set by the server from the chain's DP release, never trained (persistent,
+        # so it travels with the model; a store only reads it, and any value is safe for DP: it
+        # enters the forward pass like the data, and every member's gradient is still clipped).
+        self.register_buffer("prior_item", torch.zeros(items.n_items))
+        self.register_buffer("prior_cat", torch.zeros(items.n_categories, items.n_categories))
         self._init()
         self.refresh_item_snapshot()
 
@@ -100,6 +116,16 @@ class Recommender(nn.Module):
         hidden = self.act(self.encoder_in(x))
         return hist_vec + self.encoder_out(hidden), hidden
 
+    def category_affinity(self, hist_items, hist_feat, hist_mask) -> torch.Tensor:
+        """The prior's member term ``log Σ_c h_m(c)·exp(prior_cat[c, ·])``, [B, n_categories];
+        0 for a member without history (and everywhere while ``prior_cat`` is 0)."""
+        weight = hist_feat[..., 0] * hist_mask
+        total = weight.sum(dim=1, keepdim=True)
+        share = torch.zeros(len(hist_items), self.prior_cat.shape[0], dtype=weight.dtype, device=weight.device)
+        share = share.scatter_add(1, self.item_category[hist_items], weight / total.clamp_min(1e-6))
+        mixed = share @ torch.exp(self.prior_cat.clamp(-PRIOR_LIMIT, PRIOR_LIMIT))
+        return torch.where(total > 0, torch.log(mixed.clamp_min(1e-30)), torch.zeros_like(mixed))
+
     def forward(self, hist_items, hist_feat, hist_mask, profile) -> torch.Tensor:
         """Log-probabilities of every catalog item being in the next basket, [B, n_items].
 
@@ -114,6 +140,8 @@ class Recommender(nn.Module):
             self.item_out(u)
             + self.cat_out(u)[:, self.item_category]
             + self.brand_out(u)[:, self.item_brand]
+            + self.prior_item.clamp(-PRIOR_LIMIT, PRIOR_LIMIT)
+            + self.category_affinity(hist_items, hist_feat, hist_mask)[:, self.item_category]
         )
         has_hist = hist_mask.sum(dim=1, keepdim=True) > 0
         gate = torch.sigmoid(self.gate(hidden)) * has_hist  # π, [B, 1]

@@ -45,6 +45,9 @@ class TrainConfig:
     # Poisson batches and noise from a ChaCha20 stream keyed by os.urandom (deployed stores;
     # common.privacy.secure_noise), not from the seeded torch generators (simulation, replayable).
     secure_noise: bool = False
+    # Layers left as they are (not trained, no noise drawn for them): run config dp-train
+    # (common.config.RunConfig.frozen_layers, DESIGN §5.3). Fewer noised dimensions.
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,20 @@ def train_local(
     dp: DPConfig | None,
     example_cfg: ExampleConfig | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on the store's members for ``cfg.local_epochs`` epochs."""
+    """Train ``model`` in place on the store's members for ``cfg.local_epochs`` epochs
+    (``cfg.frozen`` layers excepted: they keep their values)."""
+    frozen = [getattr(model, name) for name in cfg.frozen]  # AttributeError: not a layer of the model
+    for layer in frozen:
+        layer.requires_grad_(False)
+    try:
+        return _train_local(model, data, cfg, dp, example_cfg)
+    finally:
+        for layer in frozen:  # the model object is reused for the next round and for serving
+            layer.requires_grad_(True)
+
+
+def _train_local(model: Recommender, data: StoreData, cfg: TrainConfig, dp: DPConfig | None,
+                 example_cfg: ExampleConfig | None) -> TrainResult:
     n = data.n_train_members
     published = (dp.published_size or n) if dp is not None else n
     q = sample_rate_for(published, cfg.batch_size)
@@ -134,7 +150,7 @@ def train_local(
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer '{cfg.optimizer}'; use adam or sgd")
     opt_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-    optimizer = opt_class(model.parameters(), lr=cfg.lr)
+    optimizer = opt_class([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     criterion = BasketLoss()
     if dp is not None and cfg.dp_path not in ("bookkeeping", "opacus"):
         raise ValueError(f"unknown dp path '{cfg.dp_path}'; use bookkeeping or opacus")

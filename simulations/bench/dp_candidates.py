@@ -2,7 +2,7 @@
 
 ``python -m simulations.bench.dp_candidates [--epsilon 8] [--no-dp] [--epochs 2] [--dp-lr 2.0]
 [--batch 128] [--dim 64] [--ids-init zero|random] [--freeze-ids] [--rounds 10] [--stores 20]
-[--seed 0] [--diagnose]`` runs FedAvg over the generated chain's stores in one process — each store trains
+[--seed 0] [--prior-share 0.5] [--freeze auto|none|LAYERS] [--diagnose]`` runs FedAvg over the generated chain's stores in one process — each store trains
 with :func:`common.learning.training.train_local`, the function the ClientApp calls, at σ
 calibrated from its published size for the run's ε (prv, δ 1e-6) — and prints the final
 global model's member-weighted NDCG@10 on "all" items and on "explore" (items new to the
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import DEFAULTS, default_chain_dir
+from common.config import DEFAULTS, RunConfig, default_chain_dir
 from common.data.dataset import ExampleConfig, StoreData
 from common.data.ingest import prepare_store
 from common.data.storefiles import ensure_generated_chain, read_store_meta, store_dirs
@@ -30,6 +30,8 @@ from common.evaluation.evaluation import list_report, model_scores
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import DPConfig, TrainConfig, sample_rate_for, steps_per_epoch, train_local
 from common.privacy import accountant as privacy
+from client.explore_release import member_sum, release_length
+from server.explore_prior import prior_arrays, summed
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Candidate:
     # "random": N(0, 0.1), the design before issue 24
     freeze_ids: bool = False  # item-ID vectors not trained (their bias still is)
     rounds: int = 10
+    prior_share: float = 0.0  # share of ε spent on the explore-prior release (0: no release)
+    freeze: tuple[str, ...] = ()  # layers not trained (e.g. item_out, cat_out, brand_out: the item side)
 
 
 def load_chain(stores: int, seed: int) -> list[tuple[StoreData, int]]:
@@ -65,11 +69,24 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
     if c.ids_init == "random":
         with torch.no_grad():
             torch.nn.init.normal_(model.item_out.weight, std=0.1)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    sigma = {}
+    sigma, releases = {}, []
+    rng = np.random.default_rng(seed + 7)
     for data, size in stores:
         q, steps = sample_rate_for(size, c.batch), c.epochs * steps_per_epoch(size, c.batch)
-        sigma[data.store_id] = privacy.calibrate_noise(c.epsilon, 1e-6, q, c.rounds * steps, "prv") if c.dp else 0.0
+        prior = []
+        if c.prior_share > 0:
+            sigma_r = privacy.calibrate_noise(c.prior_share * c.epsilon, 1e-6, 1.0, 1, "prv") if c.dp else 0.0
+            prior = [(sigma_r, 1.0, 1)] if c.dp else []
+            releases.append(member_sum(data.train_log, data.items) + rng.normal(0.0, sigma_r, release_length(data.items)))
+        sigma[data.store_id] = (privacy.calibrate_noise(c.epsilon, 1e-6, q, c.rounds * steps, "prv", prior=prior)
+                                if c.dp else 0.0)
+    if releases:
+        items = stores[0][0].items
+        prior_item, prior_cat = prior_arrays(summed(releases, release_length(items)), items.n_items, items.n_categories)
+        with torch.no_grad():
+            model.prior_item.copy_(torch.as_tensor(prior_item))
+            model.prior_cat.copy_(torch.as_tensor(prior_cat))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     started = time.monotonic()
     for server_round in range(c.rounds):
         states, sizes = [], []
@@ -77,6 +94,8 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
             local = Recommender(data.items, model_cfg)
             local.load_state_dict(weights)
             local.item_out.weight.requires_grad_(not c.freeze_ids)
+            for name in c.freeze:
+                getattr(local, name).requires_grad_(False)
             cfg = TrainConfig(local_epochs=c.epochs, batch_size=c.batch, lr=c.dp_lr if c.dp else 0.01,
                               optimizer="sgd" if c.dp else "adam", seed=seed * 1000 + server_round * 50 + i)
             train_local(local, data, cfg, DPConfig(sigma[data.store_id], 1.0, size) if c.dp else None)
@@ -141,6 +160,12 @@ def diagnose(stores: list[tuple[StoreData, int]], epsilon: float, rounds: int = 
             for r in rows.values()]
 
 
+def _frozen(spec: str, epsilon: float, dp: bool) -> tuple[str, ...]:
+    if spec == "auto":
+        return RunConfig.from_mapping({"target-epsilon": epsilon, "dp": dp}).frozen_layers()
+    return () if spec == "none" else tuple(x for x in spec.split(",") if x)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilon", type=float, default=8.0)
@@ -155,13 +180,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--stores", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freeze", default="auto",
+                   help="comma-separated layers not trained (e.g. item_out,cat_out,brand_out), 'none', or 'auto': "
+                        "the run config's dp-train rule (the item side and encoder below ε 2)")
+    p.add_argument("--prior-share", type=float, default=float(DEFAULTS["explore-prior-share"]),
+                   help="share of ε for the explore-prior release (DESIGN §5.3; 0: none, the design before it)")
     p.add_argument("--diagnose", action="store_true", help="per layer: clipped signal against DP noise, no training")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.diagnose:
         print(json.dumps(diagnose(load_chain(a.stores, a.seed), a.epsilon, a.rounds, a.batch, a.seed)))
         return
-    candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds)
+    candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds,
+                          a.prior_share, _frozen(a.freeze, a.epsilon, not a.no_dp))
     print(json.dumps(run(load_chain(a.stores, a.seed), candidate, a.seed)))
 
 

@@ -46,6 +46,8 @@ from common.data.synth import default_spec
 from common.learning.training import (DPConfig, TrainConfig, predict, sample_rate_for, steps_per_epoch, train_local,
                                      train_pooled)
 from simulations.bench import quality_report as qr
+from client.explore_release import member_sum
+from server.explore_prior import prior_arrays
 
 QUICK = {"stores": 4, "rounds": 2}
 FULL = {"stores": 20, "rounds": 10}
@@ -85,9 +87,19 @@ def _chain_dir(settings: BenchSettings) -> Path:
     return chain
 
 
-def _new_model(stores: list[StoreData], cfg: RunConfig, seed: int) -> Recommender:
+def _new_model(stores: list[StoreData], cfg: RunConfig, seed: int, explore_prior: bool = False) -> Recommender:
+    """A fresh model; with ``explore_prior``, its prior from the stores' exact (not noised) releases,
+    as a non-private federated run gets it (DESIGN §5.3): the pooled reference then has the same design."""
     torch.manual_seed(seed)
-    return Recommender(stores[0].items, cfg.model_config())
+    model = Recommender(stores[0].items, cfg.model_config())
+    if explore_prior and cfg["explore-prior-share"] > 0:
+        items = stores[0].items
+        total = np.sum([member_sum(d.train_log, items) for d in stores], axis=0)
+        prior_item, prior_cat = prior_arrays(total, items.n_items, items.n_categories)
+        with torch.no_grad():
+            model.prior_item.copy_(torch.from_numpy(prior_item))
+            model.prior_cat.copy_(torch.from_numpy(prior_cat))
+    return model
 
 
 def _train_config(cfg: RunConfig, seed: int, epochs: int | None = None, dp: bool = False) -> TrainConfig:
@@ -155,12 +167,12 @@ def centralized(stores: list[StoreData], cfg: RunConfig, seed: int, splits: list
             curve.append(_valid_ndcg(m, stores, splits))
             return epoch - (int(np.argmax(curve)) + 1) >= PATIENCE
 
-        model = _new_model(stores, cfg, seed)
+        model = _new_model(before, cfg, seed, explore_prior=True)
         train_pooled(model, before, dataclasses.replace(_train_config(cfg, seed, max_epochs), lr=lr), on_epoch)
         tried.append({"lr": lr, "valid_ndcg@10": [round(v, 5) for v in curve]})
     best = max(tried, key=lambda t: max(t["valid_ndcg@10"]))
     epochs = int(np.argmax(best["valid_ndcg@10"])) + 1
-    model = _new_model(stores, cfg, seed)
+    model = _new_model(stores, cfg, seed, explore_prior=True)
     result = train_pooled(model, stores, dataclasses.replace(_train_config(cfg, seed, epochs), lr=best["lr"]))
     served, alone = _model_records(model, stores)
     return served, alone, {"epochs": epochs, "lr": best["lr"], "steps": result.steps, "loss": result.loss,

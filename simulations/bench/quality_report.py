@@ -154,12 +154,36 @@ def evaluate_targets(methods: dict) -> dict:
         add("fed_dp_eps8_beats_local_on_median_store",
             "fed_dp_eps8 beats local-only on the median store (median of per-store NDCG@10 differences > 0)",
             diff, 0.0, diff > 0)
+    # Issue 24: the DP global model alone against the same design without DP, and served
+    # against a store alone, on explore (what federation is for).
+    base = explore.get("fed_nodp_global", 0.0)
+    for eps, share in (("8", 0.9), ("1", 0.6)):
+        name = f"fed_dp_eps{eps}_global"
+        if name in explore and "fed_nodp_global" in explore:
+            ratio = explore[name] / base if base > 0 else 0.0
+            add(f"eps{eps}_global_explore_vs_nodp", f"DP ε = {eps} global model alone, explore NDCG@10 ≥ "
+                f"{share:.0%} of the non-private federated global model's", ratio, share, ratio >= share)
+    if "fed_dp_eps0.3_global" in explore and "store_pop" in explore:
+        add("eps0.3_global_explore_vs_store_pop", "DP ε = 0.3 global model alone, explore NDCG@10 > store "
+            "popularity's", explore["fed_dp_eps0.3_global"], explore["store_pop"],
+            explore["fed_dp_eps0.3_global"] > explore["store_pop"])
+    if "fed_dp_eps8" in methods and "local_dp_eps8" in methods:
+        gain = median_store_gain(methods["fed_dp_eps8"]["per_store"], methods["local_dp_eps8"]["per_store"], "explore")
+        add("eps8_served_explore_vs_local_median_store", "served ε = 8 explore NDCG@10 against local-only's, "
+            "median store: ≥ +15 %", gain, 0.15, gain >= 0.15)
     if "fed_dp_eps8" in methods and "member_pop" in methods:
         auc = methods["fed_dp_eps8"]["audience"]["auc"]
         base = methods["member_pop"]["audience"]["auc"]
         add("fed_dp_eps8_audience_vs_member_pop", "fed_dp_eps8 audience AUC > member popularity's", auc, base,
             auc > base)
     return targets
+
+
+def median_store_gain(a: list[dict], b: list[dict], part: str = "all") -> float:
+    """Median over the stores both evaluated of NDCG@10(a) / NDCG@10(b) − 1 on ``part``."""
+    by_store = {r["store"]: r[part][HEADLINE] for r in b if r[part]["members"] > 0 and r[part][HEADLINE] > 0}
+    gains = [r[part][HEADLINE] / by_store[r["store"]] - 1.0 for r in a if r["store"] in by_store]
+    return float(np.median(gains)) if gains else 0.0
 
 
 def median_store_difference(a: list[dict], b: list[dict]) -> float:
