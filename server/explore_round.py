@@ -18,19 +18,22 @@ from common.learning.model import Recommender
 from server.explore_prior import prior_arrays, total_from_replies
 
 
-def _outcome(reply: Message) -> tuple[str, object, str]:
+def _outcome(reply: Message) -> tuple[str, object, float, str]:
+    """(store, release or None, its σ_r, why not) of one reply."""
     node = reply.metadata.src_node_id
     if reply.has_error():
         info = (wire.parse_refusal(reply.error.reason) or wire.parse_decline(reply.error.reason) or {})
-        return str(info.get("store-id", f"node-{node}")), None, str(info.get("reason", reply.error.reason))[:300]
+        return str(info.get("store-id", f"node-{node}")), None, 0.0, str(info.get("reason", reply.error.reason))[:300]
     store = str(reply.content["store"].get("store-id", f"node-{node}")) if "store" in reply.content else f"node-{node}"
     records = reply.content.array_records
     if wire.EXPLORE_ARRAYS not in records or "release" not in records[wire.EXPLORE_ARRAYS]:
-        return store, None, "the reply carries no release"
+        return store, None, 0.0, "the reply carries no release"
+    metrics = reply.content.metric_records.get("metrics", {})
+    sigma = float(metrics.get("noise-multiplier", float("nan")))
     try:
-        return store, records[wire.EXPLORE_ARRAYS]["release"].numpy(), ""
+        return store, records[wire.EXPLORE_ARRAYS]["release"].numpy(), sigma, ""
     except Exception as exc:  # a damaged payload: this store adds nothing
-        return store, None, f"the release cannot be decoded ({exc.__class__.__name__})"
+        return store, None, 0.0, f"the release cannot be decoded ({exc.__class__.__name__})"
 
 
 def collect_prior(grid: Grid, model: Recommender, *, timeout: float) -> dict:
@@ -41,7 +44,7 @@ def collect_prior(grid: Grid, model: Recommender, *, timeout: float) -> dict:
                         message_type=wire.EXPLORE_MESSAGE, dst_node_id=node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
     length = model.n_items + model.prior_cat.numel()
-    total, released, failed = total_from_replies([_outcome(r) for r in replies], length)
+    total, noise_std, released, failed = total_from_replies([_outcome(r) for r in replies], length)
     answered = {r.metadata.src_node_id for r in replies}
     failed += [{"store": f"node-{n}", "reason": "no answer before the timeout"} for n in nodes if n not in answered]
     if released:
@@ -49,4 +52,4 @@ def collect_prior(grid: Grid, model: Recommender, *, timeout: float) -> dict:
         with torch.no_grad():
             model.prior_item.copy_(torch.from_numpy(prior_item))
             model.prior_cat.copy_(torch.from_numpy(prior_cat))
-    return {"released": sorted(released), "failed": failed}
+    return {"released": sorted(released), "failed": failed, "noise_std": noise_std}

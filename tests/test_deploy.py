@@ -65,8 +65,12 @@ def test_two_rounds_trained_by_the_stores_and_their_ledgers_hold_exactly_those(d
     status = {run_id: s for run_id, s in status.items() if run_id not in deployment["runs_before"]}
     assert status[run_ids.pop()] == "finished:completed" and len(status) == 2
     assert set(status.values()) == {"finished:completed"}
-    for store in ("S001", "S002"):
-        assert [r for _, r in ledgers[store]] == [1, 2]
+    for store in ("S001", "S002"):  # the run's explore release (round 0, DESIGN §5.3), then its rounds
+        assert [r for _, r in ledgers[store]] == [0, 1, 2]
+    # The three stores that can read their data released, from their secure noise; S004 refused.
+    assert run1["explore_prior"]["released"] == ["S001", "S002", "S003"]
+    assert [f["store"] for f in run1["explore_prior"]["failed"]] == ["S004"]
+    assert "explore prior from 3 stores' DP releases; 1 did not release: S004:" in deployment["logs"]["run1"]
     assert run1["privacy"]["S001"]["rounds_trained"] == 2 and run1["privacy"]["S002"]["rounds_trained"] == 2
     # The server names the stores by what they did, each round.
     log = deployment["logs"]["run1"]
@@ -80,9 +84,9 @@ def test_a_killed_store_daemon_is_reported_and_the_run_completes_with_the_others
     failures = [f for f in run1["failures"] if f["store"] == "S003"]
     assert [f["round"] for f in failures] == [2]
     assert "Node Unavailable" in failures[0]["reason"]
-    # S003 trained round 1 before it died; its ledger has at most the rounds it started.
+    # S003 released and trained round 1 before it died; its ledger has at most the rounds it started.
     rounds = [r for _, r in deployment["ledgers_after_run1"]["S003"]]
-    assert rounds[:1] == [1] and set(rounds) <= {1, 2}
+    assert rounds[:2] == [0, 1] and set(rounds) <= {0, 1, 2}
     assert (deployment["root"] / "run1" / "model.pt").exists()
 
 
@@ -119,10 +123,11 @@ def test_a_restarted_daemon_rejoins_and_the_resumed_run_keeps_the_ledgers_counti
     first = {run_id for run_id, _ in deployment["ledgers_after_run1"]["S001"]}
     for store in ("S001", "S002"):
         events = _ledger_rounds(chain, store)[len(deployment["ledgers_before_run1"][store]):]
-        assert [r for _, r in events] == [1, 2, 3]
-        assert {run_id for run_id, r in events if r < 3} == first and events[2][0] not in first
+        # The resumed run has its prior in the checkpoint's model: no second release.
+        assert [r for _, r in events] == [0, 1, 2, 3]
+        assert {run_id for run_id, r in events if r < 3} == first and events[3][0] not in first
     s003 = [r for _, r in _ledger_rounds(chain, "S003")[len(deployment["ledgers_before_run1"]["S003"]):]]
-    assert s003[0] == 1 and s003[-1] == 3 and set(s003) <= {1, 2, 3}
+    assert s003[:2] == [0, 1] and s003[-1] == 3 and set(s003) <= {0, 1, 2, 3}
     assert _ledger_rounds(chain, "S004") == []
 
 

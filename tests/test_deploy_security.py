@@ -53,12 +53,15 @@ def test_a_signed_run_trains_and_its_ledger_events_are_in_the_store_s_own_state_
         assert info["state_dir"] == str(Path(info["store_dir"]) / "state")
         assert read_events(Path(info["state_dir"]), store)[:1] == attacked["events_after_train"][store][:1]
         events = attacked["events_after_train"][store]
-        assert [e.round for e in events[:1]] == [1] and results["privacy"][store]["rounds_trained"] == 1
+        # The run's explore release (DESIGN §5.3, round 0), then its one round.
+        assert [e.round for e in events[:2]] == [0, 1] and results["privacy"][store]["rounds_trained"] == 1
     for store in STORES:
         events = attacked["events_after_train"][store]  # read right after the train run
         nonces = json.loads(attacked["state_after_train"][store]["run-nonces.json"])
-        # One event, of the one run this store accepted, whose nonce it recorded with the run id.
-        assert len(events) == 1 and [v["run_id"] for v in nonces.values()] == [events[0].run_id]
+        # Two events (release and round), of the one run this store accepted, whose nonce it
+        # recorded with the run id.
+        assert len(events) == 2 and {e.run_id for e in events} == {events[0].run_id}
+        assert [v["run_id"] for v in nonces.values()] == [events[0].run_id]
 
 
 REASONS = {

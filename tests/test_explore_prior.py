@@ -81,16 +81,22 @@ def test_the_server_prior_is_log_popularity_and_a_smoothed_conditional():
     np.testing.assert_allclose(prior_item, np.log1p([3.0, 0.0, 0.0, 8.0]), rtol=1e-6)
     # Cut at 0: [[4, 1], [3, 0]]; symmetric mean [[4, 2], [2, 0]]; +1: [[5, 3], [3, 1]].
     np.testing.assert_allclose(prior_cat, np.log([[5 / 8, 3 / 8], [3 / 4, 1 / 4]]), rtol=1e-6)
+    # A soft threshold (a research option, off by default) subtracts before the cut at 0.
+    cut_item, cut_cat = prior_arrays(total, 4, 2, cut=2.0)
+    np.testing.assert_allclose(cut_item, np.log1p([1.0, 0.0, 0.0, 6.0]), rtol=1e-6)
+    # [[2, 0], [1, 0]] → symmetric [[2, .5], [.5, 0]] → +1: [[3, 1.5], [1.5, 1]].
+    np.testing.assert_allclose(cut_cat, np.log([[3 / 4.5, 1.5 / 4.5], [1.5 / 2.5, 1 / 2.5]]), rtol=1e-6)
 
 
 def test_replies_that_fail_or_are_malformed_add_nothing():
     good = np.arange(8.0)
-    total, released, failed = total_from_replies(
-        [("S1", good, ""), ("S2", None, "declined: over budget"), ("S3", np.ones(7), ""),
-         ("S4", np.array([np.nan] + [0.0] * 7), ""), ("S5", good, "")], 8)
+    total, noise_std, released, failed = total_from_replies(
+        [("S1", good, 3.0, ""), ("S2", None, 0.0, "declined: over budget"), ("S3", np.ones(7), 1.0, ""),
+         ("S4", np.array([np.nan] + [0.0] * 7), 1.0, ""), ("S5", good, 4.0, ""), ("S6", good, float("nan"), "")], 8)
     np.testing.assert_allclose(total, 2 * good)
+    assert noise_std == pytest.approx(5.0)  # √(3² + 4²): the two releases summed
     assert released == ["S1", "S5"]
-    assert [f["store"] for f in failed] == ["S2", "S3", "S4"]
+    assert [f["store"] for f in failed] == ["S2", "S3", "S4", "S6"]
 
 
 def _model_with_prior(items: ItemIndex) -> Recommender:

@@ -157,7 +157,7 @@ def privacy_page(data: dict, *, chart_url: str | None = "/privacy/epsilon.svg") 
         if chart_url and report["events"]:
             body.append(Raw(f'<img class="chart" alt="ε over the ledger\'s rounds against the budget" '
                             f'src="{esc(chart_url)}">'))
-        body.append(tag("h2", "The ledger: every round this store trained"))
+        body.append(tag("h2", "The ledger: every round this store trained, and every explore release (round 0)"))
         rows = []
         for i, (e, eps) in enumerate(zip(report["events"], ledger["curve"] or [None] * len(report["events"])), 1):
             rows.append([i, e["run_id"], e["round"], e["at"], num(e["noise_multiplier"]), num(e["sample_rate"]),

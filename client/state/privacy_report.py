@@ -65,7 +65,9 @@ def privacy_report(store_dir: Path, state_dir: Path | None = None, *, accountant
         published, _ = declared_size(meta, {})
     except ValueError as exc:
         raise DataError(f"{store_dir / 'store.json'}: {exc}") from None
-    last = events[-1].mechanism() if events else None
+    # "Rounds like the last one": a DP-SGD round, not the run's explore release (round 0, DESIGN §5.3).
+    rounds = [e for e in events if e.round > 0]
+    last = rounds[-1].mechanism() if rounds else None
     return {
         "store_id": store_id,
         "epsilon": spent,
@@ -112,6 +114,8 @@ def render_privacy(report: dict) -> str:
         for e in report["events"]:
             lines.append(f"{e['run_id']:>22} {e['round']:>5} {e['noise_multiplier']:7.3f} {e['sample_rate']:8.4f} "
                          f"{e['steps']:>6} {e['clip_norm']:5.2f}  {e['at']}")
+        if any(e["round"] == 0 and e["run_id"] != "lost-spend" for e in report["events"]):
+            lines.append("round 0: the run's explore release (one Gaussian release, q = 1; DESIGN §5.3)")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,12 +49,17 @@ class Candidate:
     rounds: int = 10
     prior_share: float = 0.0  # share of ε spent on the explore-prior release (0: no release)
     freeze: tuple[str, ...] = ()  # layers not trained (e.g. item_out, cat_out, brand_out: the item side)
+    noise_cut: bool = False  # soft-threshold the summed release at 2 noise deviations (measured: loses)
 
 
-def load_chain(stores: int, seed: int) -> list[tuple[StoreData, int]]:
-    """(prepared store, published size) of every store of the generated chain."""
-    chain = default_chain_dir(seed, stores)
-    ensure_generated_chain(chain, default_spec(stores=stores, seed=seed))
+def load_chain(stores: int, seed: int, data: str = "") -> list[tuple[StoreData, int]]:
+    """(prepared store, published size) of every store of the generated chain, or of the
+    chain directory ``data`` (e.g. one `storefed import` wrote)."""
+    if data:
+        chain = Path(data).expanduser()
+    else:
+        chain = default_chain_dir(seed, stores)
+        ensure_generated_chain(chain, default_spec(stores=stores, seed=seed))
     out = []
     for store in store_dirs(chain):
         data, _ = prepare_store(store, chain, ExampleConfig())
@@ -69,7 +75,7 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
     if c.ids_init == "random":
         with torch.no_grad():
             torch.nn.init.normal_(model.item_out.weight, std=0.1)
-    sigma, releases = {}, []
+    sigma, releases, release_var = {}, [], 0.0
     rng = np.random.default_rng(seed + 7)
     for data, size in stores:
         q, steps = sample_rate_for(size, c.batch), c.epochs * steps_per_epoch(size, c.batch)
@@ -78,11 +84,13 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
             sigma_r = privacy.calibrate_noise(c.prior_share * c.epsilon, 1e-6, 1.0, 1, "prv") if c.dp else 0.0
             prior = [(sigma_r, 1.0, 1)] if c.dp else []
             releases.append(member_sum(data.train_log, data.items) + rng.normal(0.0, sigma_r, release_length(data.items)))
+            release_var += sigma_r ** 2
         sigma[data.store_id] = (privacy.calibrate_noise(c.epsilon, 1e-6, q, c.rounds * steps, "prv", prior=prior)
                                 if c.dp else 0.0)
     if releases:
         items = stores[0][0].items
-        prior_item, prior_cat = prior_arrays(summed(releases, release_length(items)), items.n_items, items.n_categories)
+        prior_item, prior_cat = prior_arrays(summed(releases, release_length(items)), items.n_items, items.n_categories,
+                                             2.0 * float(np.sqrt(release_var)) if c.noise_cut else 0.0)
         with torch.no_grad():
             model.prior_item.copy_(torch.as_tensor(prior_item))
             model.prior_cat.copy_(torch.as_tensor(prior_cat))
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--stores", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-cut", action="store_true",
+                   help="soft-threshold the summed release at 2 noise deviations (a candidate that lost)")
+    p.add_argument("--data", default="", help="a chain directory instead of the generated chain")
     p.add_argument("--freeze", default="auto",
                    help="comma-separated layers not trained (e.g. item_out,cat_out,brand_out), 'none', or 'auto': "
                         "the run config's dp-train rule (the item side and encoder below ε 2)")
@@ -189,11 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.diagnose:
-        print(json.dumps(diagnose(load_chain(a.stores, a.seed), a.epsilon, a.rounds, a.batch, a.seed)))
+        print(json.dumps(diagnose(load_chain(a.stores, a.seed, a.data), a.epsilon, a.rounds, a.batch, a.seed)))
         return
     candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds,
-                          a.prior_share, _frozen(a.freeze, a.epsilon, not a.no_dp))
-    print(json.dumps(run(load_chain(a.stores, a.seed), candidate, a.seed)))
+                          a.prior_share, _frozen(a.freeze, a.epsilon, not a.no_dp),
+                          a.noise_cut)
+    print(json.dumps(run(load_chain(a.stores, a.seed, a.data), candidate, a.seed)))
 
 
 if __name__ == "__main__":
