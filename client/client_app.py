@@ -399,11 +399,15 @@ def reply_state_dir(context: Context, overrides: Mapping[str, Any] | None = None
 
 
 def _array_size(reply: Message) -> tuple[int, int] | None:
-    """(tensors, bytes) of the model or update a reply carries; None when it carries none."""
-    if reply.has_error() or not reply.has_content() or wire.TRAIN_ARRAYS not in reply.content.array_records:
+    """(tensors, bytes) of the model, update or explore release a reply carries; None when it
+    carries none."""
+    if reply.has_error() or not reply.has_content():
         return None
-    arrays = reply.content.array_records[wire.TRAIN_ARRAYS]
-    return len(arrays), sum(len(a.data or b"") for a in arrays.values())
+    for name in (wire.TRAIN_ARRAYS, wire.EXPLORE_ARRAYS):
+        if name in reply.content.array_records:
+            arrays = reply.content.array_records[name]
+            return len(arrays), sum(len(a.data or b"") for a in arrays.values())
+    return None
 
 
 def log_reply(msg: Message, context: Context, reply: Message | None, *, signed_by: str | None = None,

@@ -4,9 +4,11 @@
    for its first store: each has two receipts before the test cut, a few random items and
    then a basket of items no one else is given (distinctive: worst-case members). Each
    canary is written into the store's files with probability ½; who is in stays here.
-2. Every store trains as a store does (common.learning.training.train_local with DPConfig,
-   σ calibrated with common.privacy.accountant so that the planned rounds end at the target
-   ε; without DP: the plain optimiser the ClientApp uses), the updates averaged by FedAvg
+2. Every store trains with the store's DP-SGD (common.learning.training.train_local with
+   DPConfig, σ calibrated with common.privacy.accountant so that the planned rounds end at the
+   target ε; without DP: the plain optimiser the ClientApp uses) — one local epoch a round,
+   every layer trained, no explore release (DESIGN §5.3): what is audited is the DP-SGD
+   updates —, the updates averaged by FedAvg
    weighted by the examples count, for ``rounds`` rounds. The privacy events the audited
    store would write to its ledger are kept, and ``epsilon`` is their ε.
 3. The one-run audit (simulations.audit_bound) scores each canary on what leaves the store:

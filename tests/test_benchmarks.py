@@ -84,15 +84,18 @@ def test_bench_validate_counts_every_line(capsys):
 
 
 SIM_KEYS = {"stores", "sim_s", "plain_s", "overhead", "bytes_per_store_round", "peak_rss_mb",
-            "steady_overhead", "startup_s"}
+            "steady_overhead", "startup_s", "prior_s"}
 
 
 def test_bench_sim_phases_and_steady_overhead_by_hand():
     from simulations.bench.sim import phases, steady_overhead
 
     # started 0, first task at 2, rounds end at 5, 7, 10, everything stopped at 11
-    assert phases(0.0, 2.0, [5.0, 7.0, 10.0], 11.0) == {"startup_s": 2.0, "round_s": [3.0, 2.0, 3.0],
+    assert phases(0.0, 2.0, [5.0, 7.0, 10.0], 11.0) == {"startup_s": 2.0, "prior_s": 0.0, "round_s": [3.0, 2.0, 3.0],
                                                          "shutdown_s": 1.0}
+    # with an explore-prior step ending at 4: round 1 runs 4 → 5
+    assert phases(0.0, 2.0, [5.0, 7.0], 8.0, prior_end=4.0) == {
+        "startup_s": 2.0, "prior_s": 2.0, "round_s": [1.0, 2.0], "shutdown_s": 1.0}
     # rounds after the first: (2 + 3) / 2 = 2.5 s against (1 + 2) / 2 = 1.5 s
     assert abs(steady_overhead([9.0, 2.0, 3.0], [4.0, 1.0, 2.0]) - (2.5 / 1.5 - 1)) < 1e-12
     assert steady_overhead([3.0], [2.0]) is None
@@ -130,7 +133,10 @@ def test_bench_sim_quick_reports_every_key(capsys, tmp_path, monkeypatch):
     # Two distinct global models (the initial one, round 1's aggregate), put once each.
     assert case["models_put"] == 2
     assert result["memory_check"] is None  # --quick: no 500-store run
-    assert abs(case["startup_s"] + sum(case["round_s"]) + case["shutdown_s"] - case["sim_s"]) < 0.05
+    # The explore-prior release (round 0) is timed apart from round 1.
+    assert case["prior_s"] > 0
+    assert abs(case["startup_s"] + case["prior_s"] + sum(case["round_s"]) + case["shutdown_s"]
+               - case["sim_s"]) < 0.05
     # A float32 reply holds every parameter: at least 4 bytes each of the generated catalog's model.
     from common.data.dataset import ItemIndex
     from common.learning.model import Recommender

@@ -243,11 +243,12 @@ def test_the_store_page_needs_the_key_and_shows_the_ledger(run, store, browser, 
     assert budget["ε left"] == num(report["budget"] - report["epsilon"]) and budget["δ"] == f"{report['delta']:.0e}"
     assert budget["rounds left at the last settings"] == str(report["remaining_rounds"])
     events = browser.table("events")[1:]
-    assert len(events) == len(report["events"]) == 1
+    # The run's explore release (round 0, DESIGN §5.3), then the one round S002 trained.
+    assert len(events) == len(report["events"]) == 2 and [e["round"] for e in report["events"]] == [0, 1]
     for shown, e in zip(events, report["events"]):
         assert shown[1:9] == [e["run_id"], str(e["round"]), e["at"], num(e["noise_multiplier"]), num(e["sample_rate"]),
                               str(e["steps"]), num(e["clip_norm"], 2), f"{e['delta']:.0e}"]
-    assert events[0][9] == num(report["epsilon"])  # one round: ε after it is the store's spend
+    assert events[-1][9] == num(report["epsilon"])  # ε after the last event is the store's spend
     assert browser.text("[data-testid=reservations-none]") == "None."
     info = read_info(store_dir / "state")
     model = browser.table("model")[1]
@@ -259,12 +260,22 @@ def test_the_store_page_needs_the_key_and_shows_the_ledger(run, store, browser, 
     sent = browser.table("sent")[1:]
     kinds = [r[3] for r in sent]
     assert kinds.count("train") == 1 and kinds.count("evaluate") == 2 and kinds.count("query.model") == 1
+    assert kinds.count("query.explore") == 1
+    # The release is listed by its size (one vector of n_items + n_categories² float64s) and its σ.
+    from common.data.dataset import ItemIndex
+    from common.data.storefiles import read_catalog
+
+    items = ItemIndex.from_catalog(read_catalog(chain))
+    release = next(r for r in sent if r[3] == "query.explore")
+    tensors, size = release[4].removesuffix(" bytes").split(" tensors, ")
+    assert tensors == "1" and int(size) >= 8 * (items.n_items + items.n_categories ** 2)
+    assert f"noise-multiplier={report['events'][0]['noise_multiplier']:.6g}" in release[5]
     train = next(r for r in sent if r[3] == "train")
     assert train[4].endswith("bytes") and f"epsilon={report['epsilon']:.6g}" in train[5]
     from common.exchange import wire
 
     allowed = set(wire.TRAIN_METRICS) | set(wire.TRAIN_CONFIG) | set(wire.EVAL_METRICS) | set(wire.EVAL_CONFIG) \
-        | set(wire.MODEL_ACK_CONFIG)
+        | set(wire.MODEL_ACK_CONFIG) | set(wire.EXPLORE_METRICS) | set(wire.EXPLORE_CONFIG)
     for row in sent:
         assert {pair.split("=")[0] for pair in row[5].split(", ")} <= allowed
     checked = validate_store(store_dir, chain, keep_data=False)

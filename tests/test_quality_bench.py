@@ -134,14 +134,17 @@ def test_summary_means_and_targets_by_hand():
     assert "eps8_cold_members_vs_store_pop" not in targets  # no cold member in these records
 
 
-def _summary(all_ndcg, explore_ndcg=0.1, *, small=None, cold=None, new_share=None, per_store=None, auc=None):
+def _summary(all_ndcg, explore_ndcg=0.1, *, small=None, cold=None, new_share=None, per_store=None, auc=None,
+             per_store_explore=None):
     """A method's summary as evaluate_targets reads it, every value set by hand."""
     slices = {"small_stores": {"ndcg@10": small if small is not None else 0.0, "stores": int(small is not None)},
               "cold": {"ndcg@10": cold if cold is not None else 0.0, "members": int(cold is not None) * 7},
               "new_items": {"share": new_share or 0.0, "items": 5 if new_share is not None else 0}}
     out = {"member_weighted": {"all": {"ndcg@10": all_ndcg}, "explore": {"ndcg@10": explore_ndcg}}, "slices": slices}
     if per_store is not None:
-        out["per_store"] = [{"store": f"S{i}", "all": {"ndcg@10": v, "members": 10}} for i, v in enumerate(per_store)]
+        explore = per_store_explore or [0.1] * len(per_store)
+        out["per_store"] = [{"store": f"S{i}", "all": {"ndcg@10": v, "members": 10},
+                             "explore": {"ndcg@10": e, "members": 10}} for i, (v, e) in enumerate(zip(per_store, explore))]
     if auc is not None:
         out["audience"] = {"auc": auc}
     return out
@@ -153,9 +156,14 @@ def _passing_methods():
         "centralized": _summary(0.5), "fed_nodp": _summary(0.48), "tifu_knn": _summary(0.40),
         "p_topfreq": _summary(0.30, small=0.3), "global_pop": _summary(0.1),
         "store_pop": _summary(0.20, 0.125, small=0.2, cold=0.1),
-        "fed_dp_eps8": _summary(0.485, 0.1875, small=0.3, cold=0.2, new_share=0.01, per_store=[0.5, 0.4, 0.3], auc=0.8),
+        "fed_dp_eps8": _summary(0.485, 0.1875, small=0.3, cold=0.2, new_share=0.01, per_store=[0.5, 0.4, 0.3], auc=0.8,
+                                per_store_explore=[0.25, 0.2, 0.3]),
         "fed_dp_eps4": _summary(0.45), "fed_dp_eps1": _summary(0.36, 0.126), "fed_dp_eps0.3": _summary(0.30),
-        "local_dp_eps8": {"per_store": _summary(0, per_store=[0.4, 0.45, 0.2])["per_store"]},
+        # The models alone (issue 24): 9/32 and 3/16 are 90 % and 60 % of 5/16 exactly.
+        "fed_nodp_global": _summary(0.47, 0.3125), "fed_dp_eps8_global": _summary(0.46, 0.28125),
+        "fed_dp_eps1_global": _summary(0.35, 0.1875), "fed_dp_eps0.3_global": _summary(0.30, 0.126),
+        "local_dp_eps8": {"per_store": _summary(0, per_store=[0.4, 0.45, 0.2],
+                                                per_store_explore=[0.2, 0.25, 0.2])["per_store"]},
         "member_pop": {"audience": {"auc": 0.7}},
     }
 
@@ -165,7 +173,9 @@ ALL_TARGETS = {"eps8_all_vs_best_non_private", "eps8_explore_vs_store_pop", "eps
                "eps8_small_stores_vs_p_topfreq", "eps8_cold_members_vs_store_pop", "eps8_new_items_share",
                "centralized_vs_fed_nodp", "centralized_vs_p_topfreq", "fed_nodp_vs_centralized",
                "fed_dp_eps8_vs_centralized", "fed_dp_eps4_vs_centralized", "fed_dp_eps1_vs_centralized",
-               "fed_dp_eps8_beats_local_on_median_store", "fed_dp_eps8_audience_vs_member_pop"}
+               "fed_dp_eps8_beats_local_on_median_store", "fed_dp_eps8_audience_vs_member_pop",
+               "eps8_global_explore_vs_nodp", "eps1_global_explore_vs_nodp", "eps0.3_global_explore_vs_store_pop",
+               "eps8_served_explore_vs_local_median_store"}
 
 
 def test_every_target_passes_on_hand_made_inputs_at_its_threshold():
@@ -177,7 +187,11 @@ def test_every_target_passes_on_hand_made_inputs_at_its_threshold():
     expect = {"eps8_all_vs_best_non_private": (0.97, 0.97), "eps8_explore_vs_store_pop": (1.5, 1.5),
               "eps0.3_all_vs_p_topfreq": (0.30, 0.30), "fed_nodp_vs_centralized": (0.96, 0.95),
               "fed_dp_eps1_vs_centralized": (0.72, 0.70), "fed_dp_eps8_beats_local_on_median_store": (0.1, 0.0),
-              "eps8_cold_members_vs_store_pop": (0.2, 0.1), "fed_dp_eps8_audience_vs_member_pop": (0.8, 0.7)}
+              "eps8_cold_members_vs_store_pop": (0.2, 0.1), "fed_dp_eps8_audience_vs_member_pop": (0.8, 0.7),
+              "eps8_global_explore_vs_nodp": (0.9, 0.9), "eps1_global_explore_vs_nodp": (0.6, 0.6),
+              "eps0.3_global_explore_vs_store_pop": (0.126, 0.125),
+              # per-store explore gains 0.25/0.2 − 1, 0.2/0.25 − 1, 0.3/0.2 − 1: median 0.25
+              "eps8_served_explore_vs_local_median_store": (0.25, 0.15)}
     for key, (value, threshold) in expect.items():
         assert (targets[key]["value"], targets[key]["threshold"]) == pytest.approx((value, threshold), rel=1e-12), key
     assert "(centralized)" in targets["eps8_all_vs_best_non_private"]["description"]
@@ -188,7 +202,7 @@ def _set(methods, name, **changes):
 
 
 _ARGS = {"fed_dp_eps8": dict(all_ndcg=0.485, explore_ndcg=0.1875, small=0.3, cold=0.2, new_share=0.01,
-                             per_store=[0.5, 0.4, 0.3], auc=0.8),
+                             per_store=[0.5, 0.4, 0.3], auc=0.8, per_store_explore=[0.25, 0.2, 0.3]),
          "store_pop": dict(all_ndcg=0.20, explore_ndcg=0.125, small=0.2, cold=0.1)}
 
 FLIPS = [  # (what changes, the targets that must then fail, and only those)
@@ -209,6 +223,13 @@ FLIPS = [  # (what changes, the targets that must then fail, and only those)
     (lambda m: m.update(local_dp_eps8={"per_store": _summary(0, per_store=[0.5, 0.45, 0.3])["per_store"]}),
      {"fed_dp_eps8_beats_local_on_median_store"}),  # median difference 0: not > 0
     (lambda m: m.update(member_pop={"audience": {"auc": 0.8}}), {"fed_dp_eps8_audience_vs_member_pop"}),
+    (lambda m: m.update(fed_dp_eps8_global=_summary(0.46, 0.28124)), {"eps8_global_explore_vs_nodp"}),
+    (lambda m: m.update(fed_dp_eps1_global=_summary(0.35, 0.18749)), {"eps1_global_explore_vs_nodp"}),
+    (lambda m: m.update({"fed_dp_eps0.3_global": _summary(0.30, 0.125)}), {"eps0.3_global_explore_vs_store_pop"}),
+    # local-only's explore up at two stores: gains 0.25/0.22 − 1 ≈ 0.136, −0.2, 0.3/0.22 − 1: median < 0.15
+    (lambda m: m.update(local_dp_eps8={"per_store": _summary(0, per_store=[0.4, 0.45, 0.2],
+                                                             per_store_explore=[0.22, 0.25, 0.22])["per_store"]}),
+     {"eps8_served_explore_vs_local_median_store"}),
 ]
 
 

@@ -215,7 +215,7 @@ def privacy_page(data: dict, *, chart_url: str | None = "/privacy/epsilon.svg") 
 
     body.append(tag("h2", "What left the store"))
     body.append(tag("p", "Each reply this store sent, with the values common/exchange/wire.py allows and nothing "
-                    "else; a model or update is listed by its size only.", class_="note"))
+                    "else; a model, update or explore release is listed by its size only.", class_="note"))
     sent = [e for e in replies if e["outcome"] == "sent"][-REPLIES_SHOWN:]
     if sent:
         body.append(Raw('<div class="scroll">') + table(

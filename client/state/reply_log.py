@@ -38,6 +38,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "train": (*wire.TRAIN_METRICS, *wire.TRAIN_CONFIG),
     "evaluate": (*wire.EVAL_METRICS, *wire.EVAL_CONFIG),
     wire.MODEL_MESSAGE: wire.MODEL_ACK_CONFIG,
+    wire.EXPLORE_MESSAGE: (*wire.EXPLORE_METRICS, *wire.EXPLORE_CONFIG),
     "declined": wire.DECLINE_KEYS,
     "refused": wire.REFUSE_KEYS,
 }
@@ -60,7 +61,7 @@ def listed_values(kind: str, values: Mapping[str, object]) -> dict:
 
 def entry(*, message: str, outcome: str, run_id: str, server_round: int, values: Mapping[str, object] | None = None,
           arrays: tuple[int, int] | None = None, reason: str | None = None, signed_by: str | None = None) -> dict:
-    """One log line: ``message`` the message type (train, evaluate, query.model), ``outcome``
+    """One log line: ``message`` the message type (train, evaluate, query.model, query.explore), ``outcome``
     one of :data:`OUTCOMES`, ``arrays`` (tensors, bytes) of the model that left (None: none)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")

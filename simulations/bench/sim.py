@@ -182,11 +182,14 @@ def run_plain(config: dict, workers: int) -> dict:
     return {"seconds": done - started, "ndcg@10": ndcg, **phases(started, first, ends, done)}
 
 
-def phases(started: float, first: float, ends: list[float], done: float) -> dict:
-    """Start-up (to the first store task), each round's wall time, shutdown (after the last)."""
-    rounds = [b - a for a, b in zip([first] + ends[:-1], ends)]
-    return {"startup_s": first - started, "round_s": rounds,
-            "shutdown_s": done - (ends[-1] if ends else first)}
+def phases(started: float, first: float, ends: list[float], done: float,
+           prior_end: float | None = None) -> dict:
+    """Start-up (to the first store task), the explore-prior step before round 1 if there
+    was one (``prior_s``, 0 otherwise), each round's wall time, shutdown (after the last)."""
+    begin = first if prior_end is None else prior_end
+    rounds = [b - a for a, b in zip([begin] + ends[:-1], ends)]
+    return {"startup_s": first - started, "prior_s": begin - first, "round_s": rounds,
+            "shutdown_s": done - (ends[-1] if ends else begin)}
 
 
 def run_sim(config: dict, workers: int, ray_address: str | None = None) -> dict:
@@ -207,11 +210,14 @@ def run_sim(config: dict, workers: int, ray_address: str | None = None) -> dict:
         if str(group).isdigit():
             by_round[int(group)] = max(by_round.get(int(group), 0.0), end)
     first = min((t[2] for t in sim_backend.TIMES), default=LAST.get("ray_up", started))
+    # Round 0 is the stores' one explore-prior release (DESIGN §5.3): timed apart, so
+    # round_s compares like with like against the plain loop, which has no such step.
+    prior_end = by_round.pop(0, None)
     return {"seconds": done - started, "dispatch_ms": dispatch_ms(sim_backend.DISPATCH),
             "models_put": sim_backend.OUTBOX[0].puts if sim_backend.OUTBOX else None, "ndcg@10": [r["ndcg@10"] for r in results["per_round"]],
             "bytes_per_store_round": int(np.mean(per_store)) if per_store else 0,
             "ray_start_s": LAST["ray_up"] - LAST["started"], "ray_stop_s": LAST["stopped"] - LAST["run_done"],
-            **phases(started, first, [by_round[r] for r in sorted(by_round)], done)}
+            **phases(started, first, [by_round[r] for r in sorted(by_round)], done, prior_end)}
 
 
 def dispatch_ms(tasks: list[tuple]) -> dict:
@@ -353,6 +359,7 @@ def _case(stores: int, rounds: int, size: str, members: int, chain: Path, worker
         "steady_overhead": None if steady is None else round(steady, 3),
         "startup_s": round(sim["startup_s"], 2), "plain_startup_s": round(plain["startup_s"], 2),
         "shutdown_s": round(sim["shutdown_s"], 2), "plain_shutdown_s": round(plain["shutdown_s"], 2),
+        "prior_s": round(sim["prior_s"], 2),
         "ray_start_s": round(sim["ray_start_s"], 2), "ray_stop_s": round(sim["ray_stop_s"], 2),
         "round_s": [round(x, 2) for x in sim["round_s"]], "plain_round_s": [round(x, 2) for x in plain["round_s"]],
         "s_per_store_round": round(sim["seconds"] / (stores * rounds), 4),
