@@ -434,6 +434,44 @@ def bench_sim(
     return 0
 
 
+@bench.command("deploy")
+def bench_deploy(
+    stores: Annotated[str, typer.Option("--stores", help="chain sizes, comma-separated")] = "10,100,500",
+    rounds: Annotated[int, typer.Option("--rounds", help="training rounds per case")] = 2,
+    real: Annotated[int, typer.Option("--real-daemons", help="real store daemons per case (the rest: "
+                                      "lightweight Fleet API clients)")] = 2,
+    database: Annotated[str, typer.Option("--database", click_type=_choice("memory", "file"),
+                                          help="the SuperLink's state: in memory or a SQLite file")] = "memory",
+    out: Annotated[Optional[Path], typer.Option("--out", help="where each case's files and logs go "
+                                                "(default: a new temporary directory)")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="processes holding the lightweight clients")] = 4,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for stores and for each round")] = 600.0,
+    json: Json = False,
+) -> int:
+    """A real SuperLink (TLS, node authentication) and ServerApp against N stores: round time,
+    server CPU and memory, bytes, failures."""
+    from simulations.bench.deploy import bench_deploy as run
+
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out}: not empty; choose a new directory")
+    result = run(_int_list(stores, "--stores", "counts"), rounds=rounds, real=real, database=database, out=out,
+                 workers=workers, timeout_s=timeout)
+    if json:
+        print(dumps(result))
+        return 0
+    print(f"{'stores':>6} {'real':>4} {'round s':>8} {'overhead s':>10} {'SL CPU-s':>8} {'SA CPU-s':>8} "
+          f"{'SL MB':>7} {'SA MB':>7} {'MB out':>7} {'MB in':>7} {'fail':>4}")
+    for c in result["cases"]:
+        def num(key: str, fmt: str) -> str:
+            return "-" if c.get(key) is None else format(c[key], fmt)
+        print(f"{c['stores']:>6} {c['real_daemons']:>4} {num('round_s', '8.1f')} {num('server_overhead_s', '10.1f')} "
+              f"{num('superlink_cpu_s_per_round', '8.1f')} {num('serverapp_cpu_s_per_round', '8.1f')} "
+              f"{c['superlink_peak_mb']:7.0f} {c['serverapp_peak_mb']:7.0f} "
+              f"{(c.get('bytes_out_per_round') or 0) / 2**20:7.1f} {(c.get('bytes_in_per_round') or 0) / 2**20:7.1f} "
+              f"{num('failures', '4d')}" + (f"  {c['error']}" if c.get("error") else ""))
+    return 0
+
+
 @bench.command("serve")
 def bench_serve(
     members: Annotated[int, typer.Option("--members", help="members of the generated store")] = 10_000,

@@ -1,0 +1,281 @@
+"""``storefed bench deploy``: what a round costs one SuperLink as the chain grows.
+
+Per case of N stores, on loopback: a SuperLink with TLS and SuperNode authentication (the
+command line of ``storefed local-deploy``), N registered store keys, ``real`` real store daemons
+(SuperNode in process isolation + storefed's executor, training with DP-SGD on a generated store)
+and N − real lightweight clients (simulations/bench/fleet_clients.py: the real Fleet API and
+message sizes, no training). One signed run of ``rounds`` rounds through ``flwr run`` — the
+real ServerApp, strategy and explore release — then every process is stopped by pid.
+
+Per round it reports the ServerApp's own round time, the CPU seconds the SuperLink and the
+ServerApp spent in it (from /proc), their peak resident memory, the Fleet API payload bytes
+the lightweight clients sent and received, and ``server_overhead_s``: the round time minus
+the slowest store's own time (a lightweight client's from message pulled to reply built; a
+real daemon's, the CPU seconds its executor used in the round, a lower bound of its wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common.data.storefiles import DataError, atomic_write_text
+from simulations.bench.proc_sampler import Sampler
+from simulations.deploy import local_deploy
+from simulations.deploy.processes import BIN, Processes, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]  # the storefed app `flwr run` packages
+CASE_KEYS = ("stores", "real_daemons", "round_s", "server_overhead_s", "superlink_peak_mb", "serverapp_peak_mb",
+             "failures")
+DATABASES = ("memory", "file")
+
+
+def register_keys(flwr_home: Path, keys: dict[str, Path]) -> dict[str, int]:
+    """Register each store's public key through the Control API, in this process (a
+    ``flwr supernode register`` per key costs a CLI start-up: minutes for 500 keys)."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    import contextlib
+
+    previous = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(flwr_home)  # Flower reads the connection from FLWR_HOME/config.toml
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Flower prints the connection it uses; stdout is --json's
+            client = init_http_client_from_connection(read_superlink_connection(local_deploy.FEDERATION))
+        try:
+            ids = {}
+            for store, public in keys.items():
+                key = serialization.load_ssh_public_key(public.read_bytes())
+                response = client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=store))
+                if not response.node_id:
+                    raise DataError(f"the SuperLink did not register store {store}'s key")
+                ids[store] = int(response.node_id)
+            return ids
+        finally:
+            client.close()
+    finally:
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+
+
+def _classify(pid: int, cmdline: str) -> str:
+    return "serverapp" if "flwr-serverapp" in cmdline else "superlink"
+
+
+def _merge_stats(paths: list[Path]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"activated": 0, "requests": {}, "bytes_out": {}, "bytes_in": {}, "handled": [],
+                              "errors": []}
+    for path in paths:
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        merged["activated"] += part["activated"]
+        for key in ("requests", "bytes_out", "bytes_in"):
+            for method, n in part[key].items():
+                merged[key][method] = merged[key].get(method, 0) + n
+        merged["handled"] += part["handled"]
+        merged["errors"] += part["errors"]
+    return merged
+
+
+def _requests_between(handled: list[dict], start: float, end: float) -> list[dict]:
+    return [h for h in handled if start <= h["received"] <= end]
+
+
+def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, workers: int,
+             timeout_s: float) -> dict[str, Any]:
+    """One case: bring everything up in ``work``, run, measure, stop every process."""
+    from client.daemon.node_key import make_node_key
+    from common.data.dataset import ItemIndex
+    from common.data.storefiles import read_catalog, write_chain
+    from common.data.synth import ChainSpec, generate_chain
+    from server.certs import make_dev_pki
+    from server.operator_key import make_operator_key
+    from server.train import run_status, signed_run_config
+
+    real = min(real, stores)
+    work.mkdir(parents=True)
+    chain = work / "chain"
+    write_chain(generate_chain(ChainSpec(stores=max(real, 1), members=150 * max(real, 1), items=300, categories=8,
+                                         brands=20, seed=1)), chain)
+    real_ids = sorted(p.name for p in (chain / "stores").iterdir() if p.is_dir())[:real]
+    light_ids = [f"L{i:04d}" for i in range(1, stores - real + 1)]
+    items = ItemIndex.from_catalog(read_catalog(chain))
+    release_length = items.n_items + items.n_categories ** 2  # server/explore_round.py checks this length
+    server = work / "server"
+    server.mkdir()
+    shutil.copy(chain / "catalog.csv", server / "catalog.csv")
+    pki = make_dev_pki(work / "certs")
+    keys = {s: make_node_key(work / "store-keys", s) for s in (*real_ids, *light_ids)}
+    operator_private, operator_public = make_operator_key(work / "operator")
+    home = work / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    atomic_write_text(home / "config.toml",
+                      f'[superlink]\ndefault = "{local_deploy.FEDERATION}"\n\n[superlink.{local_deploy.FEDERATION}]\n'
+                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{pki["ca_cert"]}"\n')
+    env = local_deploy.flower_env(home)
+    procs = Processes(work / "logs", env)
+    db = ":flwr-in-memory:" if database == "memory" else str(home / "superlink.db")
+    case: dict[str, Any] = {"stores": stores, "real_daemons": real, "light_clients": len(light_ids),
+                            "database": database, "rounds": rounds}
+    sampler = None
+    timings: dict[str, float] = {}
+    try:
+        t = time.time()
+        link = procs.start("superlink", local_deploy.superlink_argv(port, pki, Path(db)))
+        wait_for(lambda: "Uvicorn running on https://" in link.text() or link.popen.poll() is not None, 120,
+                 "the SuperLink to listen")
+        if link.popen.poll() is not None:
+            raise DataError(f"the SuperLink exited; see {link.log}")
+        sampler = Sampler([link.pid], _classify).start()
+        register_keys(home, {s: keys[s][1] for s in keys})
+        timings["register_s"] = round(time.time() - t, 1)
+        for store in real_ids:
+            runtime = free_port()
+            (work / "nodes" / store).mkdir(parents=True)
+            procs.start(store, local_deploy.supernode_argv(
+                f"127.0.0.1:{port}", pki["ca_cert"], keys[store][0], runtime,
+                local_deploy.store_node_config(chain / "stores" / store, chain, operator_public)),
+                env={"FLWR_HOME": str(work / "nodes" / store)})
+            procs.start(f"{store}-exec", local_deploy.store_exec_argv(runtime))
+        stats_paths = []
+        per_worker = max(1, -(-len(light_ids) // max(1, workers)))
+        for w, first in enumerate(range(0, len(light_ids), per_worker)):
+            spec = {"address": f"127.0.0.1:{port}", "ca_cert": str(pki["ca_cert"]), "release_length": release_length,
+                    "stores": [{"store_id": s, "private_key": str(keys[s][0])}
+                               for s in light_ids[first:first + per_worker]]}
+            spec_path, stats_path = work / f"light-{w}.json", work / f"light-{w}.stats.json"
+            spec_path.write_text(json.dumps(spec))
+            stats_paths.append(stats_path)
+            procs.start(f"light-{w}", [sys.executable, "-m", "simulations.bench.fleet_clients", str(spec_path),
+                                       str(stats_path)], env={"PYTHONPATH": str(ROOT)})
+        wait_for(lambda: _merge_stats(stats_paths)["activated"] >= len(light_ids)
+                 and all("SuperNode ID:" in procs.procs[s].text() for s in real_ids)
+                 and all("serving storefed" in procs.procs[f"{s}-exec"].text() for s in real_ids),
+                 timeout_s, f"{stores} stores to connect")
+        timings["connect_s"] = round(time.time() - t, 1)
+        exec_pids = [procs.procs[f"{s}-exec"].pid for s in real_ids]
+        daemons = Sampler(exec_pids, lambda pid, cmd: "exec").start() if exec_pids else None
+
+        out_dir = work / "run"
+        settings = (f"data-dir='{server}' stores={stores} rounds={rounds} fraction-evaluate=0.0 min-stores=1 "
+                    f"node-wait-s={timeout_s} round-timeout-s={timeout_s} update-norm-factor=0.0 "
+                    f"target-epsilon=8.0 out-dir='{out_dir}'")
+        overrides = signed_run_config(settings, operator_key=operator_private, app=ROOT)
+        argv = [str(BIN / "flwr"), "run", str(ROOT), local_deploy.FEDERATION, "--stream"]
+        for override in overrides:
+            argv += ["--run-config", override]
+        t = time.time()
+        run = procs.start("run", argv)
+        run.popen.wait(timeout=timeout_s * (rounds + 3))
+        timings["run_s"] = round(time.time() - t, 1)
+        run_id = next((line.rsplit(" ", 1)[1] for line in run.text().splitlines()
+                       if "Successfully started run" in line), None)
+        case["flower_status"] = run_status(env, local_deploy.FEDERATION, int(run_id)) if run_id else "not started"
+        sampler.stop()
+        if daemons:
+            daemons.stop()
+        light = _merge_stats(stats_paths)
+        results_path = out_dir / "results.json"
+        if not results_path.exists():
+            case.update({"round_s": None, "server_overhead_s": None, "failures": None,
+                         "error": f"the run left no results.json (Flower: {case['flower_status']}); "
+                                  f"see {work / 'logs'}"})
+        else:
+            results = json.loads(results_path.read_text())
+            case.update(_per_round(results, sampler, daemons, light, real_ids))
+        case["superlink_peak_mb"] = round(sampler.peak_mb("superlink"), 1)
+        case["serverapp_peak_mb"] = round(sampler.peak_mb("serverapp"), 1)
+        case["superlink_cpu_s_total"] = round(sampler.cpu_between("superlink", sampler.samples[0][0],
+                                                                  sampler.samples[-1][0]), 1)
+        requests = sum(light["requests"].values())
+        case["light_requests"] = light["requests"]
+        case["light_requests_per_store_round"] = (round(requests / len(light_ids) / (rounds + 2), 1)
+                                                  if light_ids else None)  # + explore + final model
+        case["light_errors"] = light["errors"][:10]
+        case["timings"] = timings
+    finally:
+        left = procs.stop_all()
+        if sampler is not None and not sampler._stop.is_set():
+            sampler.stop()
+    case["left_running"] = left
+    return case
+
+
+def _per_round(results: dict, sampler: Sampler, daemons: Sampler | None, light: dict,
+               real_ids: list[str]) -> dict[str, Any]:
+    """Round time, overhead, CPU and bytes per round; the case's figures are the rounds' means."""
+    rows = []
+    for r in results["per_round"]:
+        if "window" not in r:
+            continue
+        start, end = r["window"]
+        handled = [h for h in _requests_between(light["handled"], start, end) if h["type"].startswith("train")]
+        own = [h["answered"] - h["pulled"] for h in handled]
+        if daemons:
+            own += [daemons.cpu_between("exec", start, end) / max(1, len(real_ids))]  # per daemon, on average
+        rows.append({
+            "round": r["round"], "round_s": r["seconds"], "participated": r["participated"], "failed": r["failed"],
+            "slowest_store_s": round(max(own, default=0.0), 2),
+            "superlink_cpu_s": round(sampler.cpu_between("superlink", start, end), 1),
+            "serverapp_cpu_s": round(sampler.cpu_between("serverapp", start, end), 1),
+            "light_bytes_in": sum(h["bytes_pulled"] or 0 for h in handled),
+            "light_bytes_out": sum(h["bytes_pushed"] for h in handled),
+        })
+    for row in rows:
+        row["server_overhead_s"] = round(max(0.0, row["round_s"] - row["slowest_store_s"]), 2)
+
+    def mean(key: str) -> float | None:
+        return round(sum(r[key] for r in rows) / len(rows), 2) if rows else None
+
+    return {
+        "round_s": mean("round_s"), "server_overhead_s": mean("server_overhead_s"),
+        "superlink_cpu_s_per_round": mean("superlink_cpu_s"), "serverapp_cpu_s_per_round": mean("serverapp_cpu_s"),
+        # Server's view: out = what the lightweight stores pulled, in = what they pushed (real daemons' not counted).
+        "bytes_out_per_round": mean("light_bytes_in"), "bytes_in_per_round": mean("light_bytes_out"),
+        # Every store that did not do its part: a round's failure or refusal, no explore release, no final model.
+        "failures": (len(results.get("failures", [])) + len(results.get("explore_prior", {}).get("failed", []))
+                     + len(results.get("delivery", {}).get("failed", []))),
+        "participated": [r["participated"] for r in rows],
+        "explore_released": len(results.get("explore_prior", {}).get("released", [])),
+        "delivered": len(results.get("delivery", {}).get("delivered", [])),
+        "per_round": rows,
+    }
+
+
+def bench_deploy(stores: list[int], *, rounds: int = 2, real: int = 2, database: str = "memory",
+                 out: Path | None = None, workers: int = 4, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Every case of ``stores``, one after another; ``{"cases": [...], ...}``."""
+    if not stores or any(n < 1 for n in stores):
+        raise DataError("--stores: give store counts of at least 1, e.g. 10,100,500")
+    if rounds < 1:
+        raise DataError("--rounds must be at least 1")
+    if database not in DATABASES:
+        raise DataError(f"--database: one of {', '.join(DATABASES)}")
+    base = Path(out) if out else Path(tempfile.mkdtemp(prefix="storefed-bench-deploy-"))
+    cases = []
+    for n in stores:
+        case = run_case(n, rounds=rounds, real=real, database=database, work=base / f"stores-{n}",
+                        workers=workers, timeout_s=timeout_s)
+        cases.append(case)
+        print(f"bench deploy: {n} stores: round {case.get('round_s')} s, overhead {case.get('server_overhead_s')} s, "
+              f"SuperLink {case.get('superlink_cpu_s_per_round')} CPU-s/round, failures {case.get('failures')}",
+              file=sys.stderr, flush=True)
+    return {"cases": cases, "machine": {"cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
+            "work_dir": str(base)}
