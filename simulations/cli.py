@@ -446,6 +446,11 @@ def bench_deploy(
                                                 "(default: a new temporary directory)")] = None,
     workers: Annotated[int, typer.Option("--workers", help="processes holding the lightweight clients")] = 4,
     timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for stores and for each round")] = 600.0,
+    round_timeout: Annotated[Optional[float], typer.Option(
+        "--round-timeout", help="the run's round-timeout-s (default: --timeout)")] = None,
+    straggler_s: Annotated[float, typer.Option(
+        "--straggler-s", help="fault: the last lightweight store answers the last round this many seconds late "
+        "(0: none)")] = 0.0,
     json: Json = False,
 ) -> int:
     """A real SuperLink (TLS, node authentication) and ServerApp against N stores: round time,
@@ -455,7 +460,7 @@ def bench_deploy(
     if out is not None and out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out}: not empty; choose a new directory")
     result = run(_int_list(stores, "--stores", "counts"), rounds=rounds, real=real, database=database, out=out,
-                 workers=workers, timeout_s=timeout)
+                 workers=workers, timeout_s=timeout, round_timeout_s=round_timeout, straggler_s=straggler_s)
     if json:
         print(dumps(result))
         return 0

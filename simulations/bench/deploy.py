@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,9 @@ def _requests_between(handled: list[dict], start: float, end: float) -> list[dic
 
 
 def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, workers: int,
-             timeout_s: float) -> dict[str, Any]:
-    """One case: bring everything up in ``work``, run, measure, stop every process."""
+             timeout_s: float, round_timeout_s: float | None = None, straggler_s: float = 0.0) -> dict[str, Any]:
+    """One case: bring everything up in ``work``, run, measure, stop every process. With
+    ``straggler_s`` the last lightweight store answers the last round that many seconds late."""
     from client.daemon.node_key import make_node_key
     from common.data.dataset import ItemIndex
     from common.data.storefiles import read_catalog, write_chain
@@ -115,6 +117,9 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
                                          brands=20, seed=1)), chain)
     real_ids = sorted(p.name for p in (chain / "stores").iterdir() if p.is_dir())[:real]
     light_ids = [f"L{i:04d}" for i in range(1, stores - real + 1)]
+    if straggler_s and not light_ids:
+        raise DataError("--straggler-s needs a lightweight store (fewer --real-daemons than --stores)")
+    late = {light_ids[-1]: {str(rounds): straggler_s}} if straggler_s else {}
     items = ItemIndex.from_catalog(read_catalog(chain))
     release_length = items.n_items + items.n_categories ** 2  # server/explore_round.py checks this length
     server = work / "server"
@@ -133,7 +138,8 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
     procs = Processes(work / "logs", env)
     db = ":flwr-in-memory:" if database == "memory" else str(home / "superlink.db")
     case: dict[str, Any] = {"stores": stores, "real_daemons": real, "light_clients": len(light_ids),
-                            "database": database, "rounds": rounds}
+                            "database": database, "rounds": rounds,
+                            "stragglers": {s: v for s, v in late.items()}, "work_dir": str(work)}
     sampler = None
     timings: dict[str, float] = {}
     try:
@@ -158,7 +164,7 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
         per_worker = max(1, -(-len(light_ids) // max(1, workers)))
         for w, first in enumerate(range(0, len(light_ids), per_worker)):
             spec = {"address": f"127.0.0.1:{port}", "ca_cert": str(pki["ca_cert"]), "release_length": release_length,
-                    "stores": [{"store_id": s, "private_key": str(keys[s][0])}
+                    "stores": [{"store_id": s, "private_key": str(keys[s][0]), "late": late.get(s)}
                                for s in light_ids[first:first + per_worker]]}
             spec_path, stats_path = work / f"light-{w}.json", work / f"light-{w}.stats.json"
             spec_path.write_text(json.dumps(spec))
@@ -175,7 +181,7 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
 
         out_dir = work / "run"
         settings = (f"data-dir='{server}' stores={stores} rounds={rounds} fraction-evaluate=0.0 min-stores=1 "
-                    f"node-wait-s={timeout_s} round-timeout-s={timeout_s} update-norm-factor=0.0 "
+                    f"node-wait-s={timeout_s} round-timeout-s={round_timeout_s or timeout_s} update-norm-factor=0.0 "
                     f"target-epsilon=8.0 out-dir='{out_dir}'")
         overrides = signed_run_config(settings, operator_key=operator_private, app=ROOT)
         argv = [str(BIN / "flwr"), "run", str(ROOT), local_deploy.FEDERATION, "--stream"]
@@ -200,6 +206,8 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
         else:
             results = json.loads(results_path.read_text())
             case.update(_per_round(results, sampler, daemons, light, real_ids))
+            case["failed_stores"] = sorted({f["store"] for f in results.get("failures", [])})
+        case["run_log"] = str(run.log)
         case["superlink_peak_mb"] = round(sampler.peak_mb("superlink"), 1)
         case["serverapp_peak_mb"] = round(sampler.peak_mb("serverapp"), 1)
         case["superlink_cpu_s_total"] = round(sampler.cpu_between("superlink", sampler.samples[0][0],
@@ -226,7 +234,9 @@ def _per_round(results: dict, sampler: Sampler, daemons: Sampler | None, light: 
         if "window" not in r:
             continue
         start, end = r["window"]
-        handled = [h for h in _requests_between(light["handled"], start, end) if h["type"].startswith("train")]
+        # Replies that made it into the round (a straggler's late one does not count).
+        handled = [h for h in _requests_between(light["handled"], start, end)
+                   if h["type"].startswith("train") and h["sent"] <= end]
         own = [h["answered"] - h["pulled"] for h in handled]
         if daemons:
             own += [daemons.cpu_between("exec", start, end) / max(1, len(real_ids))]  # per daemon, on average
@@ -260,19 +270,27 @@ def _per_round(results: dict, sampler: Sampler, daemons: Sampler | None, light: 
 
 
 def bench_deploy(stores: list[int], *, rounds: int = 2, real: int = 2, database: str = "memory",
-                 out: Path | None = None, workers: int = 4, timeout_s: float = 600.0) -> dict[str, Any]:
+                 out: Path | None = None, workers: int = 4, timeout_s: float = 600.0,
+                 round_timeout_s: float | None = None, straggler_s: float = 0.0) -> dict[str, Any]:
     """Every case of ``stores``, one after another; ``{"cases": [...], ...}``."""
     if not stores or any(n < 1 for n in stores):
         raise DataError("--stores: give store counts of at least 1, e.g. 10,100,500")
     if rounds < 1:
         raise DataError("--rounds must be at least 1")
+    if round_timeout_s is not None and round_timeout_s <= 0:
+        raise DataError("--round-timeout must be positive")
+    if straggler_s < 0:
+        raise DataError("--straggler-s must be 0 or more")
     if database not in DATABASES:
         raise DataError(f"--database: one of {', '.join(DATABASES)}")
     base = Path(out) if out else Path(tempfile.mkdtemp(prefix="storefed-bench-deploy-"))
+    # Stopped from outside (SIGTERM): unwind, so that each case stops every process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cases = []
     for n in stores:
         case = run_case(n, rounds=rounds, real=real, database=database, work=base / f"stores-{n}",
-                        workers=workers, timeout_s=timeout_s)
+                        workers=workers, timeout_s=timeout_s, round_timeout_s=round_timeout_s,
+                        straggler_s=straggler_s)
         cases.append(case)
         print(f"bench deploy: {n} stores: round {case.get('round_s')} s, overhead {case.get('server_overhead_s')} s, "
               f"SuperLink {case.get('superlink_cpu_s_per_round')} CPU-s/round, failures {case.get('failures')}",

@@ -2,7 +2,7 @@
 
 Each client is one registered SuperNode identity (its own EC P-384 key, signed requests over
 TLS, exactly as ``flower-supernode`` sends them, through Flower's own FleetHttpClient and
-NodeAuthHttpInterceptor). It activates, sends heartbeats at the SuperNode's interval, polls
+NodeAuthHttpInterceptor). It activates, sends heartbeats at the SuperNode's interval from a thread of their own, polls
 for messages every 3 s like the SuperNode's idle loop, pulls every object of a message,
 confirms it, and pushes a reply of the same shape and size as a real store's, object by object.
 
@@ -13,6 +13,9 @@ trained model's are, and the SuperLink stores and serves every byte), with DP me
 that are placeholders; its explore reply a random vector of the release's length; it
 acknowledges the final model with the announced hash; it refuses evaluation (the bench runs
 with fraction-evaluate=0).
+
+A straggler (``"late": {"2": 25}`` in its entry of the spec) answers that round's train
+message that many seconds late, for the round-timeout fault.
 
 Run as ``python -m simulations.bench.fleet_clients SPEC.json STATS.json``: one process holds
 many clients (a thread each) and rewrites STATS.json every second until SIGTERM.
@@ -65,7 +68,7 @@ class LightStore:
     """One store identity speaking the Fleet API (see the module docstring for what it skips)."""
 
     def __init__(self, store_id: str, address: str, ca_cert: Path, private_key: Path, release_length: int,
-                 stats: Stats) -> None:
+                 stats: Stats, late: dict[str, float] | None = None) -> None:
         from cryptography.hazmat.primitives import serialization
         from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
         from flwr.supernode.fleet_http_client import FleetHttpClient
@@ -73,6 +76,7 @@ class LightStore:
 
         key = serialization.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
         self.store_id, self.release_length, self.stats = store_id, release_length, stats
+        self.late = late or {}  # server round → seconds this store takes before it answers (a straggler)
         self.public_key = key.public_key()
         self.client = FleetHttpClient.from_server_address(
             address, False, str(ca_cert),
@@ -112,22 +116,17 @@ class LightStore:
                 self.stats.errors.append(f"{self.store_id}: {text[:300]}")
 
     def run(self, stop: threading.Event) -> None:
-        """Activate, then heartbeat and poll until ``stop``; deactivate."""
-        from flwr.common.constant import HEARTBEAT_BASE_MULTIPLIER, HEARTBEAT_DEFAULT_INTERVAL
+        """Activate, then heartbeat (its own thread, as Flower's HeartbeatSender: a long
+        pull or push must not starve it) and poll until ``stop``; deactivate."""
         from flwr.proto.fleet_pb2 import DeactivateNodeRequest, PullMessagesRequest
-        from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 
         if not self.activate(stop):
             return
-        beat = HEARTBEAT_DEFAULT_INTERVAL * HEARTBEAT_BASE_MULTIPLIER  # Flower's HeartbeatSender's pace
-        next_beat = time.time() + beat * random.uniform(0.9, 1.1)
+        beating = threading.Thread(target=self.beat, args=(stop,), daemon=True, name=f"{self.store_id}-heartbeat")
+        beating.start()
         stop.wait(random.uniform(0, POLL_S))  # clients started together must not poll in step
         while not stop.is_set():
             try:
-                if time.time() >= next_beat:
-                    self.call("SendNodeHeartbeat", SendNodeHeartbeatRequest(
-                        node=self.node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
-                    next_beat = time.time() + beat * random.uniform(0.9, 1.1)
                 response = self.call("PullMessages", PullMessagesRequest(node=self.node))
                 if response.messages_list:
                     self.handle(response.messages_list[0], response.message_object_trees[0])
@@ -135,10 +134,23 @@ class LightStore:
             except Exception as exc:
                 self.error(f"{type(exc).__name__}: {exc}")
             stop.wait(POLL_S)
+        beating.join(timeout=5)
         try:
             self.client.DeactivateNode(DeactivateNodeRequest(node_id=self.node.node_id))
         except Exception:  # shutting down: the SuperLink may already be gone
             pass
+
+    def beat(self, stop: threading.Event) -> None:
+        """A heartbeat every 0.8 × the interval announced (Flower's pace), ±10 %."""
+        from flwr.common.constant import HEARTBEAT_BASE_MULTIPLIER, HEARTBEAT_DEFAULT_INTERVAL
+        from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+
+        while not stop.wait(HEARTBEAT_DEFAULT_INTERVAL * HEARTBEAT_BASE_MULTIPLIER * random.uniform(0.9, 1.1)):
+            try:
+                self.call("SendNodeHeartbeat", SendNodeHeartbeatRequest(
+                    node=self.node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
+            except Exception as exc:
+                self.error(f"heartbeat: {type(exc).__name__}: {exc}")
 
     def handle(self, proto: Any, tree: Any) -> None:
         """Pull a message's objects, confirm, answer, push the reply's objects."""
@@ -163,6 +175,10 @@ class LightStore:
         pulled = time.time()
         bytes_pulled = sum(len(c) for c in contents.values())  # before inflating, which consumes them
         full = inflate_object_from_contents(tree.object_id, contents)
+        config = full.content.config_records.get("config", {})
+        server_round = str(config.get("server-round", ""))  # Flower's strategies put the round there
+        if msg.metadata.message_type.startswith("train") and server_round in self.late:
+            time.sleep(self.late[server_round])
         reply = self.answer(msg, full.content)
         with no_object_id_recompute():
             reply.metadata.__dict__["_message_id"] = reply.object_id
@@ -178,7 +194,7 @@ class LightStore:
             make_push_object_fn_protobuf(lambda r: self.call("PushObject", r), self.node, run_id, response.session_id))
         with self.stats.lock:
             self.stats.handled.append({
-                "store": self.store_id, "type": msg.metadata.message_type, "round": msg.metadata.group_id,
+                "store": self.store_id, "type": msg.metadata.message_type, "round": server_round,
                 "received": received, "pulled": pulled, "answered": answered, "sent": time.time(),
                 "objects_pulled": len(ids), "objects_pushed": len(wanted),
                 "bytes_pulled": bytes_pulled,
@@ -221,7 +237,7 @@ def serve(spec: dict[str, Any], stats_path: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stats = Stats()
     stores = [LightStore(s["store_id"], spec["address"], Path(spec["ca_cert"]), Path(s["private_key"]),
-                         int(spec["release_length"]), stats) for s in spec["stores"]]
+                         int(spec["release_length"]), stats, s.get("late")) for s in spec["stores"]]
     threads = [threading.Thread(target=s.run, args=(stop,), daemon=True, name=s.store_id) for s in stores]
     for thread in threads:
         thread.start()
