@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,45 +99,124 @@ def _requests_between(handled: list[dict], start: float, end: float) -> list[dic
     return [h for h in handled if start <= h["received"] <= end]
 
 
+@dataclass
+class Loopback:
+    """One deployment on loopback: files, keys, the SuperLink's command line, the stores' processes."""
+
+    work: Path
+    stores: int
+    real_ids: list[str]
+    light_ids: list[str]
+    database: str
+    procs: Processes = field(init=False)
+    stats_paths: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from client.daemon.node_key import make_node_key
+        from common.data.dataset import ItemIndex
+        from common.data.storefiles import read_catalog, write_chain
+        from common.data.synth import ChainSpec, generate_chain
+        from server.certs import make_dev_pki
+        from server.operator_key import make_operator_key
+
+        work = self.work
+        work.mkdir(parents=True)
+        self.chain = work / "chain"
+        real = len(self.real_ids)
+        write_chain(generate_chain(ChainSpec(stores=max(real, 1), members=150 * max(real, 1), items=300,
+                                             categories=8, brands=20, seed=1)), self.chain)
+        items = ItemIndex.from_catalog(read_catalog(self.chain))
+        self.release_length = items.n_items + items.n_categories ** 2  # server/explore_round.py checks it
+        self.server = work / "server"
+        self.server.mkdir()
+        shutil.copy(self.chain / "catalog.csv", self.server / "catalog.csv")
+        self.pki = make_dev_pki(work / "certs")
+        self.keys = {s: make_node_key(work / "store-keys", s) for s in (*self.real_ids, *self.light_ids)}
+        self.operator_private, self.operator_public = make_operator_key(work / "operator")
+        self.home = work / "flwr-home"
+        self.home.mkdir()
+        self.port = free_port()
+        atomic_write_text(self.home / "config.toml",
+                          f'[superlink]\ndefault = "{local_deploy.FEDERATION}"\n\n'
+                          f'[superlink.{local_deploy.FEDERATION}]\naddress = "127.0.0.1:{self.port}"\n'
+                          f'root-certificates = "{self.pki["ca_cert"]}"\n')
+        self.env = local_deploy.flower_env(self.home)
+        self.procs = Processes(work / "logs", self.env)
+        self.db = ":flwr-in-memory:" if self.database == "memory" else str(self.home / "superlink.db")
+
+    def start_superlink(self, name: str = "superlink") -> Any:
+        """The SuperLink (again, after a restart: same port, same state database)."""
+        link = self.procs.start(name, local_deploy.superlink_argv(self.port, self.pki, Path(self.db)))
+        wait_for(lambda: "Uvicorn running on https://" in link.text() or link.popen.poll() is not None, 120,
+                 "the SuperLink to listen")
+        if link.popen.poll() is not None:
+            raise DataError(f"the SuperLink exited; see {link.log}")
+        return link
+
+    def start_stores(self, workers: int, late: dict[str, dict[str, float]], timeout_s: float) -> None:
+        """Register every key, start the real daemons and the lightweight clients, wait for all."""
+        register_keys(self.home, {s: self.keys[s][1] for s in self.keys})
+        for store in self.real_ids:
+            runtime = free_port()
+            (self.work / "nodes" / store).mkdir(parents=True)
+            self.procs.start(store, local_deploy.supernode_argv(
+                f"127.0.0.1:{self.port}", self.pki["ca_cert"], self.keys[store][0], runtime,
+                local_deploy.store_node_config(self.chain / "stores" / store, self.chain, self.operator_public)),
+                env={"FLWR_HOME": str(self.work / "nodes" / store)})
+            self.procs.start(f"{store}-exec", local_deploy.store_exec_argv(runtime))
+        per_worker = max(1, -(-len(self.light_ids) // max(1, workers)))
+        for w, first in enumerate(range(0, len(self.light_ids), per_worker)):
+            spec = {"address": f"127.0.0.1:{self.port}", "ca_cert": str(self.pki["ca_cert"]),
+                    "release_length": self.release_length,
+                    "stores": [{"store_id": s, "private_key": str(self.keys[s][0]), "late": late.get(s)}
+                               for s in self.light_ids[first:first + per_worker]]}
+            spec_path, stats_path = self.work / f"light-{w}.json", self.work / f"light-{w}.stats.json"
+            spec_path.write_text(json.dumps(spec))
+            self.stats_paths.append(stats_path)
+            self.procs.start(f"light-{w}", [sys.executable, "-m", "simulations.bench.fleet_clients",
+                                            str(spec_path), str(stats_path)], env={"PYTHONPATH": str(ROOT)})
+        wait_for(lambda: self.light()["activated"] >= len(self.light_ids)
+                 and all("SuperNode ID:" in self.procs.procs[s].text() for s in self.real_ids)
+                 and all("serving storefed" in self.procs.procs[f"{s}-exec"].text() for s in self.real_ids),
+                 timeout_s, f"{self.stores} stores to connect")
+
+    def light(self) -> dict[str, Any]:
+        return _merge_stats(self.stats_paths)
+
+    def settings(self, rounds: int, out_dir: Path, timeout_s: float, round_timeout_s: float | None = None) -> str:
+        return (f"data-dir='{self.server}' stores={self.stores} rounds={rounds} fraction-evaluate=0.0 "
+                f"min-stores=1 node-wait-s={timeout_s} round-timeout-s={round_timeout_s or timeout_s} "
+                f"update-norm-factor=0.0 target-epsilon=8.0 out-dir='{out_dir}'")
+
+    def start_run(self, name: str, settings: str) -> Any:
+        """A run signed with the operator key (the real daemons refuse any other), as ``storefed train``."""
+        from server.train import signed_run_config
+
+        argv = [str(BIN / "flwr"), "run", str(ROOT), local_deploy.FEDERATION, "--stream"]
+        for override in signed_run_config(settings, operator_key=self.operator_private, app=ROOT):
+            argv += ["--run-config", override]
+        return self.procs.start(name, argv)
+
+    def status(self, run: Any) -> str:
+        """Flower's status of the run ``run`` started."""
+        from server.train import run_status
+
+        run_id = next((line.rsplit(" ", 1)[1] for line in run.text().splitlines()
+                       if "Successfully started run" in line), None)
+        return run_status(self.env, local_deploy.FEDERATION, int(run_id)) if run_id else "not started"
+
+
 def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, workers: int,
              timeout_s: float, round_timeout_s: float | None = None, straggler_s: float = 0.0) -> dict[str, Any]:
     """One case: bring everything up in ``work``, run, measure, stop every process. With
     ``straggler_s`` the last lightweight store answers the last round that many seconds late."""
-    from client.daemon.node_key import make_node_key
-    from common.data.dataset import ItemIndex
-    from common.data.storefiles import read_catalog, write_chain
-    from common.data.synth import ChainSpec, generate_chain
-    from server.certs import make_dev_pki
-    from server.operator_key import make_operator_key
-    from server.train import run_status, signed_run_config
-
     real = min(real, stores)
-    work.mkdir(parents=True)
-    chain = work / "chain"
-    write_chain(generate_chain(ChainSpec(stores=max(real, 1), members=150 * max(real, 1), items=300, categories=8,
-                                         brands=20, seed=1)), chain)
-    real_ids = sorted(p.name for p in (chain / "stores").iterdir() if p.is_dir())[:real]
     light_ids = [f"L{i:04d}" for i in range(1, stores - real + 1)]
     if straggler_s and not light_ids:
         raise DataError("--straggler-s needs a lightweight store (fewer --real-daemons than --stores)")
     late = {light_ids[-1]: {str(rounds): straggler_s}} if straggler_s else {}
-    items = ItemIndex.from_catalog(read_catalog(chain))
-    release_length = items.n_items + items.n_categories ** 2  # server/explore_round.py checks this length
-    server = work / "server"
-    server.mkdir()
-    shutil.copy(chain / "catalog.csv", server / "catalog.csv")
-    pki = make_dev_pki(work / "certs")
-    keys = {s: make_node_key(work / "store-keys", s) for s in (*real_ids, *light_ids)}
-    operator_private, operator_public = make_operator_key(work / "operator")
-    home = work / "flwr-home"
-    home.mkdir()
-    port = free_port()
-    atomic_write_text(home / "config.toml",
-                      f'[superlink]\ndefault = "{local_deploy.FEDERATION}"\n\n[superlink.{local_deploy.FEDERATION}]\n'
-                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{pki["ca_cert"]}"\n')
-    env = local_deploy.flower_env(home)
-    procs = Processes(work / "logs", env)
-    db = ":flwr-in-memory:" if database == "memory" else str(home / "superlink.db")
+    deployment = Loopback(work, stores, [f"S{i:03d}" for i in range(1, real + 1)], light_ids, database)
+    procs = deployment.procs
     case: dict[str, Any] = {"stores": stores, "real_daemons": real, "light_clients": len(light_ids),
                             "database": database, "rounds": rounds,
                             "stragglers": {s: v for s, v in late.items()}, "work_dir": str(work)}
@@ -144,60 +224,22 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
     timings: dict[str, float] = {}
     try:
         t = time.time()
-        link = procs.start("superlink", local_deploy.superlink_argv(port, pki, Path(db)))
-        wait_for(lambda: "Uvicorn running on https://" in link.text() or link.popen.poll() is not None, 120,
-                 "the SuperLink to listen")
-        if link.popen.poll() is not None:
-            raise DataError(f"the SuperLink exited; see {link.log}")
+        link = deployment.start_superlink()
         sampler = Sampler([link.pid], _classify).start()
-        register_keys(home, {s: keys[s][1] for s in keys})
-        timings["register_s"] = round(time.time() - t, 1)
-        for store in real_ids:
-            runtime = free_port()
-            (work / "nodes" / store).mkdir(parents=True)
-            procs.start(store, local_deploy.supernode_argv(
-                f"127.0.0.1:{port}", pki["ca_cert"], keys[store][0], runtime,
-                local_deploy.store_node_config(chain / "stores" / store, chain, operator_public)),
-                env={"FLWR_HOME": str(work / "nodes" / store)})
-            procs.start(f"{store}-exec", local_deploy.store_exec_argv(runtime))
-        stats_paths = []
-        per_worker = max(1, -(-len(light_ids) // max(1, workers)))
-        for w, first in enumerate(range(0, len(light_ids), per_worker)):
-            spec = {"address": f"127.0.0.1:{port}", "ca_cert": str(pki["ca_cert"]), "release_length": release_length,
-                    "stores": [{"store_id": s, "private_key": str(keys[s][0]), "late": late.get(s)}
-                               for s in light_ids[first:first + per_worker]]}
-            spec_path, stats_path = work / f"light-{w}.json", work / f"light-{w}.stats.json"
-            spec_path.write_text(json.dumps(spec))
-            stats_paths.append(stats_path)
-            procs.start(f"light-{w}", [sys.executable, "-m", "simulations.bench.fleet_clients", str(spec_path),
-                                       str(stats_path)], env={"PYTHONPATH": str(ROOT)})
-        wait_for(lambda: _merge_stats(stats_paths)["activated"] >= len(light_ids)
-                 and all("SuperNode ID:" in procs.procs[s].text() for s in real_ids)
-                 and all("serving storefed" in procs.procs[f"{s}-exec"].text() for s in real_ids),
-                 timeout_s, f"{stores} stores to connect")
+        deployment.start_stores(workers, late, timeout_s)
         timings["connect_s"] = round(time.time() - t, 1)
-        exec_pids = [procs.procs[f"{s}-exec"].pid for s in real_ids]
+        exec_pids = [procs.procs[f"{s}-exec"].pid for s in deployment.real_ids]
         daemons = Sampler(exec_pids, lambda pid, cmd: "exec").start() if exec_pids else None
-
         out_dir = work / "run"
-        settings = (f"data-dir='{server}' stores={stores} rounds={rounds} fraction-evaluate=0.0 min-stores=1 "
-                    f"node-wait-s={timeout_s} round-timeout-s={round_timeout_s or timeout_s} update-norm-factor=0.0 "
-                    f"target-epsilon=8.0 out-dir='{out_dir}'")
-        overrides = signed_run_config(settings, operator_key=operator_private, app=ROOT)
-        argv = [str(BIN / "flwr"), "run", str(ROOT), local_deploy.FEDERATION, "--stream"]
-        for override in overrides:
-            argv += ["--run-config", override]
         t = time.time()
-        run = procs.start("run", argv)
+        run = deployment.start_run("run", deployment.settings(rounds, out_dir, timeout_s, round_timeout_s))
         run.popen.wait(timeout=timeout_s * (rounds + 3))
         timings["run_s"] = round(time.time() - t, 1)
-        run_id = next((line.rsplit(" ", 1)[1] for line in run.text().splitlines()
-                       if "Successfully started run" in line), None)
-        case["flower_status"] = run_status(env, local_deploy.FEDERATION, int(run_id)) if run_id else "not started"
+        case["flower_status"] = deployment.status(run)
         sampler.stop()
         if daemons:
             daemons.stop()
-        light = _merge_stats(stats_paths)
+        light = deployment.light()
         results_path = out_dir / "results.json"
         if not results_path.exists():
             case.update({"round_s": None, "server_overhead_s": None, "failures": None,
@@ -205,7 +247,7 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
                                   f"see {work / 'logs'}"})
         else:
             results = json.loads(results_path.read_text())
-            case.update(_per_round(results, sampler, daemons, light, real_ids))
+            case.update(_per_round(results, sampler, daemons, light, deployment.real_ids))
             case["failed_stores"] = sorted({f["store"] for f in results.get("failures", [])})
         case["run_log"] = str(run.log)
         case["superlink_peak_mb"] = round(sampler.peak_mb("superlink"), 1)

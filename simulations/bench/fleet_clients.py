@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,6 @@ class LightStore:
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                           NodeAuthHttpInterceptor(key, self.public_key)])
         self.node = None
-        self.rng = np.random.default_rng(abs(hash(store_id)) % 2**32)
 
     def call(self, method: str, request: Any) -> Any:
         response = getattr(self.client, method)(request)
@@ -133,6 +133,10 @@ class LightStore:
                     continue  # as the SuperNode: after a message, pull again at once
             except Exception as exc:
                 self.error(f"{type(exc).__name__}: {exc}")
+                if _refused(exc):  # a restarted SuperLink does not know this node as online: join again
+                    stop.wait(POLL_S)
+                    self.activate(stop)
+                    continue
             stop.wait(POLL_S)
         beating.join(timeout=5)
         try:
@@ -179,7 +183,7 @@ class LightStore:
         server_round = str(config.get("server-round", ""))  # Flower's strategies put the round there
         if msg.metadata.message_type.startswith("train") and server_round in self.late:
             time.sleep(self.late[server_round])
-        reply = self.answer(msg, full.content)
+        reply = self.answer(msg, full.content, server_round)
         with no_object_id_recompute():
             reply.metadata.__dict__["_message_id"] = reply.object_id
         reply_tree = get_object_tree(reply)
@@ -200,23 +204,26 @@ class LightStore:
                 "bytes_pulled": bytes_pulled,
                 "bytes_pushed": sum(len(objects[o]) for o in wanted)})
 
-    def answer(self, msg: Any, content: Any) -> Any:
-        """A reply shaped as a real store's (common/exchange/wire.py) for ``msg``."""
+    def answer(self, msg: Any, content: Any, server_round: str = "") -> Any:
+        """A reply shaped as a real store's (common/exchange/wire.py) for ``msg``: a function of
+        the store, the round and what was received, so a run repeated (or resumed after a
+        server restart) gets the same replies and ends with the same model."""
         from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
         from common.exchange import wire
 
         kind = msg.metadata.message_type
+        rng = np.random.default_rng([zlib.crc32(self.store_id.encode()), zlib.crc32(f"{kind}/{server_round}".encode())])
         store = ConfigRecord({"store-id": self.store_id, "accountant": "prv"})
         if kind.startswith("train"):
             sent = content.array_records[wire.TRAIN_ARRAYS]
-            arrays = ArrayRecord({k: Array((v.numpy() + 1e-4 * self.rng.standard_normal(v.shape)).astype(v.numpy().dtype))
+            arrays = ArrayRecord({k: Array((v.numpy() + 1e-4 * rng.standard_normal(v.shape)).astype(v.numpy().dtype))
                                   for k, v in sent.items()})
             metrics = MetricRecord({"num-examples": 150, "epsilon": 0.0, "delta": 1e-6, "noise-multiplier": 0.0,
                                     "rounds-trained": 0, "epsilon-budget": 8.0})
             return Message(RecordDict({wire.TRAIN_ARRAYS: arrays, "metrics": metrics, "store": store}), reply_to=msg)
         if kind == wire.EXPLORE_MESSAGE:
-            release = self.rng.standard_normal(self.release_length)
+            release = rng.standard_normal(self.release_length)
             metrics = MetricRecord({"epsilon": 0.0, "delta": 1e-6, "noise-multiplier": 1.0, "epsilon-budget": 8.0})
             return Message(RecordDict({wire.EXPLORE_ARRAYS: ArrayRecord({"release": Array(release)}),
                                        "metrics": metrics, "store": ConfigRecord({"store-id": self.store_id})}),
@@ -227,6 +234,13 @@ class LightStore:
                            reply_to=msg)
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(
             self.store_id, f"lightweight bench client: does not answer {kind}")), reply_to=msg)
+
+
+def _refused(exc: Exception) -> bool:
+    """True for an HTTP answer saying the SuperLink does not accept this node now (4xx)."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and 400 <= exc.response.status_code < 500
 
 
 def serve(spec: dict[str, Any], stats_path: Path) -> None:
