@@ -455,7 +455,7 @@ def bench_deploy(
 ) -> int:
     """A real SuperLink (TLS, node authentication) and ServerApp against N stores: round time,
     server CPU and memory, bytes, failures."""
-    from simulations.bench.deploy import bench_deploy as run
+    from simulations.bench.deploy import bench_deploy as run, render
 
     if out is not None and out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out}: not empty; choose a new directory")
@@ -464,16 +464,7 @@ def bench_deploy(
     if json:
         print(dumps(result))
         return 0
-    print(f"{'stores':>6} {'real':>4} {'round s':>8} {'overhead s':>10} {'SL CPU-s':>8} {'SA CPU-s':>8} "
-          f"{'SL MB':>7} {'SA MB':>7} {'MB out':>7} {'MB in':>7} {'fail':>4}")
-    for c in result["cases"]:
-        def num(key: str, fmt: str) -> str:
-            return "-" if c.get(key) is None else format(c[key], fmt)
-        print(f"{c['stores']:>6} {c['real_daemons']:>4} {num('round_s', '8.1f')} {num('server_overhead_s', '10.1f')} "
-              f"{num('superlink_cpu_s_per_round', '8.1f')} {num('serverapp_cpu_s_per_round', '8.1f')} "
-              f"{c['superlink_peak_mb']:7.0f} {c['serverapp_peak_mb']:7.0f} "
-              f"{(c.get('bytes_out_per_round') or 0) / 2**20:7.1f} {(c.get('bytes_in_per_round') or 0) / 2**20:7.1f} "
-              f"{num('failures', '4d')}" + (f"  {c['error']}" if c.get("error") else ""))
+    print(render(result))
     return 0
 
 

@@ -233,7 +233,11 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
         out_dir = work / "run"
         t = time.time()
         run = deployment.start_run("run", deployment.settings(rounds, out_dir, timeout_s, round_timeout_s))
-        run.popen.wait(timeout=timeout_s * (rounds + 3))
+        try:
+            run.popen.wait(timeout=timeout_s * (rounds + 3))  # the explore release, the rounds, the final model
+        except subprocess.TimeoutExpired:
+            case["timed_out_after_s"] = round(time.time() - t, 1)
+            procs.kill("run")
         timings["run_s"] = round(time.time() - t, 1)
         case["flower_status"] = deployment.status(run)
         sampler.stop()
@@ -250,6 +254,7 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
             case.update(_per_round(results, sampler, daemons, light, deployment.real_ids))
             case["failed_stores"] = sorted({f["store"] for f in results.get("failures", [])})
         case["run_log"] = str(run.log)
+        case["phases"] = _phases(light)
         case["superlink_peak_mb"] = round(sampler.peak_mb("superlink"), 1)
         case["serverapp_peak_mb"] = round(sampler.peak_mb("serverapp"), 1)
         case["superlink_cpu_s_total"] = round(sampler.cpu_between("superlink", sampler.samples[0][0],
@@ -266,6 +271,21 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
             sampler.stop()
     case["left_running"] = left
     return case
+
+
+def _phases(light: dict) -> dict[str, Any]:
+    """Per message kind (and round), what the lightweight stores saw: how many answered, and
+    the span from the first message received to the last reply sent. Read even when a run
+    did not finish, to say how far it got."""
+    spans: dict[str, dict[str, Any]] = {}
+    for h in light["handled"]:
+        key = h["type"] + (f" round {h['round']}" if h["round"] else "")
+        span = spans.setdefault(key, {"answered": 0, "first_received": h["received"], "last_sent": h["sent"]})
+        span["answered"] += 1
+        span["first_received"] = min(span["first_received"], h["received"])
+        span["last_sent"] = max(span["last_sent"], h["sent"])
+    return {k: {"answered": v["answered"], "span_s": round(v["last_sent"] - v["first_received"], 1)}
+            for k, v in sorted(spans.items(), key=lambda kv: kv[1]["first_received"])}
 
 
 def _per_round(results: dict, sampler: Sampler, daemons: Sampler | None, light: dict,
@@ -339,3 +359,21 @@ def bench_deploy(stores: list[int], *, rounds: int = 2, real: int = 2, database:
               file=sys.stderr, flush=True)
     return {"cases": cases, "machine": {"cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
             "work_dir": str(base)}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The cases as a table (the text form of ``--json``)."""
+    lines = [f"{'stores':>6} {'real':>4} {'round s':>8} {'overhead s':>10} {'SL CPU-s':>8} {'SA CPU-s':>8} "
+             f"{'SL MB':>7} {'SA MB':>7} {'MB out':>7} {'MB in':>7} {'fail':>4}"]
+    for c in result["cases"]:
+        def num(key: str, fmt: str) -> str:
+            return "-" if c.get(key) is None else format(c[key], fmt)
+        lines.append(f"{c['stores']:>6} {c['real_daemons']:>4} {num('round_s', '8.1f')} "
+                     f"{num('server_overhead_s', '10.1f')} {num('superlink_cpu_s_per_round', '8.1f')} "
+                     f"{num('serverapp_cpu_s_per_round', '8.1f')} {c['superlink_peak_mb']:7.0f} "
+                     f"{c['serverapp_peak_mb']:7.0f} {(c.get('bytes_out_per_round') or 0) / 2**20:7.1f} "
+                     f"{(c.get('bytes_in_per_round') or 0) / 2**20:7.1f} {num('failures', '4d')}"
+                     + (f"  {c['error']}" if c.get("error") else ""))
+    lines.append("SL: the SuperLink, SA: the ServerApp; CPU seconds and MB out/in per round, peak resident MB; "
+                 "overhead: round time minus the slowest store's own time")
+    return "\n".join(lines)
