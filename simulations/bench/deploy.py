@@ -246,7 +246,9 @@ def run_case(stores: int, *, rounds: int, real: int, database: str, work: Path, 
         light = deployment.light()
         results_path = out_dir / "results.json"
         if not results_path.exists():
-            case.update({"round_s": None, "server_overhead_s": None, "failures": None,
+            # The run failed as a whole: no store got a round aggregated or a model (case["phases"]
+            # says how far the lightweight stores got).
+            case.update({"round_s": None, "server_overhead_s": None, "failures": stores,
                          "error": f"the run left no results.json (Flower: {case['flower_status']}); "
                                   f"see {work / 'logs'}"})
         else:

@@ -132,11 +132,9 @@ class LightStore:
                     self.handle(response.messages_list[0], response.message_object_trees[0])
                     continue  # as the SuperNode: after a message, pull again at once
             except Exception as exc:
+                # As the SuperNode: log and poll again (a restarted SuperLink with its state
+                # database still knows this node; it never activates twice).
                 self.error(f"{type(exc).__name__}: {exc}")
-                if _refused(exc):  # a restarted SuperLink does not know this node as online: join again
-                    stop.wait(POLL_S)
-                    self.activate(stop)
-                    continue
             stop.wait(POLL_S)
         beating.join(timeout=5)
         try:
@@ -234,13 +232,6 @@ class LightStore:
                            reply_to=msg)
         return Message(Error(code=wire.REFUSE_CODE, reason=wire.refuse_reason(
             self.store_id, f"lightweight bench client: does not answer {kind}")), reply_to=msg)
-
-
-def _refused(exc: Exception) -> bool:
-    """True for an HTTP answer saying the SuperLink does not accept this node now (4xx)."""
-    import httpx
-
-    return isinstance(exc, httpx.HTTPStatusError) and 400 <= exc.response.status_code < 500
 
 
 def serve(spec: dict[str, Any], stats_path: Path) -> None:
