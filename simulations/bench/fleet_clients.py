@@ -2,9 +2,10 @@
 
 Each client is one registered SuperNode identity (its own EC P-384 key, signed requests over
 TLS, exactly as ``flower-supernode`` sends them, through Flower's own FleetHttpClient and
-NodeAuthHttpInterceptor). It activates, sends heartbeats at the SuperNode's interval from a thread of their own, polls
-for messages every 3 s like the SuperNode's idle loop, pulls every object of a message,
-confirms it, and pushes a reply of the same shape and size as a real store's, object by object.
+NodeAuthHttpInterceptor). It activates, sends heartbeats at the SuperNode's pace from a
+thread of its own, polls for messages every 3 s like the SuperNode's idle loop, pulls every
+object of a message, confirms it, and pushes a reply of the same shape and size as a real
+store's, object by object.
 
 What it skips (the store's side of a round, which is not server cost): the SuperNode's
 local state and ClientApp process, the run-signature and pinned-code checks, the ledger and
@@ -18,7 +19,7 @@ A straggler (``"late": {"2": 25}`` in its entry of the spec) answers that round'
 message that many seconds late, for the round-timeout fault.
 
 Run as ``python -m simulations.bench.fleet_clients SPEC.json STATS.json``: one process holds
-many clients (a thread each) and rewrites STATS.json every second until SIGTERM.
+many clients (two threads each: polls, heartbeats) and rewrites STATS.json every second until SIGTERM.
 """
 
 from __future__ import annotations
