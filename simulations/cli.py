@@ -562,6 +562,9 @@ def bench_campaigns(
     out: Annotated[Optional[str], typer.Option(
         "--out", help="output directory (default: a new temporary directory)")] = None,
     json: Annotated[bool, typer.Option("--json", help="print the results object")] = False,
+    cache: Annotated[Optional[str], typer.Option(
+        "--cache", help="keep each cut's trained scores in this directory and reuse them on the next run "
+        "(re-scoring without training again)")] = None,
 ) -> int:
     """Goods find people on real campaigns: who redeems, who buys (issue 25's protocol).
 
@@ -573,7 +576,8 @@ def bench_campaigns(
     from simulations.bench.campaigns import CampaignBenchSettings, run_campaigns_bench, table_text
 
     out_dir = Path(out).expanduser().resolve() if out else Path(tempfile.mkdtemp(prefix="storefed-campaigns-"))
-    results = run_campaigns_bench(CampaignBenchSettings(seed=seed, quick=quick), out_dir)
+    settings = CampaignBenchSettings(seed=seed, quick=quick, cache=Path(cache).expanduser().resolve() if cache else None)
+    results = run_campaigns_bench(settings, out_dir)
     if json:
         print(dumps(results, default=float))
         return 0

@@ -136,3 +136,14 @@ def test_store_audience_is_blind_to_lines_from_the_start_on():
     q, _ = cb.store_audience(cb.StoreScores(1, s.members, logp, later), catalog, np.array([100, 555]), 50.0, "buy")
     assert p == pytest.approx(q)
     assert np.all((p > 0) & (p < 1))
+
+
+def test_calibration_matches_the_base_rate_on_its_own_members():
+    # With an unpenalised intercept, a logistic fit's probabilities sum to the labels' count on the
+    # rows it was fitted on (here plus the two pseudo-rows at the mean, which add 1 label).
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 2))
+    y = rng.random(300) < 1 / (1 + np.exp(-(x[:, 0] - 1.5)))
+    cal = aud.fit_logistic(x, y)
+    at_mean = cal.probability(x.mean(0, keepdims=True))[0]
+    assert cal.probability(x).sum() + 2 * at_mean == pytest.approx(y.sum() + 1, abs=1e-6)

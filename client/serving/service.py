@@ -132,6 +132,14 @@ class StoreServing:
         self.member_ids = np.array(sorted(self.consenting), dtype=object)
         self.member_row = {m: i for i, m in enumerate(self.member_ids)}
         self.lines = lines[["member", "item", "day", "qty", "receipt"]]
+        # Coupon lines (promo names a coupon): the member's coupon history of a campaign audience (DESIGN §5.4).
+        self.coupon_lines = (lines["coupon"].to_numpy(dtype=bool) if "coupon" in lines.columns
+                             else np.zeros(len(lines), dtype=bool))
+        homes = self.member_frame["home_store"] if "home_store" in self.member_frame.columns else None
+        # Campaign audiences rank the store's home members only: a member is listed by one store.
+        self.home_rows = np.array([i for i, m in enumerate(self.member_ids)
+                                   if homes is None or contract.trains_here(homes.get(m, ""), self.store_id)],
+                                  dtype=np.int64)
         # What the store-local layer is fitted on when this process fits it (build_store_data).
         self.anonymous = anon[["item", "day", "qty"]]
         self.member_rows = checked.members
@@ -345,6 +353,73 @@ class StoreServing:
             scores = recommend.scores_for_item(bundle.states, bundle.item_v[item], float(bundle.item_b[item]),
                                                int(self.items.category[item]), item)
         return [{"member_id": str(self.member_ids[m]), "score": float(scores[m])} for m in recommend.top_k(scores, k)]
+
+    def campaign_audience(self, items: list[str], objective: str, k: int,
+                          candidates: list[str] | None = None) -> dict | None:
+        """The k home members (consenting) most likely to buy — or, ``redeem``, buy with a
+        coupon — any of ``items``, with calibrated probabilities (DESIGN §5.4). None: no model.
+
+        Unknown item ids are left out and counted; so are candidates that are not consenting
+        home members here. A ValueError names a request this store cannot answer."""
+        from common.learning import audience_score as aud
+
+        bundle = self.bundle
+        if bundle is None:
+            return None
+        cols = np.array(sorted({self.item_pos[i] for i in items if i in self.item_pos}), dtype=np.int64)
+        unknown = [i for i in items if i not in self.item_pos]
+        if len(cols) == 0:
+            raise ValueError("none of the items is in the catalog")
+        rows = self.home_rows
+        if candidates is not None:
+            wanted = {self.member_row.get(m, -1) for m in candidates}
+            rows = rows[np.isin(rows, list(wanted))]
+        fitted = self._campaign_calibration(bundle, cols, objective)
+        if len(rows) == 0:
+            return {"members": [], "unknown_items": unknown, "calibration": fitted[1]}
+        x = aud.with_model(aud.set_log_share(self._set_scores(bundle, rows), cols),
+                           aud.history_features(self._feature_lines(), rows, set(cols.tolist()), self.now_day))
+        prob = fitted[0].probability(x)
+        top = recommend.top_k(prob, k)
+        return {"members": [{"member_id": str(self.member_ids[rows[t]]), "score": float(prob[t])} for t in top],
+                "unknown_items": unknown, "candidates_scored": int(len(rows)), "calibration": fitted[1]}
+
+    def _feature_lines(self) -> pd.DataFrame:
+        """The consenting members' lines in the audience module's columns (member = row number)."""
+        row = pd.Index(self.member_ids).get_indexer(self.lines["member"])
+        keep = row >= 0
+        return pd.DataFrame({"member": row[keep], "day": self.lines["day"].to_numpy()[keep],
+                             "basket": self.lines["receipt"].to_numpy()[keep],
+                             "item": self.lines["item"].to_numpy()[keep], "coupon": self.coupon_lines[keep]})
+
+    def _set_scores(self, bundle: Bundle, rows: np.ndarray) -> np.ndarray:
+        if bundle.served is not None:
+            return bundle.served[rows]
+        return recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b, self.items.category)
+
+    def _campaign_calibration(self, bundle: Bundle, cols: np.ndarray, objective: str):
+        """The store's calibration for this item set: a logistic regression on its home members,
+        features as of 28 days before now (the model's scores from histories up to then too, so
+        the label days reach no feature), label the objective in those 28 days."""
+        from common.learning import audience_score as aud
+
+        start = self.now_day - aud.CALIBRATION_DAYS
+        rows = self.home_rows
+        lines = self._feature_lines()
+        past = self.lines[self.lines["day"] < start]
+        log = member_log(past, self.member_ids[rows])
+        h_items, h_feat, h_mask = history_arrays(log, log.n_receipts(), np.full(len(rows), start), self.cfg)
+        state = recommend.encode_members(bundle.side, h_items, h_feat, h_mask, self.profile[rows])
+        g = recommend.scores_for_members(state, np.arange(len(rows)), bundle.item_v, bundle.item_b,
+                                         self.items.category)
+        if bundle.layer is not None:
+            g = bundle.layer.scores(g, member_histories(log, np.arange(len(rows)), log.n_receipts(), start))
+        pset = set(cols.tolist())
+        x = aud.with_model(aud.set_log_share(g, cols), aud.history_features(lines, rows, pset, start))
+        y = aud.set_labels(lines, rows, pset, start, self.now_day, objective)
+        cal = aud.fit_logistic(x, y)
+        return cal, {"members": cal.members, "positives": cal.positives, "days": aud.CALIBRATION_DAYS,
+                     "features": list(aud.FEATURES)}
 
     # -- receipts -----------------------------------------------------------------------
     def check_receipt(self, body: object) -> dict:

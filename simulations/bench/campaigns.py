@@ -22,10 +22,11 @@ Writes ``results.json``, ``report.md`` and ``auc_per_campaign.png``.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -249,7 +250,9 @@ class CampaignBenchSettings:
     quick: bool = False  # one cut, 2 rounds, the first two qualifying campaigns: a smoke run
     methods: tuple[str, ...] = STOREFED
     cut_gap_days: int = CUT_GAP_DAYS
-    extra: dict = field(default_factory=dict)
+    # A directory that keeps each cut's trained scores (pickle, this machine's own files): a
+    # second run re-scores without training again. None: nothing kept.
+    cache: Path | None = None
 
 
 def _log(msg: str, started: float) -> None:
@@ -284,7 +287,8 @@ def _served(model, stores) -> list[np.ndarray]:
 
 
 def train_storefed(chain: Path, settings: CampaignBenchSettings, work: Path, started: float) -> dict[str, list]:
-    """Every storefed method's served log-probabilities per store at one cut: {method: [(StoreData, logp)]}."""
+    """Every storefed method's served log-probabilities per store at one cut:
+    ``{"scores": {method: [(store id, member ids, logp)]}, "item_ids", "info", ...}``."""
     from client.store import example_config
     from common.config import RunConfig
     from common.data.holdout import validation_split
@@ -316,8 +320,8 @@ def train_storefed(chain: Path, settings: CampaignBenchSettings, work: Path, sta
             logps = _served(model, stores)
         else:
             raise ValueError(f"unknown storefed method {method!r}")
-        out[method] = list(zip(stores, logps))
-    return {"scores": out, "info": info, "stores": len(stores),
+        out[method] = [(d.store_id, d.member_ids, logp) for d, logp in zip(stores, logps)]
+    return {"scores": out, "info": info, "stores": len(stores), "item_ids": stores[0].items.item_ids,
             "training_members": int(sum(d.n_train_members for d in stores))}
 
 
@@ -385,16 +389,27 @@ def run_campaigns_bench(settings: CampaignBenchSettings, out: Path | None = None
     train_info: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="storefed-campaigns-"))
     for cut, group in groups:
-        chain = _import_chain(source, cut, work)
-        _log(f"cut {cut}: chain imported from lines before it", started)
-        trained = train_storefed(chain, settings, work, started)
+        cached = settings.cache / f"cut-{cut:%Y%m%d}-{'quick' if settings.quick else 'full'}-s{settings.seed}.pkl" \
+            if settings.cache is not None else None
+        if cached is not None and cached.is_file():
+            with open(cached, "rb") as fh:
+                trained = pickle.load(fh)
+            _log(f"cut {cut}: trained scores read from {cached}", started)
+        else:
+            chain = _import_chain(source, cut, work)
+            _log(f"cut {cut}: chain imported from lines before it", started)
+            trained = train_storefed(chain, settings, work, started)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                with open(cached, "wb") as fh:
+                    pickle.dump(trained, fh)
         train_info[str(cut)] = {"campaigns": [c.campaign_id for c in group], "stores": trained["stores"],
                                 "training_members": trained["training_members"], **trained["info"]}
-        for method, pairs in trained["scores"].items():
-            store_scores = [StoreScores(int(d.store_id[1:]), d.member_ids.astype(np.int64), logp,
-                                        store_lines(tables.tx, int(d.store_id[1:])))
-                            for d, logp in pairs]
-            catalog_ids = pd.Index(pairs[0][0].items.item_ids.astype(np.int64))
+        catalog_ids = pd.Index(trained["item_ids"].astype(np.int64))
+        for method, triples in trained["scores"].items():
+            store_scores = [StoreScores(int(sid[1:]), members.astype(np.int64), logp,
+                                        store_lines(tables.tx, int(sid[1:])))
+                            for sid, members, logp in triples]
             for c in group:
                 for task, (cands, pos) in task_data[c.campaign_id].items():
                     s, covered = merged_scores(store_scores, catalog_ids, tables.products[c.campaign_id],
