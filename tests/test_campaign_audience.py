@@ -43,12 +43,6 @@ def test_history_features_ignore_lines_from_the_day_on():
         aud.history_features(lines, members, {7}, 36.0))
 
 
-def test_set_labels_buy_and_redeem():
-    members = np.array(["a", "b", "c"])
-    assert list(aud.set_labels(_lines(), members, {7, 8}, 30.0, 41.0, "buy")) == [True, True, False]
-    assert list(aud.set_labels(_lines(), members, {7, 8}, 30.0, 41.0, "redeem")) == [True, False, False]
-
-
 def test_fit_logistic_matches_a_generic_optimizer():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 3)) * [1.0, 3.0, 0.5] + [0.0, 2.0, -1.0]
@@ -124,18 +118,43 @@ def test_baseline_features_by_hand_and_blind_to_later_lines():
         assert list(f[k]) == list(g[k])
 
 
-def test_store_audience_is_blind_to_lines_from_the_start_on():
-    lines = pd.DataFrame({"member": [1, 1, 2, 2, 3, 4], "day": [1.0, 30, 5, 40, 45, 20], "basket": [1, 2, 3, 4, 5, 6],
-                          "item": [100, 100, 101, 100, 100, 102], "coupon": [False, True, False, False, True, False]})
-    logp = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]]))
-    s = cb.StoreScores(1, np.array([1, 2, 3, 4]), logp, lines)
-    catalog = pd.Index([100, 101, 102])
-    p, _ = cb.store_audience(s, catalog, np.array([100, 555]), 50.0, "buy")
-    later = pd.concat([lines, pd.DataFrame({"member": [4, 2], "day": [50.0, 60], "basket": [7, 8], "item": [100, 100],
-                                            "coupon": [True, True]})])
-    q, _ = cb.store_audience(cb.StoreScores(1, s.members, logp, later), catalog, np.array([100, 555]), 50.0, "buy")
-    assert p == pytest.approx(q)
-    assert np.all((p > 0) & (p < 1))
+def test_combined_score_and_relative_model_score_by_hand():
+    h = np.log1p(np.array([[3, 2, 1, 1], [0, 0, 0, 0]], float))  # baskets 8w, coupon lines, set lines, set coupon lines
+    rel = aud.relative_model_score(np.array([-1.0, -3.0, -np.inf]))
+    assert list(rel) == [1.0, -1.0, 0.0]  # minus the median of the finite ones; none → 0
+    buy = aud.combined_score(np.array([1.0, -1.0]), h, "buy")
+    assert buy == pytest.approx([np.log(2) + 0.5 * (np.log(4) + 1.0), 0.5 * -1.0])
+    red = aud.combined_score(np.array([1.0, -1.0]), h, "redeem")
+    assert red == pytest.approx(buy + [np.log(3) + np.log(2), 0.0])
+
+
+def _chain_lines(extra=()):
+    # household, store, basket, product, sales, coupon, day
+    rows = [(1, 10, 1, 100, 1.0, False, 5.0), (1, 10, 2, 100, 1.0, True, 80.0), (1, 20, 3, 101, 1.0, False, 85.0),
+            (2, 20, 4, 100, 1.0, False, 30.0), (2, 20, 5, 102, 1.0, False, 90.0), (2, 10, 6, 100, 1.0, False, 91.0),
+            (3, 10, 7, 102, 1.0, True, 95.0), (3, 10, 8, 102, 1.0, False, 96.0), *extra]
+    return pd.DataFrame(rows, columns=["household", "store", "basket", "product", "sales", "coupon", "day"])
+
+
+def test_home_stores_and_store_features_by_hand():
+    tx = _chain_lines()
+    assert cb.home_stores(tx, 100.0).to_dict() == {1: 10, 2: 20, 3: 10}  # 1: 2 baskets at 10; 2: 2 at 20
+    f = cb.store_member_features(tx, np.array([100]), 100.0)
+    # household 1 at store 10: 2 baskets in the last 56 days? only day 80 (day 5 is older) → 1; 1 coupon line;
+    # 2 lines of product 100; 1 of them with a coupon
+    assert f.loc[(10, 1)].to_numpy() == pytest.approx(np.log1p([1, 1, 2, 1]))
+    assert f.loc[(20, 2)].to_numpy() == pytest.approx(np.log1p([1, 0, 1, 0]))
+    assert (20, 3) not in f.index
+
+
+def test_store_probabilities_are_blind_to_lines_from_the_start_on():
+    start = 100.0
+    hh = np.array([1, 2, 3, 4])
+    p, covered = cb.store_probabilities(_chain_lines(), np.array([100]), start, "buy", None, hh)
+    later = _chain_lines([(4, 10, 9, 100, 1.0, True, 100.0), (2, 10, 10, 100, 1.0, True, 120.0)])
+    q, covered_later = cb.store_probabilities(later, np.array([100]), start, "buy", None, hh)
+    assert p == pytest.approx(q) and covered == covered_later == 0.75
+    assert p[3] == -1.0 and np.all((p[:3] > 0) & (p[:3] < 1))  # household 4 has no line before the start
 
 
 def test_calibration_matches_the_base_rate_on_its_own_members():

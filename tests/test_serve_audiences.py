@@ -56,7 +56,7 @@ def test_audience_lists_consenting_home_members_with_probabilities(served):
     assert set(body) <= set(wire.SERVE_AUDIENCE_KEYS)
     assert all(set(m) == set(wire.SERVE_AUDIENCE_MEMBER_KEYS) for m in members)
     cal = body["calibration"]
-    assert cal["members"] == len(serving.home_rows) and 0 <= cal["positives"] <= cal["members"]
+    assert cal["members"] == len(serving.member_ids) and 0 <= cal["positives"] <= cal["members"]
 
 
 def test_candidates_restrict_and_members_without_consent_never_appear(served):

@@ -374,15 +374,16 @@ class StoreServing:
         if candidates is not None:
             wanted = {self.member_row.get(m, -1) for m in candidates}
             rows = rows[np.isin(rows, list(wanted))]
-        fitted = self._campaign_calibration(bundle, cols, objective)
+        cal, info = self._campaign_calibration(bundle, cols, objective)
         if len(rows) == 0:
-            return {"members": [], "unknown_items": unknown, "calibration": fitted[1]}
-        x = aud.with_model(aud.set_log_share(self._set_scores(bundle, rows), cols),
-                           aud.history_features(self._feature_lines(), rows, set(cols.tolist()), self.now_day))
-        prob = fitted[0].probability(x)
+            return {"members": [], "unknown_items": unknown, "candidates_scored": 0, "calibration": info}
+        every = np.arange(len(self.member_ids))
+        rel = aud.relative_model_score(aud.set_log_share(self._set_scores(bundle, every), cols))[rows]
+        hist = aud.history_features(self._feature_lines(), rows, set(cols.tolist()), self.now_day)
+        prob = cal.probability(aud.combined_score(rel, hist, objective)[:, None])
         top = recommend.top_k(prob, k)
         return {"members": [{"member_id": str(self.member_ids[rows[t]]), "score": float(prob[t])} for t in top],
-                "unknown_items": unknown, "candidates_scored": int(len(rows)), "calibration": fitted[1]}
+                "unknown_items": unknown, "candidates_scored": int(len(rows)), "calibration": info}
 
     def _feature_lines(self) -> pd.DataFrame:
         """The consenting members' lines in the audience module's columns (member = row number)."""
@@ -397,27 +398,40 @@ class StoreServing:
             return bundle.served[rows]
         return recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b, self.items.category)
 
+    def _calibration_scores(self, bundle: Bundle, start: float) -> np.ndarray:
+        """Every consenting member's served scores from their history before ``start`` (kept
+        for this model: a campaign's calibration must not see its label days)."""
+        cache = getattr(self, "_calib_cache", None)
+        if cache is not None and cache[0] is bundle and cache[1] == start:
+            return cache[2]
+        past = self.lines[self.lines["day"] < start]
+        log = member_log(past, self.member_ids)
+        n = len(self.member_ids)
+        h_items, h_feat, h_mask = history_arrays(log, log.n_receipts(), np.full(n, start), self.cfg)
+        state = recommend.encode_members(bundle.side, h_items, h_feat, h_mask, self.profile)
+        g = recommend.scores_for_members(state, np.arange(n), bundle.item_v, bundle.item_b, self.items.category)
+        if bundle.layer is not None:
+            g = bundle.layer.scores(g, member_histories(log, np.arange(n), log.n_receipts(), start))
+        self._calib_cache = (bundle, start, g)
+        return g
+
     def _campaign_calibration(self, bundle: Bundle, cols: np.ndarray, objective: str):
-        """The store's calibration for this item set: a logistic regression on its home members,
-        features as of 28 days before now (the model's scores from histories up to then too, so
-        the label days reach no feature), label the objective in those 28 days."""
+        """Platt scaling of the campaign score at this store (DESIGN §5.4): fitted on every
+        consenting member here, the score as of 28 days before now (the model's part from
+        histories cut at that day, so the label days reach no feature), the label in those 28
+        days: buy — an item of the set; redeem — any coupon line."""
         from common.learning import audience_score as aud
 
         start = self.now_day - aud.CALIBRATION_DAYS
-        rows = self.home_rows
+        every = np.arange(len(self.member_ids))
         lines = self._feature_lines()
-        past = self.lines[self.lines["day"] < start]
-        log = member_log(past, self.member_ids[rows])
-        h_items, h_feat, h_mask = history_arrays(log, log.n_receipts(), np.full(len(rows), start), self.cfg)
-        state = recommend.encode_members(bundle.side, h_items, h_feat, h_mask, self.profile[rows])
-        g = recommend.scores_for_members(state, np.arange(len(rows)), bundle.item_v, bundle.item_b,
-                                         self.items.category)
-        if bundle.layer is not None:
-            g = bundle.layer.scores(g, member_histories(log, np.arange(len(rows)), log.n_receipts(), start))
         pset = set(cols.tolist())
-        x = aud.with_model(aud.set_log_share(g, cols), aud.history_features(lines, rows, pset, start))
-        y = aud.set_labels(lines, rows, pset, start, self.now_day, objective)
-        cal = aud.fit_logistic(x, y)
+        rel = aud.relative_model_score(aud.set_log_share(self._calibration_scores(bundle, start), cols))
+        score = aud.combined_score(rel, aud.history_features(lines, every, pset, start), objective)
+        window = lines[(lines["day"] >= start) & (lines["day"] < self.now_day)]
+        window = window[window["coupon"]] if objective == "redeem" else window[window["item"].isin(pset)]
+        y = np.isin(every, window["member"].unique())
+        cal = aud.fit_logistic(score[:, None], y)
         return cal, {"members": cal.members, "positives": cal.positives, "days": aud.CALIBRATION_DAYS,
                      "features": list(aud.FEATURES)}
 

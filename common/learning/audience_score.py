@@ -6,11 +6,17 @@ their next purchase; the set's score is their log-sum-exp over the set's items, 
 of the predicted share of the member's next purchase that falls in the set. It needs no cap
 on the set's size (a Type A campaign has 36k products) and is monotone in adding items.
 
-Calibration: a logistic regression fitted at the store on its own home members' past — the
-features as of 28 days before the request's day, the label whether the member bought
-(objective ``buy``) or bought with a coupon discount (``redeem``) an item of the set in those
-28 days. Its probability is what a chain can merge across stores: each store estimates the
-same event for its own members.
+Score: a fixed combination (set by hand, not fitted; :func:`combined_score`) of the member's
+own history at the store — past lines of the set's items, recent baskets, and for ``redeem``
+their coupon lines — and the model's set score relative to the store's median (log rate +
+log share ≈ log expected purchases of the set).
+
+Calibration: Platt scaling at the store — a one-feature logistic regression of that score,
+fitted on the store's own members with lines there: the score as of 28 days before the
+request's day (the model's part too, from histories cut at that day), the label whether the
+member bought (``buy``) or bought with a coupon discount (``redeem``) an item of the set at
+the store in those 28 days. Its probability is what a chain can merge across stores: each
+store estimates the same event for its own members. It keeps each store's order.
 """
 
 from __future__ import annotations
@@ -56,16 +62,6 @@ def history_features(lines: pd.DataFrame, members: np.ndarray, items: set | np.n
     return np.log1p(np.column_stack([c.reindex(index).fillna(0).to_numpy(float) for c in cols]))
 
 
-def set_labels(lines: pd.DataFrame, members: np.ndarray, items: set | np.ndarray, start_day: float, end_day: float,
-               objective: str) -> np.ndarray:
-    """Whether each member bought (``buy``) or bought with a coupon (``redeem``) an item of
-    the set on a day in [start_day, end_day)."""
-    w = lines[(lines["day"] >= start_day) & (lines["day"] < end_day) & lines["item"].isin(items)]
-    if objective == "redeem":
-        w = w[w["coupon"]]
-    return pd.Index(members).isin(w["member"].unique())
-
-
 @dataclass(frozen=True)
 class Calibration:
     """A fitted logistic calibration on standardized features."""
@@ -87,7 +83,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 50) 
 
     One pseudo-positive and one pseudo-negative at the features' mean keep the fit finite
     when a store has no positive or no negative (it then predicts near its smoothed base rate).
-    ``x`` must be finite (:func:`with_model` makes it so).
+    ``x`` must be finite.
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -110,10 +106,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 50) 
     return Calibration(w[:-1], float(w[-1]), mean, scale, int(y.sum()), int(len(y)))
 
 
-def with_model(model_score: np.ndarray, history: np.ndarray) -> np.ndarray:
-    """The feature matrix: the model's set score, then the history columns; a −inf set score
-    (no catalog item in the set) becomes the lowest finite value (0 columns: all equal)."""
+def combined_score(model_rel: np.ndarray, history: np.ndarray, objective: str) -> np.ndarray:
+    """The fixed score of a member (higher: likelier), from ``history`` (:func:`history_features`'
+    columns) and ``model_rel`` (the model's set score minus the store's median; 0: none).
+
+    buy: log1p(set lines) + ½ (log1p(baskets in 8 weeks) + model_rel); redeem: that plus
+    log1p(coupon lines) + log1p(coupon lines of the set) — the coupon history that a
+    product-only score lacks (issue 25: "past coupon use" beats it on redemption)."""
+    h = np.asarray(history, float)
+    buy = h[:, 2] + 0.5 * (h[:, 0] + np.asarray(model_rel, float))
+    if objective == "buy":
+        return buy
+    return buy + h[:, 1] + h[:, 3]
+
+
+def relative_model_score(model_score: np.ndarray) -> np.ndarray:
+    """The model's set score minus its median over the finite ones; 0 where there is none."""
     s = np.asarray(model_score, float)
-    finite = s[np.isfinite(s)]
-    s = np.where(np.isfinite(s), s, finite.min() if len(finite) else 0.0)
-    return np.column_stack([s, history])
+    finite = np.isfinite(s)
+    if not finite.any():
+        return np.zeros(len(s))
+    return np.where(finite, s - np.median(s[finite]), 0.0)
