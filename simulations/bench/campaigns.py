@@ -53,7 +53,9 @@ BASELINES = ("rfm", "coupon_lines", "category_share", "coupon_use", "logreg")
 STOREFED = ("fed_dp_eps8", "fed_dp_eps1", "local_dp_eps8", "centralized")
 # The store layer without any model score (an ablation: what the model adds).
 STORE_ONLY = "store_only"
-METHODS = BASELINES + STOREFED + (STORE_ONLY,)
+# The federated ε 8 model's set score alone, merged raw (households without one last): a diagnostic.
+MODEL_ONLY = "fed_dp_eps8_model_only"
+METHODS = BASELINES + STOREFED + (STORE_ONLY, MODEL_ONLY)
 TASK_OBJECTIVE = {"rec_red": "redeem", "rec_buy": "buy", "all_buy": "buy"}
 TASK_LABEL = {"rec_red": "REC·RED", "rec_buy": "REC·BUY", "all_buy": "ALL·BUY"}
 # Issue 25's targets: federated at ε 8, mean of the qualifying campaigns.
@@ -432,16 +434,21 @@ def run_campaigns_bench(settings: CampaignBenchSettings, out: Path | None = None
         if cached is not None and cached.is_file():
             with open(cached, "rb") as fh:
                 trained = pickle.load(fh)
+            from_cache = True
             _log(f"cut {cut}: trained scores read from {cached}", started)
         else:
+            from_cache = False
+            t0 = time.time()
             chain = _import_chain(source, cut, work)
             _log(f"cut {cut}: chain imported from lines before it", started)
             trained = train_storefed(chain, settings, work, started)
+            trained["train_s"] = round(time.time() - t0, 1)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 with open(cached, "wb") as fh:
                     pickle.dump(trained, fh)
         train_info[str(cut)] = {"campaigns": [c.campaign_id for c in group], "stores": trained["stores"],
+                                "train_s": trained.get("train_s"), "from_cache": from_cache,
                                 "training_members": trained["training_members"], **trained["info"]}
         catalog_ids = pd.Index(trained["item_ids"].astype(np.int64))
         for c in group:
@@ -455,6 +462,11 @@ def run_campaigns_bench(settings: CampaignBenchSettings, out: Path | None = None
                 red, _ = store_probabilities(past, prods, day_of(c.start), "redeem", z, td["rec_red"][0])
                 scores = {"rec_red": red, "rec_buy": buy.reindex(td["rec_buy"][0]).to_numpy(),
                           "all_buy": buy.to_numpy()}
+                if method == "fed_dp_eps8":
+                    for task, (cands, pos) in td.items():
+                        raw = z.reindex(cands).to_numpy(float)
+                        rows[c.campaign_id]["tasks"][task][MODEL_ONLY] = cp.task_metrics(
+                            np.where(np.isfinite(raw), raw, -1e9), pos)
                 for task, (cands, pos) in td.items():
                     rows[c.campaign_id]["tasks"][task][method] = {**cp.task_metrics(scores[task], pos),
                                                                   "model_scored": float(np.isin(cands, z.index).mean())
@@ -463,12 +475,19 @@ def run_campaigns_bench(settings: CampaignBenchSettings, out: Path | None = None
         _log(f"cut {cut}: storefed audiences scored", started)
 
     per_campaign = [rows[c.campaign_id] for c in chosen]
-    methods = [m for m in METHODS if m in BASELINES or m in settings.methods or m == STORE_ONLY]
+    methods = [m for m in METHODS if m in BASELINES or m in settings.methods or m == STORE_ONLY
+               or (m == MODEL_ONLY and "fed_dp_eps8" in settings.methods)]
     summary = {task: {m: cp.mean_metrics([r["tasks"][task][m] for r in per_campaign]) for m in methods}
                for task in cp.TASKS}
     elapsed = round(time.time() - started, 1)
-    results = {"tasks": summary, "per_campaign": per_campaign, "targets": evaluate_targets(summary, elapsed),
-               "elapsed_s": elapsed,
+    # With cached training, the bench's time is this run's plus the cached cuts' training time
+    # (unknown for a cache written before train_s was kept: then only this run's time is known).
+    cached_train = [i["train_s"] for i in train_info.values() if i["from_cache"]]
+    total = elapsed + sum(t for t in cached_train if t is not None)
+    complete = all(t is not None for t in cached_train)
+    results = {"tasks": summary, "per_campaign": per_campaign,
+               "targets": evaluate_targets(summary, total if complete else float("nan")),
+               "elapsed_s": elapsed, "elapsed_with_training_s": total if complete else None,
                "settings": {"seed": settings.seed, "quick": settings.quick, "cut_gap_days": settings.cut_gap_days,
                             "cuts": [{"cut": str(g[0]), "campaigns": [c.campaign_id for c in g[1]]} for g in groups],
                             "methods": methods, "dataset": "completejourney",
@@ -501,26 +520,30 @@ def evaluate_targets(summary: dict, elapsed: float) -> dict:
         add(f"{task}_fed_ge_local", a - b, "≥ 0 (fed ε8 − local-only ε8)", a >= b)
         g = get(task, "fed_dp_eps1") - a
         add(f"{task}_eps1_within", g, f"|ε1 − ε8| ≤ {TARGETS['eps1_gap']}", abs(g) <= TARGETS["eps1_gap"])
-    add("elapsed_s", elapsed, f"≤ {TARGETS['elapsed_s']:g} s", elapsed <= TARGETS["elapsed_s"])
+    # NaN: the training was read from a cache that did not keep its time, so the total is unknown (FAIL).
+    add("elapsed_s", elapsed, f"≤ {TARGETS['elapsed_s']:g} s (the whole bench, training included)",
+        elapsed <= TARGETS["elapsed_s"])
     return t
 
 
 def table_text(results: dict) -> str:
     """The plain-text table `storefed bench campaigns` prints: means per task and method, then the targets."""
-    lines = [f"{'method':16s}" + "".join(f"{TASK_LABEL[t]:>18s}" for t in cp.TASKS),
-             f"{'':16s}" + "".join(f"{'AUC / lift10':>18s}" for _ in cp.TASKS)]
+    lines = [f"{'method':24s}" + "".join(f"{TASK_LABEL[t]:>18s}" for t in cp.TASKS),
+             f"{'':24s}" + "".join(f"{'AUC / lift10':>18s}" for _ in cp.TASKS)]
     for m in results["settings"]["methods"]:
         cells = []
         for t in cp.TASKS:
             v = results["tasks"][t][m]
             cells.append(f"{v['auc']:.3f} / {v['lift10']:.2f}".rjust(18))
-        lines.append(f"{m:16s}" + "".join(cells))
+        lines.append(f"{m:24s}" + "".join(cells))
     lines.append("")
     lines.append(f"targets (mean of {len(results['per_campaign'])} campaigns, federated at ε 8):")
     for name, v in results["targets"].items():
         value = f"{v['value']:.3f}" if isinstance(v["value"], float) else str(v["value"])
         lines.append(f"  {'PASS' if v['pass'] else 'FAIL'}  {name:24s} {value:>9s}   target {v['target']}")
-    lines.append(f"elapsed {results['elapsed_s']:.0f} s")
+    total = results.get("elapsed_with_training_s")
+    lines.append(f"elapsed {results['elapsed_s']:.0f} s" + ("" if total is None or total == results["elapsed_s"]
+                                                             else f" (with the cached cuts' training: {total:.0f} s)"))
     return "\n".join(lines)
 
 
@@ -529,7 +552,12 @@ def markdown_report(results: dict) -> str:
     s = results["settings"]
     out = ["# Goods find people on real campaigns: The Complete Journey (issue 25)", "",
            "Made by `storefed bench campaigns --dataset completejourney`"
-           f"{' --quick' if s['quick'] else ''} (seed {s['seed']}), in {results['elapsed_s']:.0f} s on 2 shared "
+           f"{' --quick' if s['quick'] else ''} (seed {s['seed']}), in {results['elapsed_s']:.0f} s"
+           + (f" ({results['elapsed_with_training_s']:.0f} s with the training read from its cache)"
+              if results.get("elapsed_with_training_s") not in (None, results["elapsed_s"]) else
+              " (training read from a cache that did not keep its time)"
+              if any(i.get("from_cache") for i in results.get("training", {}).values()) else "")
+           + " on 2 shared "
            "CPU cores (timings are noisy: another engineer's work and a test suite ran on the same machine).", "",
            "Protocol (common/evaluation/campaigns.py, DESIGN §6.1): qualifying campaigns have ≥ 8 weeks of data "
            "before the start, ≥ 80 % of the window inside the data, ≥ 50 recipients, ≥ 10 redeemers. "
@@ -566,7 +594,8 @@ def markdown_report(results: dict) -> str:
     for name, v in results["targets"].items():
         value = f"{v['value']:.3f}" if isinstance(v["value"], float) else str(v["value"])
         out.append(f"| {name} | {value} | {v['target']} | {'PASS' if v['pass'] else 'FAIL'} |")
-    out += ["", "## AUC per campaign", "", "![AUC per campaign](auc_per_campaign.png)", ""]
+    out += ["", "## What each FAIL would need", ""] + needs(results) + [""]
+    out += ["## AUC per campaign", "", "![AUC per campaign](auc_per_campaign.png)", ""]
     for t in cp.TASKS:
         out += [f"### {TASK_LABEL[t]}", "", "| campaign | type | candidates | positives | "
                 + " | ".join(s["methods"]) + " |", "|---|---|---|---|" + "---|" * len(s["methods"])]
@@ -576,7 +605,14 @@ def markdown_report(results: dict) -> str:
             out.append(f"| {r['campaign']} | {r['type']} | {first['candidates']} | {first['positives']} | "
                        + " | ".join(f"{row[m]['auc']:.3f}" for m in s["methods"]) + " |")
         out.append("")
-    out += ["## Side diagnostic (no untreated control group)", "",
+    out += ["## Coverage", "", "Share of each campaign's ALL·BUY candidates scored by a store (a line before "
+            "the start) and with a model score (trained at a client store before the cut):", "",
+            "| campaign | scored | model score |", "|---|---|---|"]
+    for r in results["per_campaign"]:
+        f = r["tasks"]["all_buy"].get("fed_dp_eps8", {})
+        if "scored" in f:
+            out.append(f"| {r['campaign']} | {f['scored']:.2f} | {f.get('model_scored', 0.0):.2f} |")
+    out += ["", "## Side diagnostic (no untreated control group)", "",
             "Share of candidates (ALL·BUY) buying a coupon product in the window minus in the window of the same "
             "length before it, recipients against the others. Recipients were chosen by the retailer, so this is "
             "not an effect of the campaign.", "", "| campaign | recipients | others | difference |", "|---|---|---|---|"]
@@ -584,6 +620,58 @@ def markdown_report(results: dict) -> str:
         d = r["diagnostic"]
         out.append(f"| {r['campaign']} | {d['recipients']:+.3f} | {d['others']:+.3f} | {d['difference']:+.3f} |")
     return "\n".join(out) + "\n"
+
+
+def needs(results: dict) -> list[str]:
+    """One paragraph per failed target: what the figures of this run say it would need."""
+    t, m = results["targets"], results["tasks"]
+
+    def auc(task: str, method: str) -> float:
+        return m.get(task, {}).get(method, {}).get("auc", float("nan"))
+
+    shares = [r["tasks"]["all_buy"].get("fed_dp_eps8", {}).get("model_scored") for r in results["per_campaign"]]
+    shares = [x for x in shares if x is not None]
+    out = []
+    quality = [k for k in ("all_buy_auc", "all_buy_lift10", "rec_buy_auc", "rec_red_auc") if not t[k]["pass"]]
+    if quality:
+        gaps = "; ".join(f"{TASK_LABEL[k]} fed ε8 {auc(k, 'fed_dp_eps8'):.3f}, store layer alone "
+                         f"{auc(k, STORE_ONLY):.3f}, model score alone {auc(k, MODEL_ONLY):.3f}, chain-wide logreg "
+                         f"{auc(k, 'logreg'):.3f}" for k in cp.TASKS)
+        out.append(f"- **{', '.join(quality)}** ({gaps}). The model's part adds nothing measurable: the store "
+                   "layer without it scores the same, and the model's set score alone ranks barely above chance "
+                   "— a share of the next basket (softmax over the catalog) does not say who will buy within "
+                   "weeks. Needed, in order: (1) a model part trained for the audience question (e.g. a head "
+                   "for \"buys from this set within N weeks\", or a per-category purchase-rate output), whose DP "
+                   "training the federation helps; (2) combination weights learned, not set by hand: the "
+                   "chain-wide logistic regression, fitted on earlier campaigns, leads; the same few weights "
+                   "could be fitted across stores with DP (one noised sum of per-member gradients per step), "
+                   "which no store can do alone on its ~20–60 members; (3) even so, a store sees only its own "
+                   "lines (a household's home store holds a median 80 % of its spend) while the baselines see "
+                   "the whole chain, so the targets above the chain-wide baselines (0.85 / 3.0 / 0.78 / 0.83) "
+                   "may not be reachable from the stores' data alone"
+                   + (f"; the model covers {np.mean(shares):.0%} of ALL·BUY candidates on average (the rest trained "
+                      "at no client store)." if shares else "."))
+    fed_local = [k for k in cp.TASKS if not t[f"{k}_fed_ge_local"]["pass"]]
+    if fed_local:
+        values = ", ".join(f"{t[k + '_fed_ge_local']['value']:+.3f}" for k in fed_local)
+        names = ", ".join(f"{k}_fed_ge_local" for k in fed_local)
+        out.append(f"- **{names}**: the gaps ({values}) are far "
+                   "inside the noise (0.04): with the model's part adding nothing, federated and local-only models "
+                   "give the same audiences. It needs a model part that matters (above); then federation's edge "
+                   "is the usual one (small stores, items they rarely sell).")
+    eps = [k for k in cp.TASKS if not t[f"{k}_eps1_within"]["pass"]]
+    if eps:
+        names = ", ".join(f"{k}_eps1_within" for k in eps)
+        out.append(f"- **{names}**: ε 1 is further than 0.02 from ε 8; it "
+                   "would need a model part less sensitive to DP noise at ε 1 (the explore prior, DESIGN §5.3).")
+    if not t["elapsed_s"]["pass"]:
+        value = t["elapsed_s"]["value"]
+        out.append("- **elapsed_s**: " + ("the training was read from a cache that did not keep its time, so the "
+                                          "whole bench's time is unknown from this run; run it without a cache."
+                                          if value != value else
+                                          f"{value:.0f} s on 2 cores shared with other work: fewer rounds or "
+                                          "stores, or one cut, would bring it under 1800 s."))
+    return out or ["Every target passes."]
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -610,6 +698,8 @@ def write_plot(results: dict, path: Path) -> None:
     for ax, t in zip(axes, cp.TASKS):
         for m in methods:
             y = [r["tasks"][t][m]["auc"] for r in results["per_campaign"]]
+            if m == MODEL_ONLY:
+                continue  # a diagnostic, in the tables only
             style = "o-" if m in STOREFED else "s--" if m == STORE_ONLY else "x:"
             ax.plot(x, y, style, label=m, markersize=4, linewidth=1)
         ax.axhline(0.5, color="grey", linewidth=0.5)
