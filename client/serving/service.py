@@ -412,6 +412,7 @@ class StoreServing:
         g = recommend.scores_for_members(state, np.arange(n), bundle.item_v, bundle.item_b, self.items.category)
         if bundle.layer is not None:
             g = bundle.layer.scores(g, member_histories(log, np.arange(n), log.n_receipts(), start))
+        g = np.asarray(g, dtype=np.float32)  # as the served matrix: one [members, n_items] float32 kept per model
         self._calib_cache = (bundle, start, g)
         return g
 

@@ -183,7 +183,7 @@ def centralized_model(stores: list[StoreData], cfg: RunConfig, seed: int, splits
     model = _new_model(stores, cfg, seed, explore_prior=True)
     result = train_pooled(model, stores, dataclasses.replace(_train_config(cfg, seed, epochs), lr=best["lr"]))
     return model, {"epochs": epochs, "lr": best["lr"], "steps": result.steps, "loss": result.loss,
-                           "tried": tried, "valid_days": int(stores[0].cut_day - splits[0].day) if stores else 0}
+                   "tried": tried, "valid_days": int(stores[0].cut_day - splits[0].day) if stores else 0}
 
 
 def _tifu_tie_break(d: StoreData) -> np.ndarray:
