@@ -14,8 +14,8 @@ log share ≈ log expected purchases of the set).
 Calibration: Platt scaling at the store — a one-feature logistic regression of that score,
 fitted on the store's own members with lines there: the score as of 28 days before the
 request's day (the model's part too, from histories cut at that day), the label whether the
-member bought (``buy``) or bought with a coupon discount (``redeem``) an item of the set at
-the store in those 28 days. Its probability is what a chain can merge across stores: each
+member bought an item of the set (``buy``) or used any coupon (``redeem``: a coupon on the
+set's own items is too rare at one store in 28 days to fit on) at the store in those 28 days. Its probability is what a chain can merge across stores: each
 store estimates the same event for its own members. It keeps each store's order.
 """
 
