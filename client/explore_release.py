@@ -33,20 +33,26 @@ def release_length(items: ItemIndex) -> int:
     return items.n_items + items.n_categories * items.n_categories
 
 
-def member_sum(log: MemberLog, items: ItemIndex) -> np.ndarray:
-    """The exact sum over the log's members of their unit-norm vectors (never sent as is)."""
+def member_sum(log: MemberLog, items: ItemIndex, item_weight: float = _HALF, cap: int = 0) -> np.ndarray:
+    """The exact sum over the log's members of their unit-norm vectors (never sent as is).
+
+    ``item_weight`` is the item part's norm (the category part's is √(1 − item_weight²));
+    ``cap`` > 0 keeps only a member's ``cap`` most bought items (ties: lower index) in the
+    item part. Both are candidates of the design report; the defaults are the design."""
     n_items, n_cat = items.n_items, items.n_categories
+    cat_weight = math.sqrt(max(1.0 - item_weight * item_weight, 0.0))
     total = np.zeros(release_length(items), dtype=np.float64)
     cat_part = total[n_items:].reshape(n_cat, n_cat)  # a view: filled in place
     for m in range(len(log.receipt_ptr) - 1):
         lo, hi = log.line_ptr[log.receipt_ptr[m]], log.line_ptr[log.receipt_ptr[m + 1]]
-        bought = np.unique(log.line_item[lo:hi])
+        bought, times = np.unique(log.line_item[lo:hi], return_counts=True)
         if len(bought) == 0:
             continue
-        total[bought] += _HALF / math.sqrt(len(bought))
+        kept = bought[np.argsort(-times, kind="stable")[:cap]] if 0 < cap < len(bought) else bought
+        total[kept] += item_weight / math.sqrt(len(kept))
         counts = np.bincount(items.category[bought], minlength=n_cat).astype(np.float64)
         counts /= np.linalg.norm(counts)
-        cat_part += _HALF * np.outer(counts, counts)
+        cat_part += cat_weight * np.outer(counts, counts)
     return total
 
 

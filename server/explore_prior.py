@@ -34,11 +34,47 @@ def summed(releases: list[np.ndarray], length: int) -> np.ndarray:
     return total
 
 
+def shrunk_popularity(noisy: np.ndarray, noise_std: float, category: np.ndarray) -> np.ndarray:
+    """Each item's noised popularity shrunk toward its category's mean (empirical Bayes).
+
+    ``noisy = pop + N(0, noise_std²)`` per item. Within a category of n items the mean is
+    known to noise_std / √n, and the spread of the true values is estimated as the items'
+    variance less the noise's (positive part): each item keeps the share
+    ``w = τ² / (τ² + noise_std²)`` of its distance to that mean (James–Stein, per category).
+    A tail item whose count is all noise falls back to its category's demand; a clearly
+    popular one keeps most of its own. Categories of fewer than 3 items use the catalog's
+    mean and spread. Post-processing of the DP sum: no ε.
+    """
+    noisy = np.asarray(noisy, dtype=np.float64)
+    category = np.asarray(category, dtype=np.int64)
+    var = float(noise_std) ** 2
+    if var <= 0:
+        return noisy.copy()
+    out = np.empty_like(noisy)
+
+    def shrink(values: np.ndarray) -> np.ndarray:
+        mean = float(values.mean())
+        tau2 = max(float(values.var(ddof=1)) - var, 0.0) if len(values) > 1 else 0.0
+        return mean + tau2 / (tau2 + var) * (values - mean)
+
+    whole = shrink(noisy)
+    for c in np.unique(category):
+        rows = np.flatnonzero(category == c)
+        out[rows] = shrink(noisy[rows]) if len(rows) >= 3 else whole[rows]
+    return out
+
+
 def prior_arrays(total: np.ndarray, n_items: int, n_categories: int, cut: float = 0.0,
-                 smoothing: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 smoothing: float = 1.0, noise_std: float = 0.0,
+                 item_category: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prior_item [n_items], prior_cat [n_categories, n_categories]) from the summed release;
-    values are soft-thresholded at ``cut`` (0: not at all, the default)."""
-    pop = np.maximum(total[:n_items] - cut, 0.0)
+    values are soft-thresholded at ``cut`` (0: not at all, the default). With ``noise_std``
+    (the sum's noise deviation) and ``item_category``, the item part is first shrunk toward
+    each category's mean (:func:`shrunk_popularity`)."""
+    items = np.asarray(total[:n_items], dtype=np.float64)
+    if noise_std > 0 and item_category is not None:
+        items = shrunk_popularity(items, noise_std, item_category)
+    pop = np.maximum(items - cut, 0.0)
     prior_item = np.log1p(pop)
     co = np.maximum(total[n_items:].reshape(n_categories, n_categories) - cut, 0.0)
     co = 0.5 * (co + co.T) + smoothing  # symmetric by construction; the noise is not

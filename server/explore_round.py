@@ -38,13 +38,15 @@ def _outcome(reply: Message) -> tuple[str, object, float, str]:
 
 def collect_prior(grid: Grid, model: Recommender, *, timeout: float) -> dict:
     """Ask every connected node for its release and set ``model``'s prior from their sum.
-    Returns ``{"released": [stores], "failed": [{"store", "reason"}]}``."""
+    Returns ``{"released": [stores], "failed": [{"store", "reason"}], "noise_std", "nodes": {node id: store}}``
+    (``nodes``: who answered, so that the rounds can name a store that fails before its first reply)."""
     nodes = list(grid.get_node_ids())
     messages = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
                         message_type=wire.EXPLORE_MESSAGE, dst_node_id=node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
     length = model.n_items + model.prior_cat.numel()
-    total, noise_std, released, failed = total_from_replies([_outcome(r) for r in replies], length)
+    outcomes = [_outcome(r) for r in replies]
+    total, noise_std, released, failed = total_from_replies(outcomes, length)
     answered = {r.metadata.src_node_id for r in replies}
     failed += [{"store": f"node-{n}", "reason": "no answer before the timeout"} for n in nodes if n not in answered]
     if released:
@@ -52,4 +54,6 @@ def collect_prior(grid: Grid, model: Recommender, *, timeout: float) -> dict:
         with torch.no_grad():
             model.prior_item.copy_(torch.from_numpy(prior_item))
             model.prior_cat.copy_(torch.from_numpy(prior_cat))
-    return {"released": sorted(released), "failed": failed, "noise_std": noise_std}
+    nodes_named = {r.metadata.src_node_id: store for r, (store, *_) in zip(replies, outcomes)
+                   if not store.startswith("node-")}
+    return {"released": sorted(released), "failed": failed, "noise_std": noise_std, "nodes": nodes_named}

@@ -49,6 +49,7 @@ def build_results(*, cfg: dict, stores: int, rounds: list[dict], privacy: dict, 
              **({"bytes_per_store": round(r["bytes_received"] / r["participated"])}
                 if r.get("bytes_received") and r.get("participated") else {}),
              "seconds": r.get("seconds"),
+             **({"window": r["window"]} if "window" in r else {}),
              # Which store did what this round (trained, declined, refused, failed; rejected:
              # trained, but the server set its update aside) and why each decline was one.
              **({"stores": r["stores"]} if "stores" in r else {}),

@@ -151,6 +151,7 @@ def run_chain(grid: Grid, cfg: RunConfig, run_name: str) -> dict:
     if resumed is None and cfg["explore-prior-share"] > 0 and num_rounds > done:
         # Once per run, before round 1 (a resumed run has the prior in its checkpoint's model).
         explore = collect_prior(grid, model, timeout=cfg["round-timeout-s"])
+        strategy.stores_by_node.update(explore.pop("nodes"))  # a store that fails round 1 is named, not numbered
         _say(f"explore prior from {len(explore['released'])} stores' DP releases"
              + (f"; {len(explore['failed'])} did not release: "
                 + "; ".join(f"{f['store']}: {f['reason']}" for f in explore["failed"][:5]) if explore["failed"] else ""))

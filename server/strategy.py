@@ -280,6 +280,8 @@ class ObserverMixin:
             entry["ndcg@10"] = float(metrics["ndcg@10"])
             entry["metrics"] = {k: float(v) for k, v in metrics.items()}
         entry["seconds"] = round(time.time() - self._round_start, 2)
+        # When (seconds since the epoch), so that a benchmark can charge the processes' CPU to the round.
+        entry["window"] = [round(self._round_start, 3), round(time.time(), 3)]
         self.printer(progress_line(entry, self.num_rounds, self.privacy))
         if self.on_round_end is not None:
             self.on_round_end(server_round, self.latest_arrays)

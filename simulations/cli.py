@@ -434,6 +434,40 @@ def bench_sim(
     return 0
 
 
+@bench.command("deploy")
+def bench_deploy(
+    stores: Annotated[str, typer.Option("--stores", help="chain sizes, comma-separated")] = "10,100,500",
+    rounds: Annotated[int, typer.Option("--rounds", help="training rounds per case")] = 2,
+    real: Annotated[int, typer.Option("--real-daemons", help="real store daemons per case (the rest: "
+                                      "lightweight Fleet API clients)")] = 2,
+    database: Annotated[str, typer.Option("--database", click_type=_choice("memory", "file"),
+                                          help="the SuperLink's state: in memory or a SQLite file")] = "memory",
+    out: Annotated[Optional[Path], typer.Option("--out", help="where each case's files and logs go "
+                                                "(default: a new temporary directory)")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="processes holding the lightweight clients")] = 4,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for stores and for each round")] = 600.0,
+    round_timeout: Annotated[Optional[float], typer.Option(
+        "--round-timeout", help="the run's round-timeout-s (default: --timeout)")] = None,
+    straggler_s: Annotated[float, typer.Option(
+        "--straggler-s", help="fault: the last lightweight store answers the last round this many seconds late "
+        "(0: none)")] = 0.0,
+    json: Json = False,
+) -> int:
+    """A real SuperLink (TLS, node authentication) and ServerApp against N stores: round time,
+    server CPU and memory, bytes, failures."""
+    from simulations.bench.deploy import bench_deploy as run, render
+
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise DataError(f"--out {out}: not empty; choose a new directory")
+    result = run(_int_list(stores, "--stores", "counts"), rounds=rounds, real=real, database=database, out=out,
+                 workers=workers, timeout_s=timeout, round_timeout_s=round_timeout, straggler_s=straggler_s)
+    if json:
+        print(dumps(result))
+        return 0
+    print(render(result))
+    return 0
+
+
 @bench.command("serve")
 def bench_serve(
     members: Annotated[int, typer.Option("--members", help="members of the generated store")] = 10_000,

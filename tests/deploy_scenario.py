@@ -7,8 +7,9 @@ SuperNodes and store executors costs tens of seconds on 2 cores, so it is done o
    so the stores keep budget for step 4, see TRAIN_TARGET_EPSILON), then the attacks run, all at once.
 3. Two more stores join as test_deploy.py needs them: S004 (registered, its transactions lack a
    column: it must refuse, not crash) and S005, whose key nobody registered (turned away).
-4. A signed run of 3 rounds that stops after round 2; S003's daemon is killed (SIGKILL) right
-   after round 1; S003 restarts and a signed ``resume=true`` run trains round 3.
+4. A signed run of 3 rounds that stops after round 2; S003's daemon is killed (SIGKILL) while it
+   trains round 2 (its reservation is on disk); S003 restarts and a signed ``resume=true`` run
+   trains round 3.
 
 Ledgers and Flower's run list then hold both scenarios, so what step 4 checks is taken relative
 to the state just before it (ledgers are append-only). Every process is stopped by pid as soon as
@@ -183,6 +184,15 @@ def _kill_recorded(pid: int) -> None:
     wait_for(lambda: not any(alive(p, s) for p, s in family.items()), 15, f"process {pid} to die")
 
 
+def _training(ledger_file: Path, server_round: int) -> bool:
+    """True while the ledger's last record is a reservation of ``server_round``: the store is training it."""
+    try:
+        last = json.loads(ledger_file.read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):  # not there yet, or caught mid-rename
+        return False
+    return last.get("type") == "reservation" and last.get("round") == server_round
+
+
 def _deploy(root: Path, record: dict, out: dict, timings: dict) -> None:
     """test_deploy.py's scenario on the running deployment, with the stores it adds."""
     deployment = Path(record["chain"]).parent
@@ -234,12 +244,17 @@ def _deploy(root: Path, record: dict, out: dict, timings: dict) -> None:
         out["ledgers_before_run1"] = before
         t = time.time()
         run1 = procs.start("run1", signed(f"{base} stop-after-round=2 out-dir='{root / 'run1'}'"))
-        # Kill S003's daemon as soon as round 1 is checkpointed: round 2 has just been sent.
+        # Kill S003's daemon mid-training: once round 1 is checkpointed (round 2 has just been
+        # sent) and S003's ledger holds its round-2 reservation (written before DP-SGD starts).
         wait_for(lambda: (root / "checkpoint" / "checkpoint.pt").exists() or run1.popen.poll() is not None, 300,
                  "round 1 to end")
+        s003_ledger = chain / "stores" / "S003" / "state" / "privacy-ledger.jsonl"
+        wait_for(lambda: _training(s003_ledger, 2) or run1.popen.poll() is not None, 300,
+                 "S003 to start training round 2", every=0.05)
+        _kill_recorded(record["stores"]["S003"]["exec_pid"])  # the executor trains: first
         _kill_recorded(record["stores"]["S003"]["pid"])
-        _kill_recorded(record["stores"]["S003"]["exec_pid"])
         out["killed_at_s"] = round(time.time() - t, 1)
+        out["s003_ledger_after_kill"] = s003_ledger.read_text()
         run1.popen.wait(timeout=600)
         timings["run1_s"] = round(time.time() - t, 1)
         # What run 1 added to each ledger (a ledger only grows).

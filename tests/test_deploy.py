@@ -14,7 +14,7 @@ count from the state just before step 4):
 3. SuperNodes for S001–S004 (S004's transactions lack a column: it must refuse, not crash),
    and a fifth SuperNode whose key nobody registered (store S005): it must be turned away;
 4. a signed ``flwr run`` of 3 rounds that stops after round 2 (as a server stop would); S003's daemon
-   is killed (SIGKILL) right after round 1;
+   is killed (SIGKILL) while it trains round 2;
 5. S003's daemon restarts and rejoins, and a signed ``flwr run`` with ``resume=true`` trains round 3.
 
 Select with ``-m deploy``, skip with ``-m "not deploy"``. Much of this scenario's time is
@@ -29,7 +29,7 @@ import sys
 
 import pytest
 
-from client.state.ledger import read_events
+from client.state.ledger import read_events, read_ledger
 from common.privacy import accountant as privacy
 from simulations.cli import main
 from deploy_scenario import INTRUDER, ledger_rounds as _ledger_rounds
@@ -90,6 +90,30 @@ def test_a_killed_store_daemon_is_reported_and_the_run_completes_with_the_others
     assert (deployment["root"] / "run1" / "model.pt").exists()
 
 
+def test_a_store_killed_mid_training_keeps_that_round_counted_and_nothing_is_double_spent(deployment, capsys):
+    # S003 was killed while it trained round 2: its ledger's last record was that reservation.
+    last = json.loads(deployment["s003_ledger_after_kill"].splitlines()[-1])
+    assert last["type"] == "reservation" and last["round"] == 2
+    run1 = {run_id for run_id, _ in deployment["ledgers_after_run1"]["S001"]}.pop()
+    state = deployment["chain"] / "stores" / "S003" / "state"
+    ledger = read_ledger(state, "S003")  # verifies against its head, as the restarted daemon did
+    # The round it died in stays an open reservation, counted as spent (DESIGN: a crash
+    # over-counts, never under-counts); it never became an event, and no round counts twice.
+    assert [(r.planned.run_id, r.planned.round) for r in ledger.open] == [(last["run_id"], 2)]
+    assert last["run_id"] == run1
+    events = [(e.run_id, e.round) for e in ledger.events]
+    assert (run1, 2) not in events and len(events) == len(set(events))
+    # The restarted daemon trained round 3 of the resumed run and counted the reservation in
+    # what it reported; the operator sees it listed, to be cleared by hand.
+    reported = deployment["runs"][1]["privacy"]["S003"]
+    assert reported["rounds_trained"] == 1  # round 3: the resumed run is a new Flower run
+    assert reported["epsilon"] == pytest.approx(privacy.epsilon(ledger.counted(), reported["delta"], "prv"), rel=1e-6)
+    assert reported["epsilon"] > privacy.epsilon(ledger.history(), reported["delta"], "prv")
+    assert main(["privacy", "--store-dir", str(deployment["chain"] / "stores" / "S003"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["reservations"]
+    assert [(r["run_id"], r["round"]) for r in listed] == [(run1, 2)]
+
+
 def test_a_store_with_broken_data_refuses_with_its_reason_and_its_daemon_lives_on(deployment):
     run1 = deployment["runs"][0]
     refusals = [f for f in run1["failures"] if f["store"] == "S004"]
@@ -140,8 +164,10 @@ def test_storefed_privacy_reads_each_store_s_ledger(deployment, capsys):
         reports[store] = report = json.loads(capsys.readouterr().out)
         events = read_events(chain / "stores" / store / "state", store)
         assert report["store_id"] == store and [e["round"] for e in report["events"]] == [e.round for e in events]
+        # Open reservations (S003's, killed mid-training) count as spent.
+        reserved = read_ledger(chain / "stores" / store / "state", store).reserved()
         assert report["epsilon"] == pytest.approx(
-            privacy.epsilon([e.mechanism() for e in events], report["delta"], "prv"), rel=1e-9)
+            privacy.epsilon([e.mechanism() for e in events] + reserved, report["delta"], "prv"), rel=1e-9)
         assert 0 < report["epsilon"] <= 8.0
     # What the server last heard from S001 is what S001's own ledger says.
     assert deployment["runs"][1]["privacy"]["S001"]["epsilon"] == pytest.approx(reports["S001"]["epsilon"], rel=1e-6)

@@ -22,7 +22,7 @@ from common.exchange import wire
 from common.learning.model import PRIOR_LIMIT, Recommender
 from common.learning.training import DPConfig, TrainConfig, train_local
 from common.privacy import accountant
-from server.explore_prior import prior_arrays, total_from_replies
+from server.explore_prior import prior_arrays, shrunk_popularity, total_from_replies
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -86,6 +86,27 @@ def test_the_server_prior_is_log_popularity_and_a_smoothed_conditional():
     np.testing.assert_allclose(cut_item, np.log1p([1.0, 0.0, 0.0, 6.0]), rtol=1e-6)
     # [[2, 0], [1, 0]] → symmetric [[2, .5], [.5, 0]] → +1: [[3, 1.5], [1.5, 1]].
     np.testing.assert_allclose(cut_cat, np.log([[3 / 4.5, 1.5 / 4.5], [1.5 / 2.5, 1 / 2.5]]), rtol=1e-6)
+
+
+def test_noisy_popularity_shrinks_toward_its_category_by_hand():
+    # Category 0: values 10, 20, 30 (mean 20, sample variance 100); noise σ = 5 → τ² = 75,
+    # w = 75 / 100 = 0.75: 20 ± 0.75·10. Category 1: 4, 6, 8 (variance 4 < 25): τ² = 0,
+    # everything to the mean 6. Category 2 has 2 items: the catalog's mean and spread
+    # (all 8 values: mean 13.5, squared deviations 900, sample variance 900 / 7, w = (900/7 − 25) / (900/7)).
+    noisy = np.array([10.0, 20.0, 30.0, 4.0, 6.0, 8.0, 1.0, 29.0])
+    category = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    got = shrunk_popularity(noisy, 5.0, category)
+    np.testing.assert_allclose(got[:6], [12.5, 20.0, 27.5, 6.0, 6.0, 6.0], rtol=1e-12)
+    var = np.var(noisy, ddof=1)
+    assert var == pytest.approx(900 / 7)
+    w = (var - 25.0) / var
+    np.testing.assert_allclose(got[6:], 13.5 + w * (noisy[6:] - 13.5), rtol=1e-12)
+    # No noise: nothing changes; and prior_arrays applies it to the item part only.
+    np.testing.assert_array_equal(shrunk_popularity(noisy, 0.0, category), noisy)
+    total = np.concatenate([noisy, np.ones(4)])
+    item, cat = prior_arrays(total, 8, 2, noise_std=5.0, item_category=category)
+    np.testing.assert_allclose(item, np.log1p(got), rtol=1e-6)
+    np.testing.assert_array_equal(cat, prior_arrays(total, 8, 2)[1])
 
 
 def test_replies_that_fail_or_are_malformed_add_nothing():

@@ -155,7 +155,7 @@ def _passing_methods():
     return {
         "centralized": _summary(0.5), "fed_nodp": _summary(0.48), "tifu_knn": _summary(0.40),
         "p_topfreq": _summary(0.30, small=0.3), "global_pop": _summary(0.1),
-        "store_pop": _summary(0.20, 0.125, small=0.2, cold=0.1),
+        "store_pop": _summary(0.20, 0.125, small=0.2, cold=0.1, new_share=0.01),
         "fed_dp_eps8": _summary(0.485, 0.1875, small=0.3, cold=0.2, new_share=0.01, per_store=[0.5, 0.4, 0.3], auc=0.8,
                                 per_store_explore=[0.25, 0.2, 0.3]),
         "fed_dp_eps4": _summary(0.45), "fed_dp_eps1": _summary(0.36, 0.126), "fed_dp_eps0.3": _summary(0.30),
@@ -171,7 +171,7 @@ def _passing_methods():
 ALL_TARGETS = {"eps8_all_vs_best_non_private", "eps8_explore_vs_store_pop", "eps1_all_vs_p_topfreq",
                "eps0.3_all_vs_p_topfreq", "eps1_explore_vs_store_pop", "eps8_small_stores_vs_store_pop",
                "eps8_small_stores_vs_p_topfreq", "eps8_cold_members_vs_store_pop", "eps8_new_items_share",
-               "centralized_vs_fed_nodp", "centralized_vs_p_topfreq", "fed_nodp_vs_centralized",
+               "eps8_new_items_vs_store_pop", "centralized_vs_fed_nodp", "centralized_vs_p_topfreq", "fed_nodp_vs_centralized",
                "fed_dp_eps8_vs_centralized", "fed_dp_eps4_vs_centralized", "fed_dp_eps1_vs_centralized",
                "fed_dp_eps8_beats_local_on_median_store", "fed_dp_eps8_audience_vs_member_pop",
                "eps8_global_explore_vs_nodp", "eps1_global_explore_vs_nodp", "eps0.3_global_explore_vs_store_pop",
@@ -188,6 +188,7 @@ def test_every_target_passes_on_hand_made_inputs_at_its_threshold():
               "eps0.3_all_vs_p_topfreq": (0.30, 0.30), "fed_nodp_vs_centralized": (0.96, 0.95),
               "fed_dp_eps1_vs_centralized": (0.72, 0.70), "fed_dp_eps8_beats_local_on_median_store": (0.1, 0.0),
               "eps8_cold_members_vs_store_pop": (0.2, 0.1), "fed_dp_eps8_audience_vs_member_pop": (0.8, 0.7),
+              "eps8_new_items_vs_store_pop": (0.01, 0.01),
               "eps8_global_explore_vs_nodp": (0.9, 0.9), "eps1_global_explore_vs_nodp": (0.6, 0.6),
               "eps0.3_global_explore_vs_store_pop": (0.126, 0.125),
               # per-store explore gains 0.25/0.2 − 1, 0.2/0.25 − 1, 0.3/0.2 − 1: median 0.25
@@ -203,7 +204,7 @@ def _set(methods, name, **changes):
 
 _ARGS = {"fed_dp_eps8": dict(all_ndcg=0.485, explore_ndcg=0.1875, small=0.3, cold=0.2, new_share=0.01,
                              per_store=[0.5, 0.4, 0.3], auc=0.8, per_store_explore=[0.25, 0.2, 0.3]),
-         "store_pop": dict(all_ndcg=0.20, explore_ndcg=0.125, small=0.2, cold=0.1)}
+         "store_pop": dict(all_ndcg=0.20, explore_ndcg=0.125, small=0.2, cold=0.1, new_share=0.01)}
 
 FLIPS = [  # (what changes, the targets that must then fail, and only those)
     (lambda m: _set(m, "fed_dp_eps8", all_ndcg=0.4849), {"eps8_all_vs_best_non_private"}),
@@ -216,7 +217,8 @@ FLIPS = [  # (what changes, the targets that must then fail, and only those)
     (lambda m: _set(m, "fed_dp_eps8", small=0.2999), {"eps8_small_stores_vs_p_topfreq"}),
     (lambda m: _set(m, "store_pop", small=0.3001), {"eps8_small_stores_vs_store_pop"}),
     (lambda m: _set(m, "store_pop", cold=0.2), {"eps8_cold_members_vs_store_pop"}),  # strictly more
-    (lambda m: _set(m, "fed_dp_eps8", new_share=0.0), {"eps8_new_items_share"}),
+    (lambda m: _set(m, "fed_dp_eps8", new_share=0.0), {"eps8_new_items_share", "eps8_new_items_vs_store_pop"}),
+    (lambda m: _set(m, "store_pop", new_share=0.0101), {"eps8_new_items_vs_store_pop"}),
     (lambda m: m.update(fed_nodp=_summary(0.4749)), {"fed_nodp_vs_centralized"}),
     (lambda m: m.update(fed_dp_eps4=_summary(0.4249)), {"fed_dp_eps4_vs_centralized"}),
     (lambda m: m.update(centralized=_summary(0.47)), {"centralized_vs_fed_nodp"}),

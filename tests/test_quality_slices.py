@@ -65,13 +65,22 @@ def test_cold_and_new_item_slices_by_hand(small_store):
         oracle[row, t] = 1.0
     c = slices.cold_slice(oracle, d)
     assert c["members"] == len(cold)
+    # Each member's first target is made new to the store, so the discovery places are tested.
+    import dataclasses
+
+    unsold = np.unique([t[0] for t in d.eval_targets if len(t)])
+    d = dataclasses.replace(d, assortment=d.assortment & ~np.isin(np.arange(d.items.n_items), unsold))
     new = slices.new_item_slice(oracle, d)
     new_total = sum(int((~d.assortment[t]).sum()) for t in d.eval_targets)
     assert new["items"] == new_total
-    # The oracle's top 20 are the member's target items in index order (ties go to the lower index).
-    shown = [np.sort(t)[:20] for t in d.eval_targets]
-    found_new = sum(int((~d.assortment[s]).sum()) for s in shown)
-    found_all = sum(len(s) for s in shown)
+    # The oracle's 20-list: 18 places for sold items, where its own sold targets come first,
+    # then 2 discovery places, where its new targets come first.
+    assert d.assortment.sum() >= 18 and (~d.assortment).sum() >= 2
+    olds = [int(d.assortment[t].sum()) for t in d.eval_targets]
+    news = [int((~d.assortment[t]).sum()) for t in d.eval_targets]
+    found_new = sum(min(2, x) for x in news)
+    found_all = sum(min(18, o) + min(2, x) for o, x in zip(olds, news))
+    assert found_new > 0  # the fixture has new targets: the discovery places find them
     assert new["recall@20"] == pytest.approx(found_new / new_total if new_total else 0.0)
     assert new["share"] == pytest.approx(found_new / found_all)
 
@@ -90,9 +99,15 @@ def _popularity_store(store, sold: int, targets):
 def test_store_popularity_on_the_new_item_slice_by_hand(small_store):
     # 25 items sold: the top 20 by store counts are items 0..19, all sold; the new targets
     # 30 and 40 are not in them: nothing new is found.
+    # The list: sold items 0..17, then the 2 discovery places, the unsold 25 and 26 (all
+    # score 0; ties to the lower index).
     d = _popularity_store(small_store, 25, [[0, 30], [3, 40]])
     assert slices.new_item_slice(d.store_counts[None, :], d) == {"recall@20": 0.0, "share": 0.0, "members": 2, "items": 2}
-    # 5 items sold: the top 20 are items 0..4, then the unsold 5..19 (ties to the lower index).
+    # Targets 25 and 26 take the discovery places; 20 (sold, 21st by count) is not listed.
+    d = _popularity_store(small_store, 25, [[0, 25], [20, 26]])
+    assert slices.new_item_slice(d.store_counts[None, :], d) == {"recall@20": 1.0, "share": 2 / 3, "members": 2,
+                                                                  "items": 2}
+    # 5 items sold: 0..4, then the discovery places 5 and 6, then the unsold 7..19 fill the list.
     # Member 0 ([0, 7, 30]) finds 0 and 7, new 7 and 30: one of two; member 1 ([1, 3, 25])
     # finds 1 and 3, new 25 not found. Recall 1/3 of the new items; share 1 new of 4 found.
     d = _popularity_store(small_store, 5, [[0, 7, 30], [1, 3, 25]])

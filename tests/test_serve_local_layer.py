@@ -119,3 +119,41 @@ def test_serving_ranks_as_the_evaluation_scores_the_served_model(fitted, small_c
         got = alone.recommendations(str(member), 10)
         assert [i["item_id"] for i in got] == [str(x) for x in data.items.item_ids[global_ranked[e]]]
         np.testing.assert_allclose([i["score"] for i in got], g[e, global_ranked[e]], atol=5e-4)
+
+
+def test_a_stocked_item_never_sold_in_the_chain_takes_the_lists_discovery_place(fitted, small_chain_dir, small_store,
+                                                                                 tmp_path):
+    """Items in ``assortment.csv`` that no store has sold (DESIGN §5.2): a 10-list keeps its
+    last place for the best of them by the member's own served score; the first 9 are the
+    evaluation's ranking of the items sold here."""
+    from client.serving import service as serving_module
+
+    model, layer = fitted
+    data = small_store
+    chain = tmp_path / "chain"
+    shutil.copytree(small_chain_dir, chain, ignore=shutil.ignore_patterns("state"))
+    store = chain / "stores" / "S001"
+    tx = pd.read_csv(store / "transactions.csv", dtype=str, keep_default_na=False)
+    day = days_since_epoch(pd.to_datetime(tx["ts"]).dt.tz_localize("UTC"))
+    tx[day < data.cut_day].to_csv(store / "transactions.csv", index=False)
+    sold_anywhere = set()
+    for other in (chain / "stores").iterdir():
+        sold_anywhere |= set(pd.read_csv(other / "transactions.csv", dtype=str)["item_id"].str.strip())
+    never = [str(i) for i in data.items.item_ids if str(i) not in sold_anywhere][:3]
+    assert len(never) == 3, "the small chain's catalog has items no store sold"
+    pd.DataFrame({"item_id": never}).to_csv(store / "assortment.csv", index=False)
+    info = keep_model(store / "state", {k: v.numpy() for k, v in model.state_dict().items()}, run_id="r",
+                      server_round=3, epsilon=1.0, final=True)
+    layer_store.keep_layer(store / "state", layer, info["hash"], "delivery")
+
+    serving = serving_module.StoreServing(store)
+    served = layer.scores(model_scores(model, data), ll.test_histories(data))
+    ranked = top_k(served, 9, allowed=data.assortment)
+    # Each stocked item's score for every member, read through the audience answer.
+    stocked = {item: {m["member_id"]: m["score"] for m in serving.audience(item, 10_000)} for item in never}
+    for e, member in enumerate(data.eval_member_ids[:20]):
+        got = serving.recommendations(str(member), 10)
+        assert [i["item_id"] for i in got[:9]] == [str(x) for x in data.items.item_ids[ranked[e]]]
+        best = max(never, key=lambda item: (stocked[item][str(member)], -never.index(item)))
+        assert (got[9]["item_id"], got[9]["reason"]) == (best, "new_here")
+        assert got[9]["score"] == pytest.approx(stocked[best][str(member)], abs=1e-6)

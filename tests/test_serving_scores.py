@@ -47,6 +47,30 @@ def test_top_k_is_best_first_with_ties_by_index():
     scores = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
     assert recommend.top_k(scores, 3).tolist() == [1, 3, 2]
     assert recommend.top_k(scores, 10).tolist() == [1, 3, 2, 0, 4]
+    # Ties at the cut: the lower indices make it (a stable sort is the reference).
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = rng.integers(0, 3, rng.integers(1, 30)).astype(float)
+        k = int(rng.integers(0, len(s) + 2))
+        assert recommend.top_k(s, k).tolist() == np.argsort(-s, kind="stable")[:k].tolist()
+
+
+def test_a_list_keeps_one_place_in_ten_for_items_new_to_the_store():
+    scores = np.array([5, 4, 3, 2, 1, .5, .4, 9, .2, .1, 8, .05])
+    new = np.zeros(12, bool)
+    new[[7, 10]] = True  # the two best scores are new to the store
+    assert recommend.discovery_slots(9) == 0 and recommend.discovery_slots(10) == 1
+    assert recommend.discovery_slots(20) == 2
+    # 10 places: the 9 best others, then the best new item (9 beats 8).
+    assert recommend.with_discovery(scores, 10, new).tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9, 7]
+    # 5 places: no discovery place; the new items compete by score.
+    assert recommend.with_discovery(scores, 5, new).tolist() == [7, 10, 0, 1, 2]
+    # One usual item only: it, the discovery place, then the best remaining new items.
+    only = np.ones(12, bool)
+    only[0] = False
+    assert recommend.with_discovery(scores, 10, only).tolist() == [0, 7, 10, 1, 2, 3, 4, 5, 6, 8]
+    # Nothing new: the plain top-k.
+    assert recommend.with_discovery(scores, 10, np.zeros(12, bool)).tolist() == recommend.top_k(scores, 10).tolist()
 
 
 def test_weights_hash_checks_and_file_roundtrip(model):

@@ -333,10 +333,11 @@ class StoreServing:
                                                  self.items.category[self.candidates], self.cand_pos)
         bought = self.bought.get(member_id, set())
         out = []
-        for pos in recommend.top_k(scores, k):
+        # Stocked but never sold here: the list keeps places for them (recommend.with_discovery).
+        for pos in recommend.with_discovery(scores, k, self.cold[self.candidates]):
             item = int(self.candidates[pos])
             out.append({"item_id": str(self.items.item_ids[item]), "score": float(scores[pos]),
-                        "reason": recommend.reason_for(item, bought, True)})
+                        "reason": recommend.reason_for(item, bought, True, bool(self.cold[item]))})
         return out
 
     def audience(self, item_id: str, k: int) -> list[dict] | None:

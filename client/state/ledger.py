@@ -88,11 +88,20 @@ def _load(state_dir: Path, store_id: str) -> Ledger:
 
 
 def _write(state_dir: Path, ledger: Ledger, epsilon_of: EpsilonOf | None) -> None:
-    """The ledger, then its head: both atomic. Lock held."""
-    atomic_write_text(ledger_path(state_dir), render(ledger))
+    """The ledger, then its head: both atomic. Lock held.
+
+    A write that fails (a full disk, a read-only or vanished volume) is a LedgerError: the
+    step it belongs to did not happen durably, so the store refuses (its reply says why) and,
+    after training, nothing leaves. The atomic write left the previous file, which verifies."""
     counted = ledger.counted()
     epsilon = 0.0 if not counted else (float(epsilon_of(counted)) if epsilon_of else None)
-    atomic_write_text(head_path(state_dir), head_text(head_of(ledger, epsilon, _now())))
+    for path, text in ((ledger_path(state_dir), render(ledger)), (head_path(state_dir), None)):
+        try:
+            atomic_write_text(path, text if text is not None else head_text(head_of(ledger, epsilon, _now())))
+        except OSError as exc:
+            raise LedgerError(f"{path}: cannot be written ({exc.strerror or exc.__class__.__name__}); the "
+                              "spend is not durable, so this store sends nothing until it can write its "
+                              "ledger (free disk space, then train again)") from None
 
 
 def read_ledger(state_dir: Path, store_id: str = "") -> Ledger:

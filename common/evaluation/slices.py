@@ -4,8 +4,10 @@
   the usual list metrics over them (candidates: the store's assortment).
 * **new items**: target items the store did not sell in the training period (first sold in
   the test period, or never before at this store). The assortment excludes them by
-  definition, so here the lists are drawn from the whole public catalog: ``recall@20`` of
-  the new target items, and their ``share`` of all target items found in those lists.
+  definition, so here the lists are drawn from the whole public catalog, as if the store
+  stocked every item, with the discovery places a served list keeps for items new to the
+  store (DESIGN §5.2): ``recall@20`` of the new target items, and their ``share`` of all
+  target items found in those lists.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from common.data.dataset import StoreData
 from common.evaluation.metrics import mean_metrics, top_k
+from common.learning.recommend import with_discovery
 
 COLD_RECEIPTS = 2
 LIST = 20
@@ -37,23 +40,25 @@ def cold_slice(scores: np.ndarray, data: StoreData) -> dict:
 
 
 def new_item_slice(scores: np.ndarray, data: StoreData) -> dict:
-    """How the catalog-wide top-20 lists find target items new to the store.
+    """How lists drawn from the whole catalog, with the store's discovery places, find target
+    items new to the store.
 
-    ``recall@20``: new target items found / new target items (over members with one);
-    ``share``: new target items found / all target items found; ``members``, ``items``.
+    Each member's 20-list is the one the store serves when such items are stocked
+    (:func:`common.learning.recommend.with_discovery`): the best 18 the store sold, then the
+    best 2 it did not. ``recall@20``: new target items found / new target items (over members
+    with one); ``share``: new target items found / all target items found; ``members``, ``items``.
     """
     n = len(data.eval_member_ids)
     scores = np.broadcast_to(scores, (n, data.items.n_items))
     new_found = all_found = new_total = members = 0
-    if n:
-        ranked = top_k(scores, LIST)
-        for row, target in enumerate(data.eval_targets):
-            new = target[~data.assortment[target]]
-            hits = np.isin(ranked[row], target)
-            all_found += int(hits.sum())
-            if len(new):
-                members += 1
-                new_total += len(new)
-                new_found += int(np.isin(ranked[row], new).sum())
+    fresh = ~data.assortment
+    for row, target in enumerate(data.eval_targets):
+        ranked = with_discovery(scores[row], LIST, fresh)
+        new = target[fresh[target]]
+        all_found += int(np.isin(ranked, target).sum())
+        if len(new):
+            members += 1
+            new_total += len(new)
+            new_found += int(np.isin(ranked, new).sum())
     return {"recall@20": new_found / new_total if new_total else 0.0,
             "share": new_found / all_found if all_found else 0.0, "members": members, "items": new_total}

@@ -25,7 +25,7 @@ import numpy as np
 
 from common.learning.model import PRIOR_LIMIT
 
-REASONS = ("buy_again", "new_for_you", "popular_here")
+REASONS = ("buy_again", "new_for_you", "popular_here", "new_here")
 
 
 @dataclass
@@ -154,18 +154,62 @@ def scores_for_item(state: MemberState, v: np.ndarray, b: float, category: int, 
     return np.log(np.maximum(prob, 1e-30))
 
 
+DISCOVERY_SHARE = 0.1  # of a list's places kept for items new to the store (DESIGN §5.2)
+
+
+def discovery_slots(k: int) -> int:
+    """Places of a ``k``-list kept for items new to the store: one in ten, rounded down
+    (a list shorter than 10 keeps none)."""
+    return int(max(int(k), 0) * DISCOVERY_SHARE)
+
+
+def with_discovery(scores: np.ndarray, k: int, new: np.ndarray) -> np.ndarray:
+    """A ``k``-list with its last :func:`discovery_slots` places kept for ``new`` items.
+
+    Repeat purchases fill a grocery list, so an item the store has never sold would never
+    reach it by score alone; the list takes the best ``k - s`` of the others, then the best
+    ``s`` of ``new`` (``new``: bool mask over ``scores``). Too few of either: the other fills in.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    new = np.asarray(new, dtype=bool)
+    k = min(int(k), len(scores))
+    slots = min(discovery_slots(k), int(new.sum()))
+    if slots == 0:
+        return top_k(scores, k)
+    usual = np.flatnonzero(~new)
+    main = usual[top_k(scores[usual], k - slots)]
+    fresh = np.flatnonzero(new)
+    found = fresh[top_k(scores[fresh], slots)]
+    picked = np.concatenate([main, found])
+    if len(picked) < k:  # fewer usual items than k - s: the best remaining new ones fill the list
+        rest = np.setdiff1d(fresh, found)
+        extra = rest[top_k(scores[rest], k - len(picked))]
+        picked = np.concatenate([picked, extra])
+    return picked.astype(np.int64)
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` best scores, best first (ties: lower index first)."""
     k = min(int(k), len(scores))
     if k <= 0:
         return np.empty(0, np.int64)
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    if k < len(scores):
+        # The k-th best score; of the items tied at it, the lower indices make the cut
+        # (argpartition alone would pick among them arbitrarily).
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        above = np.flatnonzero(scores > kth)
+        part = np.concatenate([above, np.flatnonzero(scores == kth)[:k - len(above)]])
+    else:
+        part = np.arange(len(scores))
     order = np.lexsort((part, -scores[part]))
     return part[order]
 
 
-def reason_for(item: int, bought: set, personal: bool) -> str:
-    """Why an item is on a member's list: they bought it, the model found it, or it sells here."""
+def reason_for(item: int, bought: set, personal: bool, new_here: bool = False) -> str:
+    """Why an item is on a member's list: they bought it, the model found it, it sells
+    here, or it is new to the store (stocked, never sold here: a discovery place)."""
     if not personal:
         return "popular_here"
+    if new_here:
+        return "new_here"
     return "buy_again" if item in bought else "new_for_you"

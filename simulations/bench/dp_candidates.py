@@ -50,6 +50,9 @@ class Candidate:
     prior_share: float = 0.0  # share of ε spent on the explore-prior release (0: no release)
     freeze: tuple[str, ...] = ()  # layers not trained (e.g. item_out, cat_out, brand_out: the item side)
     noise_cut: bool = False  # soft-threshold the summed release at 2 noise deviations (measured: loses)
+    shrink: bool = False  # item popularity shrunk toward its category's mean by the known noise (empirical Bayes)
+    item_weight: float = 0.5 ** 0.5  # the release's item-part norm per member (the rest: category part)
+    cap: int = 0  # > 0: only a member's `cap` most bought items in the release's item part
 
 
 def load_chain(stores: int, seed: int, data: str = "") -> list[tuple[StoreData, int]]:
@@ -83,14 +86,16 @@ def run(stores: list[tuple[StoreData, int]], c: Candidate, seed: int = 0) -> dic
         if c.prior_share > 0:
             sigma_r = privacy.calibrate_noise(c.prior_share * c.epsilon, 1e-6, 1.0, 1, "prv") if c.dp else 0.0
             prior = [(sigma_r, 1.0, 1)] if c.dp else []
-            releases.append(member_sum(data.train_log, data.items) + rng.normal(0.0, sigma_r, release_length(data.items)))
+            releases.append(member_sum(data.train_log, data.items, c.item_weight, c.cap) + rng.normal(0.0, sigma_r, release_length(data.items)))
             release_var += sigma_r ** 2
         sigma[data.store_id] = (privacy.calibrate_noise(c.epsilon, 1e-6, q, c.rounds * steps, "prv", prior=prior)
                                 if c.dp else 0.0)
     if releases:
         items = stores[0][0].items
         prior_item, prior_cat = prior_arrays(summed(releases, release_length(items)), items.n_items, items.n_categories,
-                                             2.0 * float(np.sqrt(release_var)) if c.noise_cut else 0.0)
+                                             2.0 * float(np.sqrt(release_var)) if c.noise_cut else 0.0,
+                                             noise_std=float(np.sqrt(release_var)) if c.shrink else 0.0,
+                                             item_category=items.category)
         with torch.no_grad():
             model.prior_item.copy_(torch.as_tensor(prior_item))
             model.prior_cat.copy_(torch.as_tensor(prior_cat))
@@ -190,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise-cut", action="store_true",
                    help="soft-threshold the summed release at 2 noise deviations (a candidate that lost)")
+    p.add_argument("--shrink", action="store_true",
+                   help="shrink each item's summed release toward its category's mean by the known noise")
+    p.add_argument("--item-weight", type=float, default=0.5 ** 0.5,
+                   help="the release's item-part norm per member (the category part gets the rest)")
+    p.add_argument("--cap", type=int, default=0, help="> 0: a member's most bought items only, in the item part")
     p.add_argument("--data", default="", help="a chain directory instead of the generated chain")
     p.add_argument("--freeze", default="auto",
                    help="comma-separated layers not trained (e.g. item_out,cat_out,brand_out), 'none', or 'auto': "
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     candidate = Candidate(a.epsilon, not a.no_dp, a.epochs, a.dp_lr, a.batch, a.dim, a.ids_init, a.freeze_ids, a.rounds,
                           a.prior_share, _frozen(a.freeze, a.epsilon, not a.no_dp),
-                          a.noise_cut)
+                          a.noise_cut, a.shrink, a.item_weight, a.cap)
     print(json.dumps(run(load_chain(a.stores, a.seed, a.data), candidate, a.seed)))
 
 
