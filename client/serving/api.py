@@ -50,6 +50,8 @@ if TYPE_CHECKING:  # the store's data and model (pandas, torch) load only once t
 K_MAX = 100
 AUDIENCE_K_MAX = 1_000  # members in one audience at most ...
 AUDIENCE_SHARE_MAX = 0.25  # ... and never more than this share of the store's consenting members
+AUDIENCE_ITEMS_MAX = 50_000  # item ids in one campaign audience request (a Type A campaign has 36k)
+AUDIENCE_CANDIDATES_MAX = 100_000  # member ids in its optional candidate list
 BODY_MAX = 1 << 20  # bytes of a request body (a receipt of 1000 lines is ~100 KB)
 KEY_SETTING = "store.json \"serve_api_key_file\" (or \"serve_api_key\"), or --api-key-file FILE"
 SESSION_COOKIE = "storefed_session"
@@ -264,6 +266,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _audience_request_problem(body: object) -> str | None:
+    """Why a POST /v1/audiences body cannot be answered (None: it can)."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object with items, objective and k"
+    extra = set(body) - {"items", "objective", "k", "candidates"}
+    if extra:
+        return f"unknown field(s): {', '.join(sorted(map(str, extra)))}; allowed: items, objective, k, candidates"
+    items = body.get("items")
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in items):
+        return "items must be a non-empty list of item ids (strings of 1 to 64 characters)"
+    if len(items) > AUDIENCE_ITEMS_MAX:
+        return f"items: at most {AUDIENCE_ITEMS_MAX} item ids, got {len(items)}"
+    if body.get("objective") not in ("buy", "redeem"):
+        return f"objective must be 'buy' or 'redeem', got {body.get('objective')!r}"
+    k = body.get("k", 100)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= AUDIENCE_K_MAX:
+        return f"k must be a whole number between 1 and {AUDIENCE_K_MAX}, got {k!r}"
+    cands = body.get("candidates")
+    if cands is not None and (not isinstance(cands, list) or len(cands) > AUDIENCE_CANDIDATES_MAX
+                              or not all(isinstance(m, str) and 0 < len(m) <= 64 for m in cands)):
+        return (f"candidates must be a list of at most {AUDIENCE_CANDIDATES_MAX} member ids (strings of 1 to 64 "
+                "characters), or left out")
+    return None
+
+
 def audience_limit(serving: StoreServing) -> int:
     """The most members one audience lists at this store: min(AUDIENCE_K_MAX, a quarter of
     its consenting members), at least 1. A caller never pages through the whole store."""
@@ -417,6 +444,34 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
         if members is None:
             return _error(404, f"unknown item '{item_id}': not in the catalog")
         return _Json({"item_id": item_id, "members": members, "limit": limit})
+
+    @app.post("/v1/audiences")
+    async def campaign_audience(request: Request):
+        # Member ids and scores leave the store in this answer: not DP (README "What leaves a
+        # store"). It needs an operator-signed request, which is not enforced yet: the store's
+        # bearer key is all that guards it today (DESIGN §5.4).
+        try:
+            body = json.loads(await _read_body(request, body_max))
+        except _TooLarge:
+            return _error(413, f"the request body is larger than {body_max} bytes")
+        except ValueError:
+            return _error(422, "the body is not JSON")
+        problem = _audience_request_problem(body)
+        if problem:
+            return _error(422, problem)
+        limit = audience_limit(serving)
+        k = min(int(body.get("k", 100)), limit)
+        try:
+            answer = await asyncio.to_thread(serving.campaign_audience, [str(i) for i in body["items"]],
+                                             body["objective"], k, body.get("candidates"))
+        except ValueError as exc:
+            return _error(422, str(exc))
+        if answer is None:
+            return _error(503, f"store {serving.store_id} holds no model yet: no audience can be scored")
+        unknown = answer.pop("unknown_items")
+        return _Json({"objective": body["objective"], **answer, "limit": limit,
+                      "unknown_items": len(unknown), "unknown_items_first": unknown[:20],
+                      "model": serving.model_info(), "local_layer": serving.layer_info() is not None})
 
     @app.post("/v1/receipts", status_code=201)
     async def receipts(request: Request):

@@ -132,6 +132,14 @@ class StoreServing:
         self.member_ids = np.array(sorted(self.consenting), dtype=object)
         self.member_row = {m: i for i, m in enumerate(self.member_ids)}
         self.lines = lines[["member", "item", "day", "qty", "receipt"]]
+        # Coupon lines (promo names a coupon): the member's coupon history of a campaign audience (DESIGN §5.4).
+        self.coupon_lines = (lines["coupon"].to_numpy(dtype=bool) if "coupon" in lines.columns
+                             else np.zeros(len(lines), dtype=bool))
+        homes = self.member_frame["home_store"] if "home_store" in self.member_frame.columns else None
+        # Campaign audiences rank the store's home members only: a member is listed by one store.
+        self.home_rows = np.array([i for i, m in enumerate(self.member_ids)
+                                   if homes is None or contract.trains_here(homes.get(m, ""), self.store_id)],
+                                  dtype=np.int64)
         # What the store-local layer is fitted on when this process fits it (build_store_data).
         self.anonymous = anon[["item", "day", "qty"]]
         self.member_rows = checked.members
@@ -346,6 +354,88 @@ class StoreServing:
             scores = recommend.scores_for_item(bundle.states, bundle.item_v[item], float(bundle.item_b[item]),
                                                int(self.items.category[item]), item)
         return [{"member_id": str(self.member_ids[m]), "score": float(scores[m])} for m in recommend.top_k(scores, k)]
+
+    def campaign_audience(self, items: list[str], objective: str, k: int,
+                          candidates: list[str] | None = None) -> dict | None:
+        """The k home members (consenting) most likely to buy — or, ``redeem``, buy with a
+        coupon — any of ``items``, with calibrated probabilities (DESIGN §5.4). None: no model.
+
+        Unknown item ids are left out and counted; so are candidates that are not consenting
+        home members here. A ValueError names a request this store cannot answer."""
+        from common.learning import audience_score as aud
+
+        bundle = self.bundle
+        if bundle is None:
+            return None
+        cols = np.array(sorted({self.item_pos[i] for i in items if i in self.item_pos}), dtype=np.int64)
+        unknown = [i for i in items if i not in self.item_pos]
+        if len(cols) == 0:
+            raise ValueError("none of the items is in the catalog")
+        rows = self.home_rows
+        if candidates is not None:
+            wanted = {self.member_row.get(m, -1) for m in candidates}
+            rows = rows[np.isin(rows, list(wanted))]
+        cal, info = self._campaign_calibration(bundle, cols, objective)
+        if len(rows) == 0:
+            return {"members": [], "unknown_items": unknown, "candidates_scored": 0, "calibration": info}
+        every = np.arange(len(self.member_ids))
+        rel = aud.relative_model_score(aud.set_log_share(self._set_scores(bundle, every), cols))[rows]
+        hist = aud.history_features(self._feature_lines(), rows, set(cols.tolist()), self.now_day)
+        prob = cal.probability(aud.combined_score(rel, hist, objective)[:, None])
+        top = recommend.top_k(prob, k)
+        return {"members": [{"member_id": str(self.member_ids[rows[t]]), "score": float(prob[t])} for t in top],
+                "unknown_items": unknown, "candidates_scored": int(len(rows)), "calibration": info}
+
+    def _feature_lines(self) -> pd.DataFrame:
+        """The consenting members' lines in the audience module's columns (member = row number)."""
+        row = pd.Index(self.member_ids).get_indexer(self.lines["member"])
+        keep = row >= 0
+        return pd.DataFrame({"member": row[keep], "day": self.lines["day"].to_numpy()[keep],
+                             "basket": self.lines["receipt"].to_numpy()[keep],
+                             "item": self.lines["item"].to_numpy()[keep], "coupon": self.coupon_lines[keep]})
+
+    def _set_scores(self, bundle: Bundle, rows: np.ndarray) -> np.ndarray:
+        if bundle.served is not None:
+            return bundle.served[rows]
+        return recommend.scores_for_members(bundle.states, rows, bundle.item_v, bundle.item_b, self.items.category)
+
+    def _calibration_scores(self, bundle: Bundle, start: float) -> np.ndarray:
+        """Every consenting member's served scores from their history before ``start`` (kept
+        for this model: a campaign's calibration must not see its label days)."""
+        cache = getattr(self, "_calib_cache", None)
+        if cache is not None and cache[0] is bundle and cache[1] == start:
+            return cache[2]
+        past = self.lines[self.lines["day"] < start]
+        log = member_log(past, self.member_ids)
+        n = len(self.member_ids)
+        h_items, h_feat, h_mask = history_arrays(log, log.n_receipts(), np.full(n, start), self.cfg)
+        state = recommend.encode_members(bundle.side, h_items, h_feat, h_mask, self.profile)
+        g = recommend.scores_for_members(state, np.arange(n), bundle.item_v, bundle.item_b, self.items.category)
+        if bundle.layer is not None:
+            g = bundle.layer.scores(g, member_histories(log, np.arange(n), log.n_receipts(), start))
+        g = np.asarray(g, dtype=np.float32)  # as the served matrix: one [members, n_items] float32 kept per model
+        self._calib_cache = (bundle, start, g)
+        return g
+
+    def _campaign_calibration(self, bundle: Bundle, cols: np.ndarray, objective: str):
+        """Platt scaling of the campaign score at this store (DESIGN §5.4): fitted on every
+        consenting member here, the score as of 28 days before now (the model's part from
+        histories cut at that day, so the label days reach no feature), the label in those 28
+        days: buy — an item of the set; redeem — any coupon line."""
+        from common.learning import audience_score as aud
+
+        start = self.now_day - aud.CALIBRATION_DAYS
+        every = np.arange(len(self.member_ids))
+        lines = self._feature_lines()
+        pset = set(cols.tolist())
+        rel = aud.relative_model_score(aud.set_log_share(self._calibration_scores(bundle, start), cols))
+        score = aud.combined_score(rel, aud.history_features(lines, every, pset, start), objective)
+        window = lines[(lines["day"] >= start) & (lines["day"] < self.now_day)]
+        window = window[window["coupon"]] if objective == "redeem" else window[window["item"].isin(pset)]
+        y = np.isin(every, window["member"].unique())
+        cal = aud.fit_logistic(score[:, None], y)
+        return cal, {"members": cal.members, "positives": cal.positives, "days": aud.CALIBRATION_DAYS,
+                     "features": list(aud.FEATURES)}
 
     # -- receipts -----------------------------------------------------------------------
     def check_receipt(self, body: object) -> dict:

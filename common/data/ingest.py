@@ -444,7 +444,8 @@ def _size_report(store_dir: Path, meta: dict, lines: pd.DataFrame | None, member
 def _compact_empty() -> pd.DataFrame:
     return pd.DataFrame({"member": pd.Series(dtype=np.int64), "item": pd.Series(dtype=np.int64),
                          "day": pd.Series(dtype=float), "qty": pd.Series(dtype=float),
-                         "receipt": pd.Series(dtype=np.int64), "row": pd.Series(dtype=np.int64)})
+                         "receipt": pd.Series(dtype=np.int64), "row": pd.Series(dtype=np.int64),
+                         "coupon": pd.Series(dtype=bool)})
 
 
 def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: Codes | None) -> pd.DataFrame:
@@ -458,6 +459,7 @@ def _compact(lines: pd.DataFrame, item_pos: pd.Index, receipts: Codes, members: 
         "qty": lines["qty"].to_numpy(dtype=np.float32),  # POS quantities are small exact numbers
         "receipt": receipts.encode(lines["receipt"]).astype(np.int32),
         "row": lines["row"].to_numpy(dtype=np.int64),
+        "coupon": lines["coupon"].to_numpy(dtype=bool) if "coupon" in lines.columns else np.zeros(len(lines), bool),
     })
 
 

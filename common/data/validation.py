@@ -255,8 +255,8 @@ def _set_aside(frame: pd.DataFrame, failures: pd.DataFrame, source: str, report:
 class TransactionChunk:
     """One chunk's outcome before the rules across rows (receipts, returns) are applied."""
 
-    lines: pd.DataFrame  # member lines that passed the row rules: member, item_id, ts, qty, receipt, row
-    anonymous: pd.DataFrame  # anonymous lines that passed: item_id, ts, qty, receipt, row
+    lines: pd.DataFrame  # member lines that passed the row rules: member, item_id, ts, qty, receipt, row, coupon
+    anonymous: pd.DataFrame  # anonymous lines that passed: item_id, ts, qty, receipt, row, coupon
     quarantine: pd.DataFrame
     problems: list[dict]
 
@@ -276,8 +276,13 @@ def check_transaction_chunk(chunk: pd.DataFrame, catalog_ids: pd.Index, now: pd.
     ok = ~frame.index.isin(failures["index"])
     good = parsed[ok]
     member = good["member_id"].str.strip()
+    # A coupon line (DESIGN §5.4: a campaign audience reads the member's coupon history): its
+    # promo field names a coupon, e.g. "coupon" or "retail+coupon".
+    coupon = (good["promo"].str.lower().str.contains("coupon", regex=False).to_numpy(dtype=bool)
+              if "promo" in good.columns else np.zeros(len(good), dtype=bool))
     cols = {"item_id": good["item_id"].str.strip(), "ts": good["_ts"], "qty": good["_qty"],
-            "receipt": good["receipt_id"].str.strip(), "row": good.index.to_numpy() + 1 + row_offset}
+            "receipt": good["receipt_id"].str.strip(), "row": good.index.to_numpy() + 1 + row_offset,
+            "coupon": coupon}
     lines = pd.DataFrame({"member": member, **cols})[member != ""]
     anonymous = pd.DataFrame(cols)[member == ""]
     return TransactionChunk(lines, anonymous, quarantine, problems)

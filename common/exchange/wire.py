@@ -64,6 +64,15 @@ EVAL_METRICS = (
 )
 EVAL_CONFIG = ("store-id",)
 
+# Not a Flower reply: `storefed serve`'s campaign audience, POST /v1/audiences (DESIGN §5.4),
+# answered to the chain's campaign tool so that it can merge the stores' lists. NOT DP: member
+# ids and calibrated scores of the store's consenting home members (at most a quarter of them,
+# client.serving.api.audience_limit). It must need an operator-signed request; that is NOT YET
+# ENFORCED: today the store's serve bearer key is all that guards it.
+SERVE_AUDIENCE_KEYS = ("objective", "members", "candidates_scored", "calibration", "limit", "unknown_items",
+                       "unknown_items_first", "model", "local_layer")
+SERVE_AUDIENCE_MEMBER_KEYS = ("member_id", "score")
+
 # A store that declines a round replies with a Flower error carrying this code and a reason
 # "storefed-decline {json}" whose keys are DECLINE_KEYS: no weights, nothing about members.
 DECLINE_CODE = 1001

@@ -157,6 +157,14 @@ def _valid_ndcg(model: Recommender, stores: list[StoreData], splits: list[ValidS
 def centralized(stores: list[StoreData], cfg: RunConfig, seed: int, splits: list[ValidSplit],
                 quick: bool) -> tuple[list[dict], list[dict], dict]:
     """All stores pooled, no DP, tuned on validation: (served records, global records, info)."""
+    model, info = centralized_model(stores, cfg, seed, splits, quick)
+    served, alone = _model_records(model, stores)
+    return served, alone, info
+
+
+def centralized_model(stores: list[StoreData], cfg: RunConfig, seed: int, splits: list[ValidSplit],
+                      quick: bool) -> tuple[Recommender, dict]:
+    """The centralized reference's model (all stores pooled, no DP, tuned on validation) and its info."""
     before = [truncated(d, v.day) for d, v in zip(stores, splits)]
     max_epochs = CENTRAL_MAX_EPOCHS["quick" if quick else "full"]
     tried = []
@@ -174,9 +182,8 @@ def centralized(stores: list[StoreData], cfg: RunConfig, seed: int, splits: list
     epochs = int(np.argmax(best["valid_ndcg@10"])) + 1
     model = _new_model(stores, cfg, seed, explore_prior=True)
     result = train_pooled(model, stores, dataclasses.replace(_train_config(cfg, seed, epochs), lr=best["lr"]))
-    served, alone = _model_records(model, stores)
-    return served, alone, {"epochs": epochs, "lr": best["lr"], "steps": result.steps, "loss": result.loss,
-                           "tried": tried, "valid_days": int(stores[0].cut_day - splits[0].day) if stores else 0}
+    return model, {"epochs": epochs, "lr": best["lr"], "steps": result.steps, "loss": result.loss,
+                   "tried": tried, "valid_days": int(stores[0].cut_day - splits[0].day) if stores else 0}
 
 
 def _tifu_tie_break(d: StoreData) -> np.ndarray:
@@ -224,6 +231,13 @@ def tifu_knn(stores: list[StoreData], splits: list[ValidSplit]) -> tuple[list[di
 def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: float) -> tuple[dict, dict]:
     """One store trains alone with the federated runs' DP settings: the same rounds of local
     epochs (a fresh optimizer each round, as in federation), σ calibrated to ``target_epsilon``."""
+    model, info = local_only_model(store, cfg, seed, target_epsilon)
+    served, _ = _model_records(model, [store])
+    return served[0], info
+
+
+def local_only_model(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: float) -> tuple[Recommender, dict]:
+    """The local-only model of :func:`local_only` and its privacy info."""
     model = _new_model([store], cfg, seed)
     n, batch = store.n_train_members, cfg["batch-size"]
     rounds, epochs = cfg["rounds"], cfg["local-epochs"]
@@ -235,14 +249,21 @@ def local_only(store: StoreData, cfg: RunConfig, seed: int, target_epsilon: floa
     for r in range(rounds):
         train_local(model, store, _train_config(cfg, seed + 1000 * (r + 1), dp=True), dp)
     spent = privacy.epsilon([(sigma, q, steps)], delta, cfg["accountant"])
-    served, _ = _model_records(model, [store])
-    return served[0], {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
+    return model, {"store": store.store_id, "noise_multiplier": sigma, "epsilon": spent, "delta": delta}
 
 
 def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, dp: bool,
               target_epsilon: float = 8.0) -> tuple[list[dict], list[dict], dict]:
     """A real federated simulation; its final global model scored at every store, with each
     store's local layer (served) and alone (global)."""
+    model, info = federated_model(name, cfg, stores, out, dp=dp, target_epsilon=target_epsilon)
+    served, alone = _model_records(model, stores)
+    return served, alone, info
+
+
+def federated_model(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, dp: bool,
+                    target_epsilon: float = 8.0) -> tuple[Recommender, dict]:
+    """A real federated simulation (:func:`federated`): its final global model and its info."""
     from simulations.simulate import simulate
 
     run_dir = out / "runs" / name
@@ -264,8 +285,7 @@ def federated(name: str, cfg: RunConfig, stores: list[StoreData], out: Path, *, 
     info = {"per_round": [{"round": r["round"], "ndcg@10": r["ndcg@10"]} for r in results["per_round"]],
             "max_epsilon": max(eps) if eps else None, "elapsed_s": results["elapsed_s"],
             "failures": results["failures"], "dp": dp, "target_epsilon": target_epsilon if dp else None}
-    served, alone = _model_records(model, stores)
-    return served, alone, info
+    return model, info
 
 
 def run_quality_bench(settings: BenchSettings, out: Path, *, progress: bool = True) -> dict:
