@@ -39,8 +39,11 @@ def member_sum(log: MemberLog, items: ItemIndex, item_weight: float = _HALF, cap
     ``item_weight`` is the item part's norm (the category part's is √(1 − item_weight²));
     ``cap`` > 0 keeps only a member's ``cap`` most bought items (ties: lower index) in the
     item part. Both are candidates of the design report; the defaults are the design."""
+    if not (math.isfinite(item_weight) and 0.0 <= item_weight <= 1.0):
+        raise ValueError(f"item_weight must be in [0, 1] (the vector's norm is 1), not {item_weight!r}")
     n_items, n_cat = items.n_items, items.n_categories
-    cat_weight = math.sqrt(max(1.0 - item_weight * item_weight, 0.0))
+    # The default split is exactly the design's 1/√2 on both parts.
+    cat_weight = _HALF if item_weight == _HALF else math.sqrt(1.0 - item_weight * item_weight)
     total = np.zeros(release_length(items), dtype=np.float64)
     cat_part = total[n_items:].reshape(n_cat, n_cat)  # a view: filled in place
     for m in range(len(log.receipt_ptr) - 1):

@@ -47,6 +47,8 @@ def test_top_k_is_best_first_with_ties_by_index():
     scores = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
     assert recommend.top_k(scores, 3).tolist() == [1, 3, 2]
     assert recommend.top_k(scores, 10).tolist() == [1, 3, 2, 0, 4]
+    # A NaN ranks last and drops nothing (fewer finite scores than k).
+    assert recommend.top_k(np.array([1.0, np.nan, 2.0, np.nan]), 3).tolist() == [2, 0, 1]
     # Ties at the cut: the lower indices make it (a stable sort is the reference).
     rng = np.random.default_rng(0)
     for _ in range(300):

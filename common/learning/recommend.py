@@ -193,6 +193,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(int(k), len(scores))
     if k <= 0:
         return np.empty(0, np.int64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # a NaN ranks last, never drops items
     if k < len(scores):
         # The k-th best score; of the items tied at it, the lower indices make the cut
         # (argpartition alone would pick among them arbitrarily).

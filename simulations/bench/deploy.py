@@ -349,16 +349,20 @@ def bench_deploy(stores: list[int], *, rounds: int = 2, real: int = 2, database:
         raise DataError(f"--database: one of {', '.join(DATABASES)}")
     base = Path(out) if out else Path(tempfile.mkdtemp(prefix="storefed-bench-deploy-"))
     # Stopped from outside (SIGTERM): unwind, so that each case stops every process it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # The caller's handler comes back afterwards (a test calls this in-process).
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cases = []
-    for n in stores:
-        case = run_case(n, rounds=rounds, real=real, database=database, work=base / f"stores-{n}",
-                        workers=workers, timeout_s=timeout_s, round_timeout_s=round_timeout_s,
-                        straggler_s=straggler_s)
-        cases.append(case)
-        print(f"bench deploy: {n} stores: round {case.get('round_s')} s, overhead {case.get('server_overhead_s')} s, "
-              f"SuperLink {case.get('superlink_cpu_s_per_round')} CPU-s/round, failures {case.get('failures')}",
-              file=sys.stderr, flush=True)
+    try:
+        for n in stores:
+            case = run_case(n, rounds=rounds, real=real, database=database, work=base / f"stores-{n}",
+                            workers=workers, timeout_s=timeout_s, round_timeout_s=round_timeout_s,
+                            straggler_s=straggler_s)
+            cases.append(case)
+            print(f"bench deploy: {n} stores: round {case.get('round_s')} s, overhead "
+                  f"{case.get('server_overhead_s')} s, SuperLink {case.get('superlink_cpu_s_per_round')} "
+                  f"CPU-s/round, failures {case.get('failures')}", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return {"cases": cases, "machine": {"cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
             "work_dir": str(base)}
 
