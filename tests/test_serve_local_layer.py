@@ -26,6 +26,17 @@ def fitted(small_store):
     return model, ll.adapt(model, small_store)
 
 
+def _chain_cut_at_evaluation(small_chain_dir, data, tmp_path):
+    """A copy of the small chain, S001's receipts cut at its evaluation cut: (chain, S001's dir)."""
+    chain = tmp_path / "chain"
+    shutil.copytree(small_chain_dir, chain, ignore=shutil.ignore_patterns("state"))
+    store = chain / "stores" / "S001"
+    tx = pd.read_csv(store / "transactions.csv", dtype=str, keep_default_na=False)
+    day = days_since_epoch(pd.to_datetime(tx["ts"]).dt.tz_localize("UTC"))
+    tx[day < data.cut_day].to_csv(store / "transactions.csv", index=False)
+    return chain, store
+
+
 def test_the_layer_file_is_tied_to_its_model_and_refused_when_damaged(fitted, small_store, tmp_path):
     model, layer = fitted
     g = model_scores(model, small_store)
@@ -64,12 +75,7 @@ def test_serving_ranks_as_the_evaluation_scores_the_served_model(fitted, small_c
 
     model, layer = fitted
     data = small_store
-    chain = tmp_path / "chain"
-    shutil.copytree(small_chain_dir, chain, ignore=shutil.ignore_patterns("state"))
-    store = chain / "stores" / "S001"
-    tx = pd.read_csv(store / "transactions.csv", dtype=str, keep_default_na=False)
-    day = days_since_epoch(pd.to_datetime(tx["ts"]).dt.tz_localize("UTC"))
-    tx[day < data.cut_day].to_csv(store / "transactions.csv", index=False)
+    chain, store = _chain_cut_at_evaluation(small_chain_dir, data, tmp_path)
     info = keep_model(store / "state", {k: v.numpy() for k, v in model.state_dict().items()}, run_id="r",
                       server_round=3, epsilon=1.0, final=True)
     layer_store.keep_layer(store / "state", layer, info["hash"], "delivery")
@@ -130,12 +136,7 @@ def test_a_stocked_item_never_sold_in_the_chain_takes_the_lists_discovery_place(
 
     model, layer = fitted
     data = small_store
-    chain = tmp_path / "chain"
-    shutil.copytree(small_chain_dir, chain, ignore=shutil.ignore_patterns("state"))
-    store = chain / "stores" / "S001"
-    tx = pd.read_csv(store / "transactions.csv", dtype=str, keep_default_na=False)
-    day = days_since_epoch(pd.to_datetime(tx["ts"]).dt.tz_localize("UTC"))
-    tx[day < data.cut_day].to_csv(store / "transactions.csv", index=False)
+    chain, store = _chain_cut_at_evaluation(small_chain_dir, data, tmp_path)
     sold_anywhere = set()
     for other in (chain / "stores").iterdir():
         sold_anywhere |= set(pd.read_csv(other / "transactions.csv", dtype=str)["item_id"].str.strip())

@@ -266,6 +266,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+async def _json_body(request: Request, limit: int) -> tuple[object, _Json | None]:
+    """(the parsed JSON body, None), or (None, the 413 / 422 answer when it is too large or not JSON)."""
+    try:
+        return json.loads(await _read_body(request, limit)), None
+    except _TooLarge:
+        return None, _error(413, f"the request body is larger than {limit} bytes")
+    except ValueError:
+        return None, _error(422, "the body is not JSON")
+
+
 def _audience_request_problem(body: object) -> str | None:
     """Why a POST /v1/audiences body cannot be answered (None: it can)."""
     if not isinstance(body, dict):
@@ -450,12 +460,9 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
         # Member ids and scores leave the store in this answer: not DP (README "What leaves a
         # store"). It needs an operator-signed request, which is not enforced yet: the store's
         # bearer key is all that guards it today (DESIGN §5.4).
-        try:
-            body = json.loads(await _read_body(request, body_max))
-        except _TooLarge:
-            return _error(413, f"the request body is larger than {body_max} bytes")
-        except ValueError:
-            return _error(422, "the body is not JSON")
+        body, refused = await _json_body(request, body_max)
+        if refused is not None:
+            return refused
         problem = _audience_request_problem(body)
         if problem:
             return _error(422, problem)
@@ -475,12 +482,9 @@ def create_api(serving: StoreServing, *, watch_s: float = 1.0, key: str | None =
 
     @app.post("/v1/receipts", status_code=201)
     async def receipts(request: Request):
-        try:
-            body = json.loads(await _read_body(request, body_max))
-        except _TooLarge:
-            return _error(413, f"the request body is larger than {body_max} bytes")
-        except ValueError:
-            return _error(422, "the body is not JSON")
+        body, refused = await _json_body(request, body_max)
+        if refused is not None:
+            return refused
         try:
             receipt, new = serving.take_receipt(body)
         except ReceiptRejected as exc:

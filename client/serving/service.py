@@ -126,6 +126,7 @@ class StoreServing:
         self.candidates = np.flatnonzero(sold | listed)
         self.cand_pos = np.full(self.items.n_items, -1, dtype=np.int64)
         self.cand_pos[self.candidates] = np.arange(len(self.candidates))
+        self.cand_cold = self.cold[self.candidates]  # the discovery places' items, by candidate position
         days = np.concatenate([lines["day"].to_numpy(), anon["day"].to_numpy()])
         # Features are seen at the store's last day of data (the same clock for every member).
         self.now_day = float(np.floor(np.nanmax(days)) + 1) if len(days) else 0.0
@@ -334,7 +335,7 @@ class StoreServing:
         bought = self.bought.get(member_id, set())
         out = []
         # Stocked but never sold here: the list keeps places for them (recommend.with_discovery).
-        for pos in recommend.with_discovery(scores, k, self.cold[self.candidates]):
+        for pos in recommend.with_discovery(scores, k, self.cand_cold):
             item = int(self.candidates[pos])
             out.append({"item_id": str(self.items.item_ids[item]), "score": float(scores[pos]),
                         "reason": recommend.reason_for(item, bought, True, bool(self.cold[item]))})
