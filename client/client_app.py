@@ -8,6 +8,7 @@ durably (or release the reservation if training failed); only then let the updat
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -32,11 +33,12 @@ from common.data.dataset import ItemIndex
 from common.data.storefiles import DataError
 from common.evaluation.evaluation import (audience_from_scores, evaluate_audience, evaluate_baselines, evaluate_scores,
                                          member_scores, model_scores)
-from common.exchange import update_codec, wire
+from common.exchange import packing, update_codec, wire
 from common.learning.local_layer import test_histories, training_member_histories
 from common.learning.model import ModelConfig, Recommender
 from common.learning.training import TrainConfig, train_local
-from common.learning.weights import ArraySpec, ModelFileError, check_array_specs, check_weights, weights_digest
+from common.learning.weights import (ArraySpec, ModelFileError, check_array_specs, check_packed_spec, check_weights,
+                                     weights_digest)
 from common.privacy.ledger import LedgerError
 from common.privacy.published_size import size_warning
 
@@ -87,10 +89,19 @@ def _array_specs(msg: Message) -> dict[str, ArraySpec]:
             for name, arr in records[wire.TRAIN_ARRAYS].items()}
 
 
+def is_packed(msg: Message) -> bool:
+    """Whether the message's model is packed (common.exchange.packing); the reply then is too."""
+    return (msg.has_content() and wire.TRAIN_ARRAYS in msg.content.array_records
+            and packing.is_packed(msg.content.array_records[wire.TRAIN_ARRAYS]))
+
+
 def precheck_arrays(msg: Message) -> None:
     """Names, dtypes and total size of the message's model, before the store reads its data.
     Raises ModelFileError (a refusal that spends nothing)."""
-    check_array_specs(_array_specs(msg), dict.fromkeys(_TENSOR_NAMES))
+    if is_packed(msg):
+        check_packed_spec(_array_specs(msg), None)
+    else:
+        check_array_specs(_array_specs(msg), dict.fromkeys(_TENSOR_NAMES))
 
 
 def checked_global(msg: Message, node: StoreNode, cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -102,13 +113,23 @@ def checked_global(msg: Message, node: StoreNode, cfg: RunConfig) -> dict[str, t
     member data, so a refusal tells the server nothing about members. Raises ModelFileError.
     """
     expected = {k: tuple(v.shape) for k, v in _model_object(node, cfg).state_dict().items()}
-    check_array_specs(_array_specs(msg), expected)
+    layout = packing.layout_of(expected)  # this store's own layout: the message only gives a length
+    packed = is_packed(msg)
+    if packed:
+        check_packed_spec(_array_specs(msg), sum(math.prod(shape) for _, _, shape in layout))
+    else:
+        check_array_specs(_array_specs(msg), expected)
     state = {}
     for name, arr in msg.content[wire.TRAIN_ARRAYS].items():
         try:
             state[name] = arr.numpy()
         except Exception as exc:  # a damaged .npy payload, or another serialisation
             raise ModelFileError(f"tensor '{name}' cannot be decoded ({exc.__class__.__name__})") from None
+    if packed:
+        try:
+            state = packing.unpack(state, layout)
+        except packing.PackingError as exc:
+            raise ModelFileError(f"the packed model does not fit this store's catalog: {exc}") from None
     return check_weights(state, expected)
 
 
@@ -226,14 +247,17 @@ def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, node: Stor
 def _train_reply(msg: Message, model: Recommender, sent_model: Mapping[str, torch.Tensor], metrics: dict,
                  node: StoreNode, accountant: str, cfg: RunConfig, seed: int) -> Message:
     encoding = cfg["update-encoding"]
-    if encoding == "float32":
+    if encoding == "float32" and not is_packed(msg):
         arrays = ArrayRecord(model.state_dict())
     else:
         # Post-processing of the DP output against the (public) global model: see update_codec.
-        sent = {k: v.numpy() for k, v in sent_model.items()}
         weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-        encoded = update_codec.encode(weights, sent, encoding, np.random.default_rng(seed + 2))
-        arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+        encoded = weights
+        if encoding != "float32":
+            sent = {k: v.numpy() for k, v in sent_model.items()}
+            encoded = update_codec.encode(weights, sent, encoding, np.random.default_rng(seed + 2))
+        # Packed when the global model came packed: the same values, a handful of Fleet objects.
+        arrays = ArrayRecord({k: Array(v) for k, v in (packing.pack(encoded) if is_packed(msg) else encoded).items()})
     content = RecordDict({
         wire.TRAIN_ARRAYS: arrays,
         "metrics": MetricRecord(metrics),

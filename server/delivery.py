@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.exchange import wire
+from common.exchange import packing, wire
 
 
 def deliver_model(grid: Grid, state: Mapping[str, object], *, run_id: str, server_round: int, digest: str,
@@ -24,7 +24,9 @@ def deliver_model(grid: Grid, state: Mapping[str, object], *, run_id: str, serve
     ``{"hash", "round", "delivered": [store ids], "failed": [{"node", "reason"}]}``."""
     def content() -> RecordDict:
         return RecordDict({
-            wire.TRAIN_ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+            # Packed (common.exchange.packing): a handful of Fleet objects per store, not one per tensor.
+            wire.TRAIN_ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                            packing.pack({k: np.asarray(v) for k, v in state.items()}).items()}),
             "config": ConfigRecord({"run-id": str(run_id), "server-round": int(server_round), "hash": digest}),
         })
 

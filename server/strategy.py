@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
-from common.exchange import update_codec
+from common.exchange import packing, update_codec
 from common.exchange import wire
 from server.update_checks import check_updates
 
@@ -59,6 +59,27 @@ STRATEGIES = {
 }
 # Server-side state that a checkpoint must carry for an exact resume.
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+def packed_arrays(arrays: ArrayRecord) -> ArrayRecord:
+    """The model as one array per dtype (common.exchange.packing): a handful of Fleet
+    objects per message instead of one per tensor."""
+    if packing.is_packed(arrays):
+        return arrays
+    return ArrayRecord({k: Array(v) for k, v in packing.pack({k: a.numpy() for k, a in arrays.items()}).items()})
+
+
+def packed_messages(messages: Iterable[Message]) -> list[Message]:
+    """``messages`` with their model packed; a record that several messages share is packed once."""
+    messages, done = list(messages), {}
+    for msg in messages:
+        if not msg.has_content() or wire.TRAIN_ARRAYS not in msg.content.array_records:
+            continue
+        record = msg.content[wire.TRAIN_ARRAYS]
+        if id(record) not in done:
+            done[id(record)] = packed_arrays(record)
+        msg.content[wire.TRAIN_ARRAYS] = done[id(record)]
+    return messages
 
 
 def _store_id(msg: Message) -> str:
@@ -111,11 +132,11 @@ class ObserverMixin:
         # Kept to tell, after the round, which node each reply answers (an error that the
         # SuperLink writes for a vanished node comes from the SuperLink, not from the node)
         # and which nodes did not answer at all.
-        self._asked = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self._asked = packed_messages(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         return self._asked
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return packed_messages(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
@@ -199,12 +220,16 @@ class ObserverMixin:
         return arrays, metrics
 
     def _decoded(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The store's weights from its (possibly compressed) update; a malformed one is
-        passed on as it came, and the update checks then reject it with the reason."""
-        if self.update_encoding == "float32" or not self._sent:
+        """The store's weights from its (possibly packed, possibly compressed) update; a
+        malformed one is passed on as it came, and the update checks then reject it with
+        the reason."""
+        if not self._sent or (self.update_encoding == "float32" and not packing.is_packed(arrays)):
             return arrays
         try:
-            weights = update_codec.decode({k: v.numpy() for k, v in arrays.items()}, self._sent, self.update_encoding)
+            got = {k: v.numpy() for k, v in arrays.items()}
+            if packing.is_packed(got):
+                got = packing.unpack(got, update_codec.encoded_layout(self._sent, self.update_encoding))
+            weights = update_codec.decode(got, self._sent, self.update_encoding)
         except (ValueError, KeyError, TypeError):
             return arrays
         return ArrayRecord({k: Array(v) for k, v in weights.items()})

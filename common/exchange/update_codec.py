@@ -17,6 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
+from common.exchange import packing
+
 ENCODINGS = ("float32", "float16", "int8")
 SCALE_SUFFIX = ".scale"
 Arrays = Mapping[str, np.ndarray]
@@ -25,6 +27,23 @@ _F16_MAX = float(np.finfo(np.float16).max)
 
 def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+def encoded_layout(reference: Arrays, encoding: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """What :func:`encode` returns for a model shaped like ``reference``, as a packing
+    layout (common.exchange.packing): each name with its dtype and shape."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown update encoding '{encoding}'; use one of {', '.join(ENCODINGS)}")
+    shapes = {k: tuple(np.shape(v)) for k, v in reference.items()}
+    if encoding == "float32":
+        return packing.layout_of(shapes, {k: np.asarray(v).dtype.name for k, v in reference.items()})
+    if encoding == "float16":
+        return packing.layout_of(shapes, "float16")
+    dtypes = dict.fromkeys(shapes, "int8")
+    for name, shape in list(shapes.items()):
+        shapes[name + SCALE_SUFFIX] = (shape[0] if len(shape) >= 2 else 1,)
+        dtypes[name + SCALE_SUFFIX] = "float32"
+    return packing.layout_of(shapes, dtypes)
 
 
 def encode(weights: Arrays, reference: Arrays, encoding: str, rng: np.random.Generator) -> dict[str, np.ndarray]:

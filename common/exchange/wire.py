@@ -11,7 +11,9 @@ from common.evaluation.metrics import METRIC_KEYS
 # Train reply. "arrays": the model after local DP-SGD, (ε, δ)-DP per member, accounted —
 # or, with run config update-encoding float16/int8, its update against the global model in
 # that precision (int8 adds "<name>.scale" per row): post-processing, same (ε, δ); see
-# common.exchange.update_codec. Never a selection of rows.
+# common.exchange.update_codec. Never a selection of rows. When the server's model came packed
+# (common.exchange.packing: one 1-D array per dtype, "packed:<dtype>", names sorted), the reply
+# is packed the same way: the same values re-arranged, nothing added, the same (ε, δ).
 TRAIN_ARRAYS = "arrays"
 TRAIN_METRICS = (
     "num-examples",  # FedAvg weight: the store's published size, a setting; never the exact member count

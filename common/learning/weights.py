@@ -22,6 +22,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from common.exchange.packing import PACKED_PREFIX
+
 
 class ModelFileError(ValueError):
     """Weights that cannot be used with this store's catalog; the message says why."""
@@ -125,6 +127,27 @@ def check_array_specs(specs: Mapping[str, ArraySpec], expected: Mapping[str, tup
         if not want <= spec.nbytes <= want + _NPY_HEADER_MAX:
             raise ModelFileError(f"tensor '{name}' carries {spec.nbytes:,} bytes of data for {want:,} bytes "
                                  "of float32 weights")
+
+
+def check_packed_spec(specs: Mapping[str, ArraySpec], n_values: int | None,
+                      max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """Refuse (:class:`ModelFileError`) a packed model (common.exchange.packing) that is not
+    one 1-D float32 array named ``packed:float32`` of ``n_values`` values, from what the
+    message says of it, before it is decoded. ``n_values`` None: the catalog not read yet."""
+    name = PACKED_PREFIX + "float32"
+    if set(specs) != {name}:
+        raise ModelFileError(f"a packed model is one array '{name}'; this message carries {sorted(specs)[:3]}")
+    spec = specs[name]
+    if spec.dtype != "float32" or len(spec.shape) != 1:
+        raise ModelFileError(f"'{name}' is {spec.dtype!r} of shape {tuple(spec.shape)}; a store takes a 1-D "
+                             "float32 array only")
+    if not 0 <= spec.nbytes <= max_bytes + _NPY_HEADER_MAX:
+        raise ModelFileError(f"the model's arrays hold {spec.nbytes:,} bytes, more than a store accepts ({max_bytes:,})")
+    if n_values is None:
+        return
+    if tuple(spec.shape) != (n_values,) or not 4 * n_values <= spec.nbytes <= 4 * n_values + _NPY_HEADER_MAX:
+        raise ModelFileError(f"'{name}' holds {spec.shape[0]:,} values in {spec.nbytes:,} bytes; the store's "
+                             f"catalog needs {n_values:,} float32 values; the model was trained for another catalog")
 
 
 def decode_weights(data: bytes, expected: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
