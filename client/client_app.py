@@ -251,13 +251,13 @@ def _train_reply(msg: Message, model: Recommender, sent_model: Mapping[str, torc
         arrays = ArrayRecord(model.state_dict())
     else:
         # Post-processing of the DP output against the (public) global model: see update_codec.
-        weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-        encoded = weights
+        encoded = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         if encoding != "float32":
             sent = {k: v.numpy() for k, v in sent_model.items()}
-            encoded = update_codec.encode(weights, sent, encoding, np.random.default_rng(seed + 2))
-        # Packed when the global model came packed: the same values, a handful of Fleet objects.
-        arrays = ArrayRecord({k: Array(v) for k, v in (packing.pack(encoded) if is_packed(msg) else encoded).items()})
+            encoded = update_codec.encode(encoded, sent, encoding, np.random.default_rng(seed + 2))
+        if is_packed(msg):  # as the global model came: the same values, a handful of Fleet objects
+            encoded = packing.pack(encoded)
+        arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     content = RecordDict({
         wire.TRAIN_ARRAYS: arrays,
         "metrics": MetricRecord(metrics),
